@@ -6,4 +6,4 @@ module raises it (or a subclass) for input it cannot accept, and anything else f
 
 
 class InputError(ValueError):
-    """Bad user input: a malformed address, an impossible value, a file that is not what it claims."""
+    """Bad user input: a malformed address, an impossible value, a file that is not what it says."""
