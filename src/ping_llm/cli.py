@@ -67,6 +67,390 @@ def _cmd_tokens(args) -> int:
     return EXIT_OK
 
 
+def _cmd_ingest(args) -> int:
+    from ping_llm import ripe
+
+    rep = ripe.ingest(
+        args.inputs,
+        args.out,
+        source_address=args.source_address,
+        workers=args.workers,
+        rejects=args.rejects,
+        progress=not args.no_progress,
+    )
+    if args.json:
+        _print_json(rep.to_dict())
+    else:
+        print(
+            f"{len(rep.inputs)} input(s) ({len(rep.skipped_inputs)} already ingested), "
+            f"{rep.results:,} results -> {rep.rows:,} rows ({rep.replies:,} replies, "
+            f"{rep.failed:,} failed of which {rep.errors:,} errors) in {rep.seconds:.1f} s"
+        )
+        print(f"  skipped replies: {rep.dups:,} dup, {rep.late:,} late; "
+              f"results without rows: {rep.skipped or 'none'}")
+        print(f"  rejected: {rep.rejected:,} {rep.rejects or ''}")
+        if rep.rejected:
+            where = args.rejects or f"{args.out}/_rejects/"
+            print(f"  reject records: {where}")
+    return EXIT_REJECTED if rep.rejected else EXIT_OK
+
+
+def _cmd_synth(args) -> int:
+    import datetime as dt
+
+    from ping_llm import synth
+
+    kw = {k: getattr(args, k) for k in ("seed", "probes", "days") if getattr(args, k) is not None}
+    if args.start is not None:
+        try:
+            kw["start"] = int(args.start) if args.start.isdigit() else int(
+                dt.datetime.fromisoformat(args.start).replace(tzinfo=dt.UTC).timestamp())
+        except ValueError:
+            raise InputError(f"--start: not epoch seconds or an ISO date: {args.start!r}") from None
+    s = synth.generate(synth.SynthConfig(**kw), args.out, progress=not args.no_progress)
+    if args.json:
+        _print_json(s)
+    else:
+        print(f"{s['results']:,} results, {s['packets']:,} packets ({s['failed_packets']:,} "
+              f"failed, {s['ipv6_packets']:,} IPv6) -> {s['out']} in {s['seconds']:.1f} s")
+        print(f"  world: {s['probes']} probes ({s['anchors']} anchors, {s['dual_stack_probes']} "
+              f"dual-stack), {s['servers']} servers, {s['anycast_services']} anycast services, "
+              f"{s['networks']} networks in {s['cities']} cities, {s['days']} days")
+        print(f"  ground truth: synth.World.load({s['world']!r})")
+    return EXIT_OK
+
+
+def _cmd_train(args) -> int:
+    import contextlib
+    import signal
+
+    from ping_llm import train as tr
+
+    model = {}
+    for kv in args.model or []:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise InputError(f"--model takes KEY=VALUE (e.g. n_layer=2), got {kv!r}")
+        try:
+            model[key] = json.loads(value)
+        except json.JSONDecodeError:
+            model[key] = value
+    overrides = dict(
+        data_dir=args.data,
+        preset=args.preset,
+        model=model or None,
+        steps=args.steps,
+        device_batch_size=args.batch_size,
+        total_batch_tokens=args.total_batch_tokens,
+        matrix_lr=args.matrix_lr,
+        embedding_lr=args.embedding_lr,
+        unembedding_lr=args.unembedding_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        warmdown_frac=args.warmdown_frac,
+        grad_clip=args.grad_clip,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        eval_split=args.eval_split,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        seed=args.seed,
+        compile=args.compile,
+        device=args.device,
+        dtype=args.dtype,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+        peak_flops=args.peak_flops,
+        time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
+    )
+    config = tr.config_for_run(args.out, args.resume, **overrides)
+    # With --json, stdout carries only the summary; the training log goes to stderr.
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    try:
+        with redirect:
+            summary = tr.train(config)
+    except tr.TrainingDiverged as e:
+        print(f"ping-llm train: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        _print_json(summary)
+    else:
+        tps = summary["tokens_per_s"]
+        print(f"{'finished' if summary['completed'] else 'stopped (' + summary['stopped'] + ')'} "
+              f"at step {summary['step']}/{summary['steps']}: loss {summary['final_loss']}, "
+              f"eval loss {summary['final_eval_loss']}, {tps or 0:,.0f} tokens/s; run in "
+              f"{summary['run_dir']}")
+    if summary["stopped"] in ("SIGINT", "SIGTERM"):  # checkpoint saved; 128 + signal number
+        return 128 + int(signal.Signals[summary["stopped"]])
+    return EXIT_OK
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DATASET_DIR", help="prepared dataset")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoint)")
+    p.add_argument("--preset", choices=["tiny", "small", "full"], help="model size (tiny)")
+    p.add_argument("--steps", type=int, help="optimiser steps of the whole run (1000)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN_DIR's checkpoint (its settings unless given again); "
+                        "starts fresh if there is none")
+    p.add_argument("--model", action="append", metavar="KEY=VALUE",
+                   help="override a model field, e.g. --model n_layer=2 --model sequence_len=256")
+    p.add_argument("--batch-size", type=int, help="sequences per device per micro-step (8)")
+    p.add_argument("--total-batch-tokens", type=int,
+                   help="tokens per optimiser step over all devices; sets gradient accumulation "
+                        "(default: one micro-batch per device)")
+    p.add_argument("--matrix-lr", type=float, help="Muon lr for hidden matrices (0.02)")
+    p.add_argument("--embedding-lr", type=float, help="AdamW lr for the embedding (0.2)")
+    p.add_argument("--unembedding-lr", type=float, help="AdamW lr for lm_head (0.004)")
+    p.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
+    p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps (0)")
+    p.add_argument("--warmdown-frac", type=float, help="last fraction of steps, lr -> 0 (0.2)")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evals, 0 = off (100)")
+    p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
+    p.add_argument("--eval-split", help="held-out split of the dataset (test_time)")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = end only (250)")
+    p.add_argument("--log-every", type=int, help="steps between log lines (10)")
+    p.add_argument("--seed", type=int, help="seed of init and data order (0)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (auto)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--wandb", choices=["off", "online", "offline"], help="log to wandb (off)")
+    p.add_argument("--wandb-project", help="wandb project (ping-llm)")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU")
+    p.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="stop cleanly with a checkpoint after this much training time")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def _query_engine(args):
+    from ping_llm.query import Engine
+
+    return Engine.load(args.run, device=args.device)
+
+
+def _read_context(path):
+    """--context FILE: a JSON array of {src, dst, rtt_ms, time} objects, or one per line."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise InputError(f"cannot read context file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()
+        ]
+    except json.JSONDecodeError as e:
+        raise InputError(f"context file {path} is not JSON / JSON lines: {e}") from None
+    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+        raise InputError(f"context file {path} must hold measurement objects {{src, dst, rtt_ms}}")
+    return data
+
+
+def _fmt_ms(x: float) -> str:
+    return f"{x:.3f} ms" if x < 100 else f"{x:.1f} ms"
+
+
+def _cmd_query_rtt(args) -> int:
+    engine = _query_engine(args)
+    d = engine.rtt(args.src, args.dst, time=args.time, context=_read_context(args.context),
+                   seed=args.seed)
+    if args.json:
+        _print_json(d.to_dict(histogram=args.histogram))
+        return EXIT_OK
+    how = "exact" if d.exact else f"Monte Carlo over {d.n_samples} sampled address completions"
+    print(f"{args.src} -> {args.dst}  ({how})")
+    print(f"P(failed)   {d.p_failed:.4f}")
+    print(f"given a reply: median {_fmt_ms(d.median)}, mean {_fmt_ms(d.mean)}, "
+          f"mode {_fmt_ms(d.mode)}")
+    print("quantiles   " + ", ".join(f"{q:.0%} {_fmt_ms(d.quantile(q))}" for q in
+                                     (0.05, 0.25, 0.5, 0.75, 0.95)))
+    if args.histogram:
+        for lo, hi, p in zip(*d.histogram(), strict=True):
+            if p >= 1e-3:
+                print(f"  [{lo:10.3f}, {hi:10.3f}) ms  {p:6.3f}  {'#' * round(60 * p)}")
+    return EXIT_OK
+
+
+def _cmd_query_rank(args) -> int:
+    engine = _query_engine(args)
+    ranked = engine.rank(args.src, args.candidates, by=args.by, threshold_ms=args.threshold,
+                         time=args.time, context=_read_context(args.context))
+    if args.json:
+        _print_json([r.to_dict() for r in ranked])
+        return EXIT_OK
+    extra = f"  P(<{args.threshold:g} ms)" if args.threshold is not None else ""
+    print(f"rank  {'destination':<40} median      P(failed){extra}")
+    for r in ranked:
+        tail = f"  {r.p_below:.4f}" if r.p_below is not None else ""
+        print(f"{r.rank:>4}  {r.dst:<40} {_fmt_ms(r.median_ms):<11} {r.p_failed:.4f}{tail}")
+    return EXIT_OK
+
+
+def _cmd_query_destinations(args) -> int:
+    engine = _query_engine(args)
+    found = engine.destinations(args.src, args.k, rtt_below=args.rtt_below, within=args.within,
+                                method="sample" if args.sample else "beam", seed=args.seed,
+                                time=args.time, context=_read_context(args.context))
+    if args.json:
+        _print_json([d.to_dict() for d in found])
+        return EXIT_OK
+    print(f"{'destination':<40} {'P':>10}  median      P(failed)")
+    for d in found:
+        print(f"{d.dst:<40} {d.p:10.3g}  {_fmt_ms(d.rtt.median):<11} {d.rtt.p_failed:.4f}")
+    return EXIT_OK
+
+
+def _cmd_query_score(args) -> int:
+    engine = _query_engine(args)
+    rtt = -1.0 if args.rtt.lower() in ("failed", "*", "-1") else args.rtt
+    s = engine.score({"src": args.src, "dst": args.dst, "rtt_ms": rtt, "time": args.time},
+                     context=_read_context(args.context))
+    if args.json:
+        _print_json(s.to_dict())
+        return EXIT_OK
+    for name, lp in s.fields.items():
+        print(f"{name:<7} {lp:9.3f} nats")
+    print(f"total   {s.total:9.3f} nats  (result given the other fields: "
+          f"{s.result_conditional:.3f})")
+    return EXIT_OK
+
+
+def _cmd_query_sample(args) -> int:
+    engine = _query_engine(args)
+    ms = engine.sample(args.n, args.src, seed=args.seed, temperature=args.temperature,
+                       context=_read_context(args.context))
+    if args.json:
+        _print_json([m.to_dict() for m in ms])
+    else:
+        for m in ms:
+            print(json.dumps(m.to_dict()))
+    return EXIT_OK
+
+
+def _query_arguments(p: argparse.ArgumentParser) -> None:
+    qs = p.add_subparsers(dest="question", metavar="QUESTION")
+    qs.required = True
+
+    def question(name, help, example, func):
+        q = qs.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.set_defaults(func=func)
+        q.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+        q.add_argument("--context", metavar="FILE",
+                       help="your recent measurements: JSON array or JSON lines of "
+                            '{"src", "dst", "rtt_ms" (null/negative = failed), "time"}')
+        q.add_argument("--time", metavar="ISO8601", help="time of the measurement asked about")
+        q.add_argument("--json", action="store_true", help="machine-readable output")
+        return q
+
+    q = question("rtt", "P(failed) and the RTT distribution between two addresses or prefixes",
+                 "ping-llm query rtt --run runs/tiny 192.0.2.1 10.1.2.0/24 --json", _cmd_query_rtt)
+    q.add_argument("src", metavar="SRC", help="address or CIDR prefix")
+    q.add_argument("dst", metavar="DST", help="address or CIDR prefix")
+    q.add_argument("--seed", type=int, default=0, help="Monte Carlo seed for large prefixes")
+    q.add_argument("--histogram", action="store_true", help="print the byte1-bin histogram")
+
+    q = question("rank", "order candidate destinations by predicted latency",
+                 "ping-llm query rank --run runs/tiny 192.0.2.1 8.8.8.8 1.1.1.1 9.9.9.9",
+                 _cmd_query_rank)
+    q.add_argument("src", metavar="SRC")
+    q.add_argument("candidates", metavar="CANDIDATE", nargs="+")
+    q.add_argument("--by", choices=["median", "p_below"], default="median",
+                   help="order by predicted median, or by P(reply and rtt < --threshold)")
+    q.add_argument("--threshold", type=float, metavar="MS", help="for --by p_below")
+
+    q = question("destinations", "likely destinations for a source (beam search or sampling)",
+                 "ping-llm query destinations --run runs/tiny 192.0.2.1 --k 5 --rtt-below 20",
+                 _cmd_query_destinations)
+    q.add_argument("src", metavar="SRC")
+    q.add_argument("--k", type=int, default=10, help="how many (10)")
+    q.add_argument("--rtt-below", type=float, metavar="MS", help="only RTTs below this")
+    q.add_argument("--within", metavar="CIDR", help="only destinations inside this prefix")
+    q.add_argument("--sample", action="store_true", help="k ancestral draws instead of beams")
+    q.add_argument("--seed", type=int, default=0)
+
+    q = question("score", "log-probability per field of an observed measurement (anomaly score)",
+                 "ping-llm query score --run runs/tiny 192.0.2.1 8.8.8.8 12.5", _cmd_query_score)
+    q.add_argument("src", metavar="SRC")
+    q.add_argument("dst", metavar="DST")
+    q.add_argument("rtt", metavar="RTT_MS", help="milliseconds, or 'failed'")
+
+    q = question("sample", "a synthetic measurement stream from the model",
+                 "ping-llm query sample --run runs/tiny --n 20 --src 192.0.2.1", _cmd_query_sample)
+    q.add_argument("--n", type=int, default=10, help="measurements (10)")
+    q.add_argument("--src", help="fix the source address")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--temperature", type=float, default=1.0)
+
+
+def _cmd_serve(args) -> int:
+    from ping_llm.server import Limits, serve
+
+    limits = Limits(max_batch=args.max_batch, max_context=args.max_context)
+    print(f"ping-llm serve: http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
+    serve(args.run, host=args.host, port=args.port, device=args.device, limits=limits)
+    return EXIT_OK
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1; the service has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--max-batch", type=int, default=1024,
+                   help="max queries / candidates / measurements per request (1024)")
+    p.add_argument("--max-context", type=int, default=64,
+                   help="max context measurements per request (64)")
+
+
+def _cmd_prepare(args) -> int:
+    from ping_llm import loader, prepare
+
+    cfg = prepare.PrepareConfig(
+        seed=args.seed,
+        time_fraction=args.time_fraction,
+        probe_fraction=args.probe_fraction,
+        pair_fraction=args.pair_fraction,
+        max_record_bytes=int(args.max_record_mb * (1 << 20)),
+        rtt_column=args.rtt_column,
+        limit=args.limit,
+    )
+    card = prepare.prepare(args.inputs, args.out, cfg, overwrite=args.force,
+                           progress=not args.no_progress)
+    out = {"out": args.out, "card": card}
+    if args.stats:
+        out["stats"] = {
+            split: loader.measure(args.out, split, seq_len=args.seq_len, seed=args.seed,
+                                  max_batches=args.stats_batches)
+            for split in card["rows"]
+        }
+    if args.json:
+        _print_json(out)
+        return EXIT_OK
+    c = card["counts"]
+    print(f"{c['measurements']:,} measurements ({c['dropped_bad_address']:,} dropped), "
+          f"{c['sources']:,} sources, {c['probes']:,} probes, {c['destinations']:,} destinations, "
+          f"IPv4/IPv6 {card['ip_versions']['4']:,}/{card['ip_versions']['6']:,}, "
+          f"{card['time_range']['first']} .. {card['time_range']['last']} -> {args.out}")
+    for name, sp in card["splits"].items():
+        rows = card["rows"].get(name, {})
+        print(f"  {name:<10} {sp['measurements']:>12,} meas  {rows.get('records', 0):>8,} rows  "
+              f"{card['tokens'].get(name, {}).get('per_measurement_full', 0):5.2f} tok/meas  "
+              f"{sp['fingerprint'][:19]}")
+    for name, st in out.get("stats", {}).items():
+        print(f"  stats {name:<10} padding {100 * st['padding_fraction']:.2f}% of targets, "
+              f"{st['measurements_per_sequence']:.1f} meas/seq, {st['tokens_per_measurement']:.2f} "
+              f"tok/meas over {st['sequences']:,} sequences of {st['seq_len']} "
+              f"({st['items_per_epoch']:,} items/epoch, {st['packed_bins_per_epoch']:,} packed)")
+    return EXIT_OK
+
+
 def _not_built(name: str):
     def run(args) -> int:
         raise _NotBuilt(f"`ping-llm {name}` is not built yet")
@@ -117,34 +501,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="epoch seconds (with --encode)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    _add(
+    p = _add(
         sub,
         "ingest",
         "RIPE Atlas ping results (JSON) -> canonical Parquet",
         "ping-llm ingest ping-2024-01-01T0000.bz2 --out data/canonical",
-        _not_built("ingest"),
+        _cmd_ingest,
     )
-    _add(
+    p.epilog += (
+        "\n  ping-llm ingest 'dumps/ping-2024-01-*.bz2' --out data/canonical --workers 2 "
+        "--rejects rejects.jsonl --json\n  curl ... | ping-llm ingest - --out data/canonical\n\n"
+        "One Parquet file per input in DIR (re-running skips inputs already ingested; a changed\n"
+        "input replaces its older output). Rejected input is counted per reason, kept in\n"
+        "DIR/_rejects/ and in --rejects FILE, and never stops the run.\n\n"
+        "exit status: 0 all input ingested; 3 finished, but some input was rejected;\n"
+        "             2 usage or input error (e.g. a missing input file); 1 anything else."
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="result files (.bz2 .gz .zst or plain; JSON lines or a JSON array), "
+                   "directories, glob patterns, or - for stdin")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--source-address", choices=("auto", "from", "src_addr"), default="auto",
+                   help="source identity: src_addr if globally routable else from (auto, "
+                   "default), always the controller-seen `from`, or always `src_addr`")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes, parallel over files (default 1)")
+    p.add_argument("--rejects", metavar="FILE", help="write all reject records here (JSON lines)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = _add(
         sub,
         "synth",
-        "generate RIPE-format ping results from the synthetic Internet",
-        "ping-llm synth --out synth.jsonl.gz --seed 0",
-        _not_built("synth"),
+        "generate RIPE-format ping results from the synthetic Internet (with ground truth)",
+        "ping-llm synth --out synth.jsonl.gz --seed 0\n"
+        "  ping-llm synth --out small.jsonl --probes 30 --days 0.5 --json",
+        _cmd_synth,
     )
-    _add(
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output: JSON lines, gzipped if it ends in .gz; the world is recorded in "
+                   "FILE.world.json")
+    p.add_argument("--seed", type=int, help="world and measurement seed (default 0)")
+    p.add_argument("--probes", type=int, help="probes, anchors included (default 120)")
+    p.add_argument("--days", type=float, help="measurement period in days (default 2)")
+    p.add_argument("--start", metavar="TIME",
+                   help="first measurement: epoch seconds or ISO date (default 2024-01-01, UTC)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p = _add(
         sub,
         "prepare",
         "canonical Parquet -> splits + probe-centric ArrayRecord rows + dataset card",
-        "ping-llm prepare data/canonical --out data/prepared",
-        _not_built("prepare"),
+        "ping-llm prepare data/canonical --out data/prepared --seed 0 --stats",
+        _cmd_prepare,
     )
-    _add(
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="canonical Parquet files or dirs")
+    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="dataset directory")
+    p.add_argument("--seed", type=int, default=0, help="split hash seed (default 0)")
+    p.add_argument("--time-fraction", type=float, default=0.1,
+                   help="last fraction of the time range -> test_time (default 0.1)")
+    p.add_argument("--probe-fraction", type=float, default=0.1,
+                   help="fraction of sources held out -> test_probe (default 0.1)")
+    p.add_argument("--pair-fraction", type=float, default=0.05,
+                   help="fraction of (src, dst) pairs held out -> test_pair (default 0.05)")
+    p.add_argument("--max-record-mb", type=float, default=8.0,
+                   help="cap of one probe row; larger probes are split (default 8)")
+    p.add_argument("--rtt-column", default="rtt",
+                   help="column holding the RTT in ms, e.g. rtt_avg for the author's files")
+    p.add_argument("--limit", type=int, help="use at most this many measurements")
+    p.add_argument("--force", action="store_true", help="replace an existing dataset")
+    p.add_argument("--stats", action="store_true",
+                   help="run the training sampler and print padding etc. per split")
+    p.add_argument("--stats-batches", type=int, default=200, metavar="N",
+                   help="batches of 16 sequences sampled per split for --stats (default 200)")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length for --stats")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _add(
         sub,
         "train",
         "train the Transformer on a prepared dataset",
-        "ping-llm train --data data/prepared --out runs/tiny --preset tiny",
-        _not_built("train"),
+        "ping-llm train --data data/prepared --out runs/tiny --preset tiny --steps 2000\n"
+        "  torchrun --nproc_per_node 8 -m ping_llm.cli train --data D --out R --preset small\n"
+        "  ping-llm train --data data/prepared --out runs/tiny --resume",
+        _cmd_train,
     )
+    _train_arguments(p)
     _add(
         sub,
         "eval",
@@ -152,20 +593,22 @@ def build_parser() -> argparse.ArgumentParser:
         "ping-llm eval --data data/prepared --run runs/tiny --out report/",
         _not_built("eval"),
     )
-    _add(
+    p = _add(
         sub,
         "query",
-        "ask a trained model latency questions",
+        "ask a trained model latency questions (rtt, rank, destinations, score, sample)",
         "ping-llm query rtt --run runs/tiny 192.0.2.1 8.8.8.8 --json",
-        _not_built("query"),
+        None,
     )
-    _add(
+    _query_arguments(p)
+    p = _add(
         sub,
         "serve",
         "HTTP JSON service over the query engine",
         "ping-llm serve --run runs/tiny --port 8000",
-        _not_built("serve"),
+        _cmd_serve,
     )
+    _serve_arguments(p)
     _add(
         sub,
         "demo",
