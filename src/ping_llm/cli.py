@@ -103,8 +103,10 @@ def _cmd_synth(args) -> int:
     kw = {k: getattr(args, k) for k in ("seed", "probes", "days") if getattr(args, k) is not None}
     if args.start is not None:
         try:
-            kw["start"] = int(args.start) if args.start.isdigit() else int(
-                dt.datetime.fromisoformat(args.start).replace(tzinfo=dt.UTC).timestamp())
+            when = None if args.start.isdigit() else dt.datetime.fromisoformat(args.start)
+            if when is not None and when.tzinfo is None:
+                when = when.replace(tzinfo=dt.UTC)  # a date without offset means UTC
+            kw["start"] = int(args.start) if when is None else int(when.timestamp())
         except ValueError:
             raise InputError(f"--start: not epoch seconds or an ISO date: {args.start!r}") from None
     s = synth.generate(synth.SynthConfig(**kw), args.out, progress=not args.no_progress)
@@ -122,6 +124,7 @@ def _cmd_synth(args) -> int:
 
 def _cmd_train(args) -> int:
     import contextlib
+    import os
     import signal
 
     from ping_llm import train as tr
@@ -172,9 +175,10 @@ def _cmd_train(args) -> int:
     except tr.TrainingDiverged as e:
         print(f"ping-llm train: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if args.json:
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    if rank0 and args.json:
         _print_json(summary)
-    else:
+    elif rank0:
         tps = summary["tokens_per_s"]
         print(f"{'finished' if summary['completed'] else 'stopped (' + summary['stopped'] + ')'} "
               f"at step {summary['step']}/{summary['steps']}: loss {summary['final_loss']}, "
