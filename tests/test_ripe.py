@@ -575,3 +575,14 @@ def test_truncated_json_array_keeps_the_complete_elements(africa_lines, tmp_path
     assert rep.results == len(complete) and rep.rows == rows_of([c.rstrip(b",") for c in complete])
     (record,) = [json.loads(x) for x in rej.read_text().splitlines()]
     assert record["line"] == len(complete) + 2
+
+
+def test_a_directory_input_skips_the_world_file_synth_writes_beside_its_output(
+    africa_lines, tmp_path
+):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "results.jsonl").write_bytes(b"\n".join(africa_lines[:50]) + b"\n")
+    (d / "results.jsonl.world.json").write_text('{"config": {}}')
+    rep = ripe.ingest([d], tmp_path / "out", progress=False)
+    assert rep.rejected == 0 and rep.rows == rows_of(africa_lines[:50])

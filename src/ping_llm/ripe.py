@@ -883,8 +883,11 @@ def _expand_inputs(inputs) -> list[str]:
         if s == "-":
             out.append(s)
         elif os.path.isdir(s):
+            # Skip hidden files and the world description `ping-llm synth` writes beside its
+            # output, so that a directory of synthetic results ingests cleanly.
             out.extend(str(p) for p in sorted(Path(s).iterdir())
-                       if p.is_file() and not p.name.startswith("."))
+                       if p.is_file() and not p.name.startswith(".")
+                       and not p.name.endswith(".world.json"))
         elif os.path.isfile(s):
             out.append(s)
         elif glob.has_magic(s):

@@ -1,0 +1,443 @@
+"""The GPT: a decoder-only Transformer over the 267-token measurement language (SPEC §5).
+
+The nanochat recipe, in one flat module so it reads top to bottom:
+
+    idx (B, T) -> wte -> RMSNorm -> n_layer x Block -> RMSNorm -> lm_head -> softcap -> logits
+    Block: x = x + attn(norm(x)); x = x + mlp(norm(x))
+    attn: causal self-attention, RoPE, QK-norm, optional grouped-query (n_kv_head < n_head)
+    mlp: Linear(C, 4C) -> ReLU^2 -> Linear(4C, C)
+
+Every RMSNorm is parameterless (`F.rms_norm` without weight), no Linear has a bias, there is no
+dropout, and the token embedding and lm_head are separate matrices (untied). Logits are computed
+in fp32 and softcapped, `softcap * tanh(logits / softcap)`, so they lie in (-softcap, softcap).
+
+Why these choices: they are what nanochat/modded-nanoGPT found to train fastest per FLOP with Muon
+(see `ping_llm.optim`), and they keep the parameter set tiny and regular: all hidden weights are
+2-D matrices (Muon), the rest is the embedding and the head (AdamW).
+
+Inference: `KVCache` holds keys/values of earlier positions. The query engine runs a shared prefix
+once with batch 1, `expand`s the cache to batch B, then scores B continuations in one forward
+(`GPT.forward(idx, kv_cache=cache)` returns logits for the new positions only); `rewind` returns
+to the prefix to try the next set without recomputing it.
+
+Construction on a device without paying for a CPU init: `with torch.device("meta"): m = GPT(c)`,
+then `m.to_empty(device=dev); m.init_weights()` (which also recomputes the RoPE tables, since
+`to_empty` leaves buffers uninitialised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ping_llm.errors import InputError
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    """Model shape. Every field is overridable; `preset()` gives the named sizes.
+
+    n_kv_head=None means "same as n_head" (plain multi-head attention); a divisor of n_head gives
+    grouped-query attention, which shrinks the KV cache n_head/n_kv_head times.
+    """
+
+    sequence_len: int = 1024  # max context length in tokens (RoPE tables are this long)
+    vocab_size: int = 267  # ping_llm.tokens.VOCAB_SIZE
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    n_embd: int = 128
+    softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head != 0:
+            raise InputError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2 != 0:
+            raise InputError(
+                f"head dim n_embd/n_head = {self.n_embd // self.n_head} must be even (RoPE "
+                "rotates pairs of channels)"
+            )
+        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head != 0:
+            raise InputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if not (isinstance(self.softcap, int | float) and self.softcap > 0):
+            raise InputError(f"softcap must be a positive number, got {self.softcap!r}")
+        if not (isinstance(self.rope_base, int | float) and self.rope_base > 1):
+            raise InputError(f"rope_base must be a number > 1, got {self.rope_base!r}")
+        self.softcap = float(self.softcap)
+        self.rope_base = float(self.rope_base)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        """A named size (`tiny`, `small`, `full`) with any field overridden."""
+        if name not in PRESETS:
+            raise InputError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (config.json); n_kv_head is written resolved."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown GPTConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Named sizes. Parameter counts (vocab 267): tiny 0.86M, small 98.6M, full 680.3M; see
+# tests/test_model.py for the formula. The SPEC's "~95M" for small is the original author's
+# rounding (98.6M params = 94 Mi); the architecture (20 x 640 x 10 heads) is what is specified.
+#
+# tiny: 4 layers x 128 wide x 4 heads (head_dim 32), full 1024-token contexts. It is sized for
+# 2 CPU cores: ~11 MFLOP/token for forward+backward (6N = 4.7M plus the attention term 6.3M at
+# T=1024); measured ~10k tokens/s forward+backward+optimizer with 2 threads on this 2-core box
+# (batch 8 x 1024; ~5k tokens per CPU-second single-threaded), so a few million tokens (a useful
+# run on the synthetic Internet) take minutes. Keeping sequence_len at 1024 means tiny exercises
+# exactly the context sampler and query shapes the big models use; sequence_len=256 is ~1.5x
+# faster per token (attention is ~1/3 of the time at 1024).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, sequence_len=1024),
+    "small": dict(n_layer=20, n_embd=640, n_head=10, sequence_len=1024),
+    "full": dict(n_layer=24, n_embd=1536, n_head=12, sequence_len=1024),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameterless RMSNorm over the last dim."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, T, H, D) by position-dependent angles.
+
+    cos, sin: (1, T, 1, D/2) fp32, cast to x's dtype (bf16 under autocast) before use.
+    """
+    d = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental inference.
+
+    Storage: one tensor (n_layer, 2, B, n_kv_head, max_len, head_dim), allocated on the first
+    insert with the dtype/device of the keys (so bf16 under autocast). `pos` is the number of
+    positions already stored; `GPT.forward` writes positions [pos, pos + T) in every layer, then
+    advances `pos` by T (and offsets RoPE by `pos`).
+
+    Typical query-engine use::
+
+        cache = KVCache(config, batch_size=1, max_len=prefix_len + cont_len)
+        model(prefix[None], kv_cache=cache)           # run the shared prefix once
+        batch = cache.expand(B)                       # B independent copies of it
+        logits, _ = model(continuations, kv_cache=batch)   # (B, T_cont, V)
+        batch.rewind(prefix_len)                      # back to the prefix, try the next set
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
+        max_len = config.sequence_len if max_len is None else max_len
+        if batch_size <= 0 or max_len <= 0:
+            raise InputError(f"KVCache needs batch_size, max_len > 0, got {batch_size}, {max_len}")
+        self.config = config
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+        self.kv: torch.Tensor | None = None  # (n_layer, 2, B, n_kv_head, max_len, head_dim)
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, n_kv_head, T, head_dim) at [pos, pos+T); return all keys/values so far
+        as views (B, n_kv_head, pos+T, head_dim). Does not advance `pos` (the model does, once
+        per forward, after the last layer)."""
+        B, H, T, D = k.shape
+        if self.batch_size != B:
+            raise InputError(f"KVCache holds batch {self.batch_size}, forward got batch {B}")
+        if self.kv is None:
+            c = self.config
+            self.kv = torch.zeros(
+                (c.n_layer, 2, self.batch_size, H, self.max_len, D), dtype=k.dtype, device=k.device
+            )
+        end = self.pos + T
+        if end > self.max_len:
+            raise InputError(f"KVCache overflow: {end} positions > max_len {self.max_len}")
+        self.kv[layer, 0, :, :, self.pos : end] = k
+        self.kv[layer, 1, :, :, self.pos : end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def rewind(self, pos: int) -> None:
+        """Forget every position >= pos (cheap: only the counter moves)."""
+        if not 0 <= pos <= self.pos:
+            raise InputError(f"can only rewind to 0..{self.pos}, got {pos}")
+        self.pos = pos
+
+    def expand(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A new cache of `batch_size` rows, each a copy of this batch-1 cache's positions.
+
+        This cache is left untouched, so the prefix can be expanded again later.
+        """
+        if self.batch_size != 1:
+            raise InputError(f"expand needs a batch-1 cache, this one has batch {self.batch_size}")
+        max_len = self.max_len if max_len is None else max_len
+        if max_len < self.pos:
+            raise InputError(f"max_len {max_len} is shorter than the cached prefix {self.pos}")
+        new = KVCache(self.config, batch_size, max_len)
+        if self.kv is not None:
+            L, two, _, H, _, D = self.kv.shape
+            new.kv = self.kv.new_zeros((L, two, batch_size, H, max_len, D))
+            new.kv[:, :, :, :, : self.pos] = self.kv[:, :, :, :, : self.pos]  # broadcast over B
+        new.pos = self.pos
+        return new
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # RoPE then QK-norm (nanochat's order; the two commute up to rounding since RoPE is a
+        # rotation and RMSNorm only rescales). QK-norm bounds attention logits by sqrt(D).
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
+        if kv_cache is None:
+            prefix = 0  # training / full forward: plain causal attention
+        else:
+            prefix = kv_cache.pos
+            k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, prefix+T, D)
+        if self.n_kv_head != self.n_head:  # grouped-query: share each kv head by n_rep q heads
+            n_rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+
+        # Python branches on shapes/ints only (no tensor data), so torch.compile stays happy.
+        if prefix == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # one new query sees the whole cache
+        else:
+            # New query i (absolute position prefix+i) sees keys 0..prefix+i.
+            qpos = torch.arange(prefix, prefix + T, device=q.device)[:, None]
+            kpos = torch.arange(prefix + T, device=q.device)[None, :]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos <= qpos)  # (B,H,T,D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # RoPE tables: fp32, not saved (persistent=False) since they follow from the config.
+        cos, sin = self._rotary_tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.init_weights()
+
+    def _rotary_tables(self, device=None):
+        c = self.config
+        D = c.head_dim
+        inv_freq = 1.0 / (c.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        t = torch.arange(c.sequence_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, D/2)
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+        if device is not None:
+            cos, sin = cos.to(device), sin.to(device)
+        return cos, sin
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """nanochat's init. Every block starts as the identity (zero output projections), so
+        at step 0 the residual stream is just the normalised embedding and depth cannot blow it
+        up; Muon's first updates then grow the projections at a controlled, orthogonal rate.
+
+        wte ~ N(0, 1) (it is RMS-normalised right away); lm_head ~ N(0, 0.001) (near-uniform
+        initial predictions, loss ~ ln V); c_q, c_k, c_v, c_fc ~ U(-s, s) with s = sqrt(3/C),
+        i.e. std 1/sqrt(C) (uniform: no outliers).
+        """
+        C = self.config.n_embd
+        s = (3.0 / C) ** 0.5
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        if self.cos.device.type != "meta":  # on meta there is nothing to fill
+            cos, sin = self._rotary_tables(device=self.cos.device)
+            self.cos.copy_(cos)
+            self.sin.copy_(sin)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) int64 token ids -> (logits, loss).
+
+        logits: (B, T, vocab_size) fp32, softcapped, always returned (vocab is 267, so the fp32
+            logits are small: 8 x 1024 x 267 x 4 B = 8.7 MB).
+        loss: None without targets; else fp32 cross-entropy against targets (B, T) int64 where -1
+            means "no target here". loss_reduction "mean" (default: mean over non-ignored
+            positions; NaN if every target is -1), "sum", or "none" ((B, T), 0 where ignored).
+        kv_cache: positions [cache.pos, cache.pos + T) are computed attending to the cache, and
+            the cache advances by T; logits are for the new positions only.
+        """
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.pos
+        if t0 + T > self.config.sequence_len:
+            raise InputError(
+                f"sequence of {t0 + T} tokens exceeds the model's sequence_len "
+                f"{self.config.sequence_len}"
+            )
+        cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]  # (1, T, 1, D/2)
+
+        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x).float()  # (B, T, V) fp32 even under bf16 autocast
+        cap = self.config.softcap
+        logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)),  # (B*T, V)
+            targets.reshape(-1),  # (B*T,)
+            ignore_index=-1,
+            reduction=loss_reduction,
+        )
+        if loss_reduction == "none":
+            loss = loss.view(B, T)
+        return logits, loss
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.transformer.wte.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), for MFU.
+
+        6 x (params that do matmuls: everything but the embedding lookup, lm_head included)
+        + 12 x n_layer x n_head x head_dim x T for the attention scores and weighted sum
+        (the PaLM appendix B formula, as nanochat; it counts the full T x T square, not the
+        causal half, so MFU numbers compare with nanochat's). T defaults to sequence_len.
+        """
+        c = self.config
+        T = c.sequence_len if seq_len is None else seq_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * c.n_layer * c.n_embd * T
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample max_new_tokens after each row of idx (B, T) with a KV cache -> (B, new)."""
+        B, T = idx.shape
+        cache = KVCache(self.config, B, T + max_new_tokens)
+        logits, _ = self(idx, kv_cache=cache)
+        logits = logits[:, -1]  # (B, V)
+        out = []
+        for _ in range(max_new_tokens):
+            if temperature <= 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            out.append(nxt)
+            if len(out) == max_new_tokens:
+                break
+            logits, _ = self(nxt, kv_cache=cache)
+            logits = logits[:, -1]
+        return torch.cat(out, dim=1) if out else idx.new_zeros((B, 0))
