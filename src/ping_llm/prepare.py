@@ -1,0 +1,771 @@
+"""Prepared datasets (SPEC §2.3): canonical Parquet -> leak-free splits + probe-centric rows + card.
+
+`prepare(inputs, out_dir, PrepareConfig(...))` stages the measurements in DuckDB (on disk, so the
+input may be far larger than memory), assigns every measurement to exactly one split, writes each
+split as canonical Parquet, groups the measurements of each split by probe into compact binary
+records (ArrayRecord shards, read by `ping_llm.loader` through grain) and describes it all in
+`card.json`.
+
+Splits (deterministic: a hash of (seed, key), so the same input and seed give the same splits):
+  test_probe  sources (src_addr) whose hash u(seed, "src", src) < probe_fraction, plus sources
+              that only appear after the time cut: never seen in train (cold start).
+  test_time   measurements at or after the time cut t_min + (1 - time_fraction) (t_max - t_min)
+              whose source is in train.
+  test_pair   (src, dst) pairs with u(seed, "pair", src, dst) < pair_fraction, before the cut,
+              whose source and destination both still occur in train; never in train.
+  train       the rest. Held-out pairs whose endpoints would otherwise be unseen go back to
+              train (that only adds endpoints to train, so the remaining held-out pairs stay valid).
+u(seed, *keys) = the first 52 bits of md5("seed|key|...") / 2**52, so anyone can recompute it.
+Splits are keyed by source *address*, because that is what the model sees; a probe (prb_id) that
+changed address can therefore have rows in train and in test_probe, under different addresses.
+
+Rows: the measurements of one probe (prb_id when present, else the source address), in time
+order, capped at `max_record_bytes` (8 MB) with larger probes split into consecutive chunks. One
+row = one ArrayRecord record in this layout (little-endian, 8-byte aligned sections):
+
+    header   HEADER_DTYPE (48 bytes): magic b"PLR1", format version, index width (2|4 bytes),
+             n measurements, k addresses, chunk number, source length, t0 / t1 (first / last
+             epoch second), prb_id (-1 = none)
+    source   utf-8 probe key ("prb:6012" or the source address)
+    addr     (k, 16) uint8 address table (IPv4 in bytes 0-3), then (k,) uint8 ip versions
+    toff     (n,) uint32 seconds since t0        src, dst  (n,) uint16|uint32 indices into addr
+    code     (n,) uint16 RTT code (tokens.rtt_to_code; meaningless when failed)
+    failed   (n,) uint8 1 = no reply
+
+so `decode_record` is a handful of `np.frombuffer` calls and no per-measurement Python.
+
+Dataset directory:
+    card.json                       format, inputs, seed, counts, time range, v4/v6 mix, splits
+                                    (rules, counts, fingerprints), rows and shards, token stats
+    splits/<split>.parquet          canonical table of each split, sorted (deterministic bytes)
+    rows/<split>/rows-NNNNN.array_record   the records, sharded (~shard_bytes each)
+    rows/<split>/index.parquet      one line per record: shard, source, prb_id, chunk, n, t_first,
+                                    t_last, tokens_none / tokens_full (exact token counts of the
+                                    whole row without / with timestamps), bytes
+A split's fingerprint is a sha256 over its sorted content (column by column); a training run
+copies the train fingerprint so that evaluation can refuse a mismatched dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ping_llm import schema, tokens
+from ping_llm.errors import InputError
+
+FORMAT = "ping-llm-dataset"
+FORMAT_VERSION = 1
+RECORD_MAGIC = b"PLR1"
+RECORD_VERSION = 1
+SPLITS = ("train", "test_time", "test_probe", "test_pair")
+ARRAY_RECORD_OPTIONS = "group_size:1,zstd:1"  # one record per chunk: random access, no group reads
+
+HEADER_DTYPE = np.dtype([
+    ("magic", "S4"), ("version", "<u2"), ("idx_bytes", "u1"), ("_pad", "u1"), ("n", "<u4"),
+    ("k", "<u4"), ("chunk", "<u4"), ("source_len", "<u4"), ("t0", "<i8"), ("t1", "<i8"),
+    ("prb_id", "<i8"),
+])  # 48 bytes
+
+SPLIT_RULES = {
+    "train": "everything not in a test split",
+    "test_time": "event_time >= time_cut, source seen in train",
+    "test_probe": "u(seed,'src',src) < probe_fraction, or source only seen after time_cut",
+    "test_pair": "u(seed,'pair',src,dst) < pair_fraction, before time_cut, src and dst seen "
+    "in train",
+}
+
+
+@dataclass
+class PrepareConfig:
+    """How to split and pack. Fractions: of the time range, of sources, of (src, dst) pairs."""
+
+    seed: int = 0
+    time_fraction: float = 0.1
+    probe_fraction: float = 0.1
+    pair_fraction: float = 0.05
+    max_record_bytes: int = 8 << 20
+    shard_bytes: int = 256 << 20
+    rtt_column: str = "rtt"  # e.g. "rtt_avg" for the author's files with several RTT columns
+    limit: int | None = None  # keep at most this many measurements (in input order)
+    row_splits: tuple[str, ...] = SPLITS  # splits that get ArrayRecord rows
+    memory_limit: str = "2GB"  # DuckDB; it spills to disk beyond this
+
+    def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("time_fraction", "probe_fraction", "pair_fraction"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 0 <= v < 1):
+                raise InputError(f"{name} must be in [0, 1), got {v!r}")
+        if self.max_record_bytes < 4096:
+            raise InputError(f"max_record_bytes must be >= 4096, got {self.max_record_bytes}")
+        if self.shard_bytes < self.max_record_bytes:
+            raise InputError("shard_bytes must be >= max_record_bytes")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"limit must be >= 1, got {self.limit}")
+        self.row_splits = tuple(self.row_splits)
+        bad = [s for s in self.row_splits if s not in SPLITS]
+        if bad:
+            raise InputError(f"unknown split(s) {bad}; splits are {list(SPLITS)}")
+        if not self.rtt_column.isidentifier():
+            raise InputError(f"rtt_column must be a column name, got {self.rtt_column!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# token lengths (exact; the loader uses the same functions to fill sequences)
+
+
+def base_lengths(version, failed) -> np.ndarray:
+    """Tokens of each measurement without its timestamp: START + src + dst + result."""
+    addr = np.where(np.asarray(version) == 4, 5, 17)
+    return 1 + 2 * addr + np.where(np.asarray(failed, dtype=bool), 1, 3)
+
+
+def time_lengths(time, has_time) -> np.ndarray:
+    """Tokens of each timestamp field for measurements encoded in this order, as one context
+    (0 where has_time is False); same rules as tokens.encode (ABS 9, DELTA1 2, DELTA4 5)."""
+    time = np.asarray(time, dtype=np.int64)
+    has_time = np.asarray(has_time, dtype=bool)
+    out = np.zeros(len(time), np.int64)
+    idx = np.flatnonzero(has_time)
+    if len(idx) == 0:
+        return out
+    t = time[idx]
+    d = np.empty(len(idx), np.int64)
+    d[0] = -1
+    d[1:] = t[1:] - t[:-1]
+    d1 = (d >= 0) & (d < tokens.DELTA1_LIMIT)
+    out[idx] = np.where(d1, 2, np.where((d >= 0) & (d < tokens.DELTA4_LIMIT), 5, 9))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# record codec
+
+
+@dataclass(frozen=True)
+class Row:
+    """One decoded record; the arrays are read-only views into the record's bytes."""
+
+    source: str
+    prb_id: int | None
+    chunk: int
+    t0: int
+    t1: int
+    toff: np.ndarray  # (n,) uint32 seconds since t0, non-decreasing
+    src: np.ndarray  # (n,) indices into addr
+    dst: np.ndarray
+    code: np.ndarray  # (n,) uint16
+    failed: np.ndarray  # (n,) uint8
+    addr: np.ndarray  # (k, 16) uint8
+    version: np.ndarray  # (k,) uint8
+
+    @property
+    def n(self) -> int:
+        return len(self.toff)
+
+    @property
+    def time(self) -> np.ndarray:
+        return self.t0 + self.toff.astype(np.int64)
+
+    def rtt_ms(self) -> np.ndarray:
+        return np.where(self.failed.astype(bool), -1.0, tokens.code_to_rtt(self.code))
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def encode_record(source: str, prb_id, chunk: int, time, src, dst, addr, version, code, failed):
+    """Measurements of one row (time-sorted) -> record bytes. src/dst index addr (k, 16)."""
+    time = np.asarray(time, dtype=np.int64)
+    n, k = len(time), len(addr)
+    if n == 0:
+        raise ValueError("a record needs at least one measurement")
+    if np.any(np.diff(time) < 0):
+        raise ValueError("record measurements must be time-sorted")
+    idx_dtype = np.dtype("<u2") if k <= 0xFFFF else np.dtype("<u4")
+    src_b = source.encode()
+    head = np.zeros((), HEADER_DTYPE)
+    head["magic"], head["version"] = RECORD_MAGIC, RECORD_VERSION
+    head["idx_bytes"] = idx_dtype.itemsize
+    head["n"], head["k"], head["chunk"], head["source_len"] = n, k, chunk, len(src_b)
+    head["t0"], head["t1"] = time[0], time[-1]
+    head["prb_id"] = -1 if prb_id is None else int(prb_id)
+    parts = [
+        head.tobytes(),
+        src_b.ljust(_pad8(len(src_b)), b"\0"),
+        (np.asarray(addr, np.uint8).tobytes() + np.asarray(version, np.uint8).tobytes()).ljust(
+            _pad8(17 * k), b"\0"
+        ),
+    ]
+    cols = [
+        (time - time[0]).astype("<u4"),
+        np.asarray(src).astype(idx_dtype),
+        np.asarray(dst).astype(idx_dtype),
+        np.asarray(code).astype("<u2"),
+        np.asarray(failed).astype(np.uint8),
+    ]
+    for c in cols:
+        b = c.tobytes()
+        parts.append(b.ljust(_pad8(len(b)), b"\0"))
+    return b"".join(parts)
+
+
+def decode_record(buf: bytes) -> Row:
+    """Record bytes -> Row (zero-copy views)."""
+    head = np.frombuffer(buf, HEADER_DTYPE, count=1)[0]
+    if head["magic"] != RECORD_MAGIC or head["version"] != RECORD_VERSION:
+        raise InputError(f"not a ping-llm row record (magic {head['magic']!r})")
+    n, k, sl = int(head["n"]), int(head["k"]), int(head["source_len"])
+    idx = np.dtype("<u2") if head["idx_bytes"] == 2 else np.dtype("<u4")
+    off = HEADER_DTYPE.itemsize
+    source = bytes(buf[off : off + sl]).decode()
+    off += _pad8(sl)
+    addr = np.frombuffer(buf, np.uint8, count=16 * k, offset=off).reshape(k, 16)
+    version = np.frombuffer(buf, np.uint8, count=k, offset=off + 16 * k)
+    off += _pad8(17 * k)
+    out = []
+    for dt in (np.dtype("<u4"), idx, idx, np.dtype("<u2"), np.dtype(np.uint8)):
+        out.append(np.frombuffer(buf, dt, count=n, offset=off))
+        off += _pad8(n * dt.itemsize)
+    prb = int(head["prb_id"])
+    return Row(
+        source=source,
+        prb_id=None if prb < 0 else prb,
+        chunk=int(head["chunk"]),
+        t0=int(head["t0"]),
+        t1=int(head["t1"]),
+        toff=out[0],
+        src=out[1],
+        dst=out[2],
+        code=out[3],
+        failed=out[4],
+        addr=addr,
+        version=version,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# staging: canonical Parquet -> DuckDB
+
+
+def _expand(inputs) -> list[Path]:
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*.parquet") if not q.name.startswith(".")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"no such file or directory: {str(item)!r}")
+    if not files:
+        raise InputError(f"no Parquet files in {[str(i) for i in inputs]}")
+    return files
+
+
+# DuckDB's columns for the canonical ones, in CANONICAL_SCHEMA order (t = epoch seconds).
+_STAGED = ("t", "src", "dst", "v", "rtt", "prb_id", "msm_id", "size")
+
+
+def _stage(con, files: list[Path], cfg: PrepareConfig, progress: bool) -> int:
+    """Normalise every input batch with schema.normalize and append it to DuckDB table `raw`."""
+    from tqdm import tqdm
+
+    con.execute(
+        "CREATE TABLE raw (t BIGINT, src VARCHAR, dst VARCHAR, v TINYINT, rtt DOUBLE, "
+        "prb_id BIGINT, msm_id BIGINT, size INTEGER)"
+    )
+    total = 0
+    bar = tqdm(files, desc="prepare: staging", unit="file", disable=not progress, file=sys.stderr)
+    for path in bar:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if cfg.rtt_column not in names:
+            raise InputError(f"{path}: no column {cfg.rtt_column!r} (columns: {names})")
+        for batch in pf.iter_batches(batch_size=1 << 20):
+            tbl = pa.Table.from_batches([batch])
+            if cfg.rtt_column != "rtt":  # e.g. rtt_avg: it becomes the rtt column
+                tbl = tbl.drop_columns([c for c in tbl.column_names if c == "rtt"])
+                tbl = tbl.rename_columns(
+                    ["rtt" if c == cfg.rtt_column else c for c in tbl.column_names]
+                )
+            if cfg.limit is not None:
+                tbl = tbl.slice(0, cfg.limit - total)
+            tbl = schema.normalize(tbl, str(path))
+            cols = [tbl["event_time"].cast(pa.int64())] + tbl.columns[1:]
+            staged = pa.Table.from_arrays(cols, names=list(_STAGED))
+            con.register("staged", staged)
+            con.execute("INSERT INTO raw SELECT * FROM staged")
+            con.unregister("staged")
+            total += tbl.num_rows
+            if cfg.limit is not None and total >= cfg.limit:
+                return total
+    return total
+
+
+def _addresses(con) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Parse every distinct (address, version) once. Valid ones map to their canonical text
+    (so "2001:DB8:0::1" and "2001:db8::1" are one source for the splits, as for the model) and
+    an id per canonical address, in DuckDB table `addr` (a, v, canon, id)."""
+    t = con.sql(
+        "SELECT a, v FROM (SELECT src AS a, v FROM raw UNION SELECT dst AS a, v FROM raw) "
+        "ORDER BY a, v"
+    ).to_arrow_table()
+    names, vers = t["a"].to_pylist(), t["v"].to_numpy()
+    canon: dict[str, tuple[bytes, int]] = {}
+    raw_canon: list[str | None] = []
+    for a, v in zip(names, vers, strict=True):
+        try:
+            packed, ver = tokens.parse_address(a)
+        except InputError:
+            ver = None
+        if ver != v:
+            raw_canon.append(None)
+            continue
+        c = tokens.format_address(packed, ver)
+        canon[c] = (packed, ver)
+        raw_canon.append(c)
+    order = sorted(canon)
+    ids = {c: i for i, c in enumerate(order)}
+    ok = [i for i, c in enumerate(raw_canon) if c is not None]
+    table = pa.table(
+        {
+            "a": pa.array([names[i] for i in ok], pa.string()),
+            "v": pa.array(vers[ok], pa.int8()),
+            "canon": pa.array([raw_canon[i] for i in ok], pa.string()),
+            "id": pa.array([ids[raw_canon[i]] for i in ok], pa.int32()),
+        }
+    )
+    con.register("addr_in", table)
+    con.execute("CREATE TABLE addr AS SELECT * FROM addr_in")
+    con.unregister("addr_in")
+    bad = [names[i] for i, c in enumerate(raw_canon) if c is None]
+    packed = np.frombuffer(b"".join(canon[c][0] for c in order), np.uint8).reshape(-1, 16)
+    version = np.array([canon[c][1] for c in order], np.uint8)
+    return packed, version, {"bad_addresses": len(bad), "examples": bad[:5]}
+
+
+_U01 = "(('0x' || substr(md5({}), 1, 13))::BIGINT / 4503599627370496.0)"
+
+
+def u01(*keys) -> float:
+    """The split hash in Python: md5 of '|'-joined keys -> [0, 1) (what the SQL computes)."""
+    h = hashlib.md5("|".join(str(k) for k in keys).encode()).hexdigest()
+    return int(h[:13], 16) / 2**52
+
+
+def _split(con, cfg: PrepareConfig) -> dict:
+    """Table `m`: valid measurements with address ids, probe key and split id."""
+    con.execute(
+        """CREATE TABLE m0 AS
+        SELECT r.t, s.canon AS src, d.canon AS dst, r.v, r.rtt, r.prb_id, r.msm_id, r.size,
+               s.id AS src_id, d.id AS dst_id,
+               COALESCE('prb:' || r.prb_id::VARCHAR, s.canon) AS probe
+        FROM raw r JOIN addr s ON r.src = s.a AND r.v = s.v JOIN addr d ON r.dst = d.a AND r.v = d.v
+        """
+    )
+    n = con.execute("SELECT count(*), min(t), max(t) FROM m0").fetchone()
+    if n[0] == 0:
+        raise InputError("no valid measurements in the input")
+    t_min, t_max = int(n[1]), int(n[2])
+    t_cut = t_min + int(np.ceil((1 - cfg.time_fraction) * (t_max - t_min)))
+    if cfg.time_fraction == 0:
+        t_cut = t_max + 1
+    seed = str(cfg.seed)
+    con.execute(
+        f"""CREATE TABLE hs AS SELECT src FROM (SELECT DISTINCT src FROM m0)
+        WHERE {_U01.format("$seed || '|src|' || src")} < $f""",
+        {"seed": seed, "f": cfg.probe_fraction},
+    )
+    con.execute(
+        f"""CREATE TABLE hp AS SELECT src, dst FROM (SELECT DISTINCT src, dst FROM m0)
+        WHERE {_U01.format("$seed || '|pair|' || src || '|' || dst")} < $f""",
+        {"seed": seed, "f": cfg.pair_fraction},
+    )
+    con.execute(
+        """CREATE TABLE m1 AS SELECT m0.*, hs.src IS NOT NULL AS held_src,
+               hp.src IS NOT NULL AS held_pair, m0.t >= $cut AS late
+        FROM m0 LEFT JOIN hs ON m0.src = hs.src LEFT JOIN hp ON m0.src = hp.src AND m0.dst = hp.dst
+        """,
+        {"cut": t_cut},
+    )
+    base = "NOT held_src AND NOT late AND NOT held_pair"
+    con.execute(
+        f"""CREATE TABLE qp AS SELECT src, dst FROM hp
+        WHERE src IN (SELECT DISTINCT src FROM m1 WHERE {base})
+          AND dst IN (SELECT DISTINCT dst FROM m1 WHERE {base})"""
+    )
+    con.execute(
+        """CREATE TABLE m2 AS SELECT m1.*, qp.src IS NOT NULL AS q_pair
+        FROM m1 LEFT JOIN qp ON m1.src = qp.src AND m1.dst = qp.dst"""
+    )
+    con.execute(
+        "CREATE TABLE st AS SELECT DISTINCT src FROM m2 "
+        "WHERE NOT held_src AND NOT late AND NOT q_pair"
+    )
+    con.execute(
+        """CREATE TABLE m AS
+        SELECT t, m2.src, dst, v, rtt, prb_id, msm_id, size, src_id, dst_id, probe,
+            (CASE WHEN held_src THEN 2
+                  WHEN late THEN (CASE WHEN st.src IS NOT NULL THEN 1 ELSE 2 END)
+                  WHEN q_pair THEN 3
+                  ELSE 0 END)::TINYINT AS split,
+            held_src
+        FROM m2 LEFT JOIN st ON m2.src = st.src"""
+    )
+    for tmp in ("m0", "m1", "m2", "qp", "st"):
+        con.execute(f"DROP TABLE {tmp}")
+    late_only = con.execute(
+        "SELECT count(*), count(DISTINCT src) FROM m WHERE split = 2 AND NOT held_src"
+    ).fetchone()
+    return {
+        "time_cut": t_cut,
+        "t_min": t_min,
+        "t_max": t_max,
+        "held_out_sources": con.execute("SELECT count(*) FROM hs").fetchone()[0],
+        "held_out_pairs_drawn": con.execute("SELECT count(*) FROM hp").fetchone()[0],
+        "late_only_sources": int(late_only[1]),
+        "late_only_measurements": int(late_only[0]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# writers
+
+
+def _write_split_parquet(con, split_id: int, path: Path) -> dict:
+    """Sorted canonical Parquet of one split + its content fingerprint."""
+    q = """SELECT t, src, dst, v, rtt, prb_id, msm_id, size FROM m WHERE split = $s
+           ORDER BY t, src, dst, rtt, prb_id NULLS FIRST, msm_id NULLS FIRST, size NULLS FIRST"""
+    reader = con.sql(q, params={"s": split_id}).to_arrow_reader(1 << 18)
+    digests = {c: hashlib.sha256() for c in schema.CANONICAL_SCHEMA.names}
+    n = 0
+    with pq.ParquetWriter(path, schema.CANONICAL_SCHEMA, compression="zstd") as w:
+        for b in reader:
+            cols = [b["t"].cast(pa.timestamp("s", tz="UTC"))] + [b[c] for c in _STAGED[1:]]
+            tbl = pa.Table.from_arrays(cols, schema=schema.CANONICAL_SCHEMA)
+            w.write_table(tbl)
+            n += tbl.num_rows
+            for name in schema.CANONICAL_SCHEMA.names:
+                _digest_column(digests[name], tbl[name])
+    top = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION} rows={n}".encode())
+    for name in schema.CANONICAL_SCHEMA.names:
+        top.update(name.encode() + digests[name].digest())
+    return {"measurements": n, "fingerprint": "sha256:" + top.hexdigest()}
+
+
+def _digest_column(h, col: pa.ChunkedArray) -> None:
+    """Feed one column chunk into a running hash, independent of how the column is chunked."""
+    for arr in col.chunks:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        h.update(np.packbits(valid).tobytes() if not valid.all() else b"")
+        if pa.types.is_string(arr.type):
+            lens = np.asarray(pc.binary_length(arr).fill_null(0), np.int32)
+            h.update(lens.tobytes())
+            off = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset : arr.offset + len(arr) + 1]
+            h.update(memoryview(arr.buffers()[2])[off[0] : off[-1]])
+        else:
+            if pa.types.is_timestamp(arr.type):
+                arr = arr.cast(pa.int64())
+            h.update(arr.fill_null(0).to_numpy(zero_copy_only=False).tobytes())
+
+
+class _RowWriter:
+    """Collects one probe's time-sorted measurements and writes records into rotating shards."""
+
+    def __init__(self, out_dir: Path, addr: np.ndarray, version: np.ndarray, cfg: PrepareConfig):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._writer_cls = ArrayRecordWriter
+        self.out_dir, self.addr, self.version, self.cfg = out_dir, addr, version, cfg
+        self.shards: list[str] = []
+        self.index: dict[str, list] = {k: [] for k in _INDEX_COLUMNS}
+        self._w = None
+        self._shard_size = 0
+        self._probe, self._next_chunk = None, 0
+        # 11 bytes per measurement with u2 indices; a record that comes out larger (many
+        # addresses, u4 indices) is cut shorter in proportion until it fits.
+        self.max_n = max(1, (cfg.max_record_bytes - min(4096, cfg.max_record_bytes // 4)) // 11)
+
+    def _open(self):
+        name = f"rows-{len(self.shards):05d}.array_record"
+        self._w = self._writer_cls(str(self.out_dir / name), ARRAY_RECORD_OPTIONS)
+        self.shards.append(name)
+        self._shard_size = 0
+
+    def write_probe(self, probe: str, prb_id, t, src_id, dst_id, rtt) -> None:
+        """Measurements of one probe (time-sorted) -> records; a probe may come in several calls
+        (consecutive pieces), its chunks are numbered on."""
+        start = 0
+        chunk = self._next_chunk if probe == self._probe else 0
+        self._probe = probe
+        while start < len(t):
+            stop = min(len(t), start + self.max_n)
+            while True:
+                rec, meta = self._record(probe, prb_id, chunk, t, src_id, dst_id, rtt, start, stop)
+                if len(rec) <= self.cfg.max_record_bytes or stop - start == 1:
+                    break
+                shrink = 0.97 * self.cfg.max_record_bytes / len(rec)
+                stop = start + max(1, min(stop - start - 1, int((stop - start) * shrink)))
+            if self._w is None or self._shard_size + len(rec) > self.cfg.shard_bytes:
+                if self._w is not None:
+                    self._w.close()
+                self._open()
+            self._w.write(rec)
+            self._shard_size += len(rec)
+            meta["shard"] = len(self.shards) - 1
+            for key, value in meta.items():
+                self.index[key].append(value)
+            start, chunk = stop, chunk + 1
+        self._next_chunk = chunk
+
+    def _record(self, probe, prb_id, chunk, t, src_id, dst_id, rtt, a, b):
+        ids, inv = np.unique(np.concatenate([src_id[a:b], dst_id[a:b]]), return_inverse=True)
+        m = b - a
+        failed = rtt[a:b] < 0
+        code = np.zeros(m, np.uint16)
+        code[~failed] = tokens.rtt_to_code(rtt[a:b][~failed])
+        ver = self.version[ids]
+        rec = encode_record(
+            probe, prb_id, chunk, t[a:b], inv[:m], inv[m:], self.addr[ids], ver, code, failed
+        )
+        base = base_lengths(ver[inv[:m]], failed)
+        full = time_lengths(t[a:b], np.ones(m, bool))
+        meta = {"source": probe, "prb_id": prb_id, "chunk": chunk, "n": m, "t_first": int(t[a]),
+                "t_last": int(t[b - 1]), "tokens_none": int(base.sum()),
+                "tokens_full": int(base.sum() + full.sum()), "n_v6": int((ver[inv[:m]] == 6).sum()),
+                "n_failed": int(failed.sum()), "bytes": len(rec)}
+        return rec, meta
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+            self._w = None
+        idx = {"record": pa.array(np.arange(len(self.index["n"]), dtype=np.int64))}
+        idx.update({k: pa.array(v, type=_INDEX_COLUMNS[k]) for k, v in self.index.items()})
+        pq.write_table(pa.table(idx), self.out_dir / "index.parquet")
+
+
+_INDEX_COLUMNS = {"shard": pa.int32(), "source": pa.string(), "prb_id": pa.int64(),
+                  "chunk": pa.int32(), **{k: pa.int64() for k in (
+                      "n", "t_first", "t_last", "tokens_none", "tokens_full", "n_v6", "n_failed",
+                      "bytes")}}
+
+
+def _write_rows(con, split_id: int, out_dir: Path, addr, version, cfg, bar) -> dict:
+    """Group one split by probe, time-sorted, into records; returns the rows section of the card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = _RowWriter(out_dir, addr, version, cfg)
+    q = """SELECT probe, prb_id, t, src_id, dst_id, rtt FROM m WHERE split = $s
+           ORDER BY probe, t, src_id, dst_id, rtt"""
+    reader = con.sql(q, params={"s": split_id}).to_arrow_reader(1 << 18)
+    pending: list[pa.RecordBatch] = []  # pieces of the current probe
+
+    def flush(pieces):
+        tbl = pa.Table.from_batches(pieces).combine_chunks()
+        writer.write_probe(tbl["probe"][0].as_py(), tbl["prb_id"][0].as_py(),
+                           *(tbl[c].to_numpy() for c in ("t", "src_id", "dst_id", "rtt")))
+
+    for b in reader:
+        keys = b["probe"]
+        if len(keys) == 0:
+            continue
+        change = np.flatnonzero(
+            np.asarray(pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)))
+        ) + 1
+        starts = np.concatenate([[0], change, [len(keys)]])
+        for i in range(len(starts) - 1):
+            piece = b.slice(starts[i], starts[i + 1] - starts[i])
+            if pending and pending[0]["probe"][0].as_py() != piece["probe"][0].as_py():
+                flush(pending)
+                pending = []
+            pending.append(piece)
+            # A giant probe is flushed in pieces of whole records to keep memory flat.
+            if sum(len(p) for p in pending) >= 4 * writer.max_n:
+                flush(pending)
+                pending = []
+        bar.update(len(b))
+    if pending:
+        flush(pending)
+    writer.close()
+    ix = writer.index
+    return {
+        "records": len(ix["n"]),
+        "measurements": int(sum(ix["n"])),
+        "bytes": int(sum(ix["bytes"])),
+        "max_record_bytes": cfg.max_record_bytes,
+        "largest_record_bytes": int(max(ix["bytes"], default=0)),
+        "probes": len(set(ix["source"])),
+        "shards": [f"rows/{out_dir.name}/{s}" for s in writer.shards],
+        "index": f"rows/{out_dir.name}/index.parquet",
+        "tokens_none": int(sum(ix["tokens_none"])),
+        "tokens_full": int(sum(ix["tokens_full"])),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the verb
+
+
+def _iso(t: int | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(t)))
+
+
+def _split_stats(con) -> dict:
+    rows = con.execute(
+        """SELECT split, count(*), count(DISTINCT src), count(DISTINCT dst),
+                  count(DISTINCT (src, dst)), count(DISTINCT probe), sum((v = 4)::INT),
+                  sum((v = 6)::INT), sum((rtt < 0)::INT), min(t), max(t)
+           FROM m GROUP BY split"""
+    ).fetchall()
+    keys = ("measurements", "sources", "destinations", "pairs", "probes")
+    return {SPLITS[r[0]]: {**{k: int(v) for k, v in zip(keys, r[1:6], strict=True)},
+                           "ip_versions": {"4": int(r[6]), "6": int(r[7])}, "failed": int(r[8]),
+                           "time_range": {"first": _iso(r[9]), "last": _iso(r[10])}}
+            for r in rows}
+
+
+def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: bool = False,
+            progress: bool = True) -> dict:
+    """Canonical Parquet files/directories -> a prepared dataset in `out_dir`; returns the card.
+
+    The dataset is built in a sibling temporary directory and renamed into place at the end, so an
+    interrupted run leaves no half-written dataset (run it again; it starts over). An existing
+    dataset is replaced only with overwrite=True.
+    """
+    import duckdb
+    from tqdm import tqdm
+
+    from ping_llm import __version__
+
+    cfg = config or PrepareConfig()
+    t_start = time.perf_counter()
+    files = _expand(inputs)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not (out / "card.json").is_file():
+            raise InputError(f"{out} exists and is not a prepared dataset; choose another --out")
+        if not overwrite:
+            raise InputError(f"{out} already holds a prepared dataset (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "splits").mkdir(parents=True)
+    try:
+        con = duckdb.connect(str(work / "stage.duckdb"))
+        con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
+        con.execute(f"SET temp_directory = '{work / 'duckdb_tmp'}'")
+        con.execute("SET preserve_insertion_order = false")
+        staged = _stage(con, files, cfg, progress)
+        addr, version, bad = _addresses(con)
+        params = _split(con, cfg)
+        n_valid = con.execute("SELECT count(*) FROM m").fetchone()[0]
+        overall = con.execute(
+            """SELECT count(DISTINCT src), count(DISTINCT dst), count(DISTINCT (src, dst)),
+                      count(DISTINCT probe), sum((v = 4)::INT), sum((v = 6)::INT),
+                      sum((rtt < 0)::INT) FROM m"""
+        ).fetchone()
+        splits = _split_stats(con)
+        if "train" not in splits:
+            raise InputError(
+                "every measurement went to a test split (too few sources or time steps for these "
+                "fractions); lower --probe-fraction / --time-fraction or add data"
+            )
+        rows_section, token_section = {}, {}
+        total_rows = sum(splits[s]["measurements"] for s in cfg.row_splits if s in splits)
+        bar = tqdm(total=total_rows, desc="prepare: rows", unit="meas", disable=not progress,
+                   file=sys.stderr)
+        for sid, name in enumerate(SPLITS):
+            if name not in splits:
+                splits[name] = {"measurements": 0}
+            splits[name]["rule"] = SPLIT_RULES[name]
+            fp = _write_split_parquet(con, sid, work / "splits" / f"{name}.parquet")
+            splits[name]["fingerprint"] = fp["fingerprint"]
+            splits[name]["parquet"] = f"splits/{name}.parquet"
+            if name in cfg.row_splits and splits[name]["measurements"]:
+                r = _write_rows(con, sid, work / "rows" / name, addr, version, cfg, bar)
+                rows_section[name] = r
+                n = max(r["measurements"], 1)
+                token_section[name] = {  # tokens of each row as one context (exact)
+                    "total_full": r["tokens_full"], "total_none": r["tokens_none"],
+                    "per_measurement_full": round(r["tokens_full"] / n, 3),
+                    "per_measurement_none": round(r["tokens_none"] / n, 3),
+                }
+        bar.close()
+        con.close()
+        o = [int(x or 0) for x in overall]
+        card = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "record_format": f"{RECORD_MAGIC.decode()}/{RECORD_VERSION}",
+            "created_by": f"ping-llm {__version__}", "inputs": [str(f) for f in files],
+            "seed": cfg.seed, "config": {**asdict(cfg), "row_splits": list(cfg.row_splits)},
+            "counts": {
+                "input_rows": staged, "measurements": int(n_valid),
+                "dropped_bad_address": int(staged - n_valid),
+                "bad_address_values": bad["bad_addresses"],
+                "bad_address_examples": bad["examples"], "sources": o[0], "destinations": o[1],
+                "pairs": o[2], "probes": o[3], "failed": o[6],
+            },
+            "time_range": {"first": _iso(params["t_min"]), "last": _iso(params["t_max"]),
+                           "first_epoch_s": params["t_min"], "last_epoch_s": params["t_max"]},
+            "ip_versions": {"4": o[4], "6": o[5]},
+            "split_params": {
+                "seed": cfg.seed,
+                "hash": "u(seed, *keys) = int(md5('|'.join([seed, *keys])).hexdigest()[:13], 16)"
+                " / 2**52; keys: ('src', src_addr) or ('pair', src_addr, dst_addr)",
+                "time_fraction": cfg.time_fraction, "probe_fraction": cfg.probe_fraction,
+                "pair_fraction": cfg.pair_fraction, "time_cut_epoch_s": params["time_cut"],
+                "time_cut": _iso(params["time_cut"]),
+                **{k: int(params[k]) for k in ("held_out_sources", "held_out_pairs_drawn",
+                                               "late_only_sources", "late_only_measurements")},
+            },
+            "splits": {name: splits[name] for name in SPLITS},
+            "rows": rows_section, "tokens": token_section,
+            "seconds": round(time.perf_counter() - t_start, 2),
+        }
+        (work / "stage.duckdb").unlink()
+        shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
+        (work / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+        return card
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def load_card(data_dir) -> dict:
+    """card.json of a prepared dataset (InputError if it is not one)."""
+    path = Path(data_dir) / "card.json"
+    if not path.is_file():
+        raise InputError(f"{data_dir} is not a prepared dataset (no card.json); run prepare")
+    card = json.loads(path.read_text())
+    if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{data_dir}: dataset format {card.get('format')}/{card.get('format_version')} is not "
+            f"{FORMAT}/{FORMAT_VERSION}; prepare it again"
+        )
+    return card
