@@ -1,7 +1,9 @@
-"""Shared fixtures: where the real RIPE Atlas samples live (../shared/data beside the repo)."""
+"""Shared fixtures: the real RIPE Atlas samples (../shared/data beside the repo), and a tiny model
+trained once per test session on a small synthetic Internet, through the real pipeline."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,3 +19,58 @@ def shared_data() -> Path:
             f"real data not found at {SHARED_DATA} (expected ../shared/data beside the repo)"
         )
     return SHARED_DATA
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    run_dir: Path  # checkpoint directory (config.json, model.safetensors, meta.json, ...)
+    data_dir: Path  # the prepared dataset it was trained on (card.json, splits/, rows/)
+    results: Path  # the synthetic RIPE-format results; the world is in results + ".world.json"
+    canonical: Path  # ingested canonical Parquet
+
+
+# A world small enough to build, ingest, prepare and train on in about a minute on 2 cores, and a
+# model trained long enough that its predictions depend on the addresses (loss well below the
+# unigram baseline), though far from converged.
+TRAINED_RUN_WORLD = dict(seed=7, probes=24, days=1.0)
+TRAINED_RUN_MODEL = {"sequence_len": 256}
+TRAINED_RUN_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    import torch
+
+    from ping_llm import prepare, ripe, synth
+    from ping_llm import train as tr
+
+    root = tmp_path_factory.mktemp("trained_run")
+    results = root / "results.jsonl.gz"
+    synth.generate(synth.SynthConfig(**TRAINED_RUN_WORLD), results, progress=False)
+    canonical = root / "canonical"
+    rep = ripe.ingest([results], canonical, progress=False)
+    assert rep.rejected == 0
+    data_dir = root / "dataset"
+    prepare.prepare([canonical], data_dir, prepare.PrepareConfig(seed=0), progress=False)
+    run_dir = root / "run"
+    threads = torch.get_num_threads()
+    try:
+        summary = tr.train(
+            tr.TrainConfig(
+                data_dir=str(data_dir),
+                out_dir=str(run_dir),
+                model=TRAINED_RUN_MODEL,
+                steps=TRAINED_RUN_STEPS,
+                device_batch_size=8,
+                warmup_steps=10,
+                eval_every=TRAINED_RUN_STEPS,
+                eval_batches=4,
+                save_every=0,
+                log_every=50,
+                device="cpu",
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["completed"]
+    return TrainedRun(run_dir=run_dir, data_dir=data_dir, results=results, canonical=canonical)

@@ -216,7 +216,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = end only (250)")
     p.add_argument("--log-every", type=int, help="steps between log lines (10)")
     p.add_argument("--seed", type=int, help="seed of init and data order (0)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (off)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (auto)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")

@@ -1,0 +1,755 @@
+"""The training loop: one code path for 1 CPU, 1 GPU, N GPUs and N nodes (torchrun / DDP).
+
+`train(TrainConfig(...))` builds the GPT (`ping_llm.model`), its optimisers (`ping_llm.optim`:
+Muon + AdamW, warmup–stable–decay), the data loaders, and runs nanochat's loop: gradient
+accumulation to a global batch given in tokens, bf16 autocast on CUDA, optional torch.compile,
+gradient clipping, eval loss on a fixed held-out set, metrics to stdout / metrics.jsonl / wandb,
+and self-describing, atomic, exactly resumable checkpoints (`ping_llm.checkpoint`).
+
+Distributed: when WORLD_SIZE > 1 (set by torchrun) the process group is initialised from the
+environment (NCCL on CUDA, gloo otherwise), the model is wrapped in DDP, and gradients are
+all-reduced on the last micro-step only (`no_sync` on the others). The global batch is
+`total_batch_tokens = device_batch_size x sequence_len x grad_accum_steps x world_size`, so the
+same config gives the same optimisation on 1 process or N (up to float summation order).
+
+Loader contract (the real one is `ping_llm.loader.build_loader`; `SyntheticLoader` below is the
+reference implementation used by tests and benchmarks)::
+
+    build_loader(data_dir, split, batch_size, seq_len, seed, rank, world_size) -> loader
+    iter(loader) is loader; next(loader) -> (inputs, targets)   int64 CPU tensors, shape (B, T)
+        targets[b, t] is the token after inputs[b, t], or -1 where there is no target (unused
+        positions); the loader never ends (it cycles epochs), and every batch has >= 1 target.
+    loader.get_state() -> dict    JSON-serialisable; the position *after the batches already
+        returned by next()* (not what a prefetcher has read ahead)
+    loader.set_state(dict)        continue exactly after those batches
+
+Sharding: the loader of (seed, split) defines one global sequence of micro-batches that does not
+depend on the world size; rank r of W yields global micro-batches r, r + W, r + 2W, ... Then one
+optimiser step consumes the same multiset of micro-batches on 1 process with accumulation
+k x W as on W processes with accumulation k each (the DDP test checks exactly this). With grain,
+build the batched dataset first and then take `[rank::world_size]` of it. The held-out set is the
+first `eval_batches` global micro-batches of the `eval_split` loader, built with the same seed;
+it is read once and kept in memory, so every evaluation sees the same batches.
+
+MFU: achieved FLOP/s (model.estimate_flops_per_token() x tokens/s) over the peak dense bf16
+tensor FLOP/s of the devices (`PEAK_BF16_FLOPS`, matched on the CUDA device name). CPUs have no
+meaningful single number (it depends on cores, clock and SIMD width), so MFU is null on CPU and
+on GPUs not in the table unless `peak_flops` is given (benchmarks/bench_train.py measures the
+CPU's achievable fp32 matmul rate and passes that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ping_llm.errors import InputError
+
+# Peak dense (no 2:4 sparsity) bf16 tensor-core FLOP/s per device, from the vendors' datasheets.
+# Matched in order as a substring of torch.cuda.get_device_name(), so specific names come first.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GH200", 989e12),  # Grace Hopper: the H100 SXM part
+    ("H200", 989e12),  # same tensor cores as H100 SXM, more/faster memory
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("B200", 2250e12),
+    ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("MI300X", 1307e12),
+    ("MI250X", 383e12),
+]
+
+
+def peak_flops_for(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of one device from PEAK_BF16_FLOPS; None for CPUs and unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ping-llm train` takes. Defaults train the tiny preset on CPU in minutes.
+
+    Batch: each rank runs micro-batches of device_batch_size x sequence_len tokens;
+    total_batch_tokens (None = one micro-batch per rank) sets the tokens per optimiser step,
+    and grad_accum_steps = total_batch_tokens / (device_batch_size x sequence_len x world_size)
+    must come out a positive integer.
+    """
+
+    data_dir: str | None = None  # prepared dataset (has card.json); None when loaders are given
+    out_dir: str | None = None  # run directory; None writes nothing (benchmarks)
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 2}
+    steps: int = 1000  # optimiser steps in the whole run (the LR schedule spans these)
+    device_batch_size: int = 8
+    total_batch_tokens: int | None = None
+    matrix_lr: float = 0.02  # Muon, hidden matrices
+    embedding_lr: float = 0.2  # AdamW, scaled by (n_embd/768)^-0.5 in optim.build_optimizers
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2  # last fraction of steps: linear decay to 0
+    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
+    eval_every: int = 100  # steps; 0 = never (except none at all)
+    eval_batches: int = 8  # global micro-batches in the fixed held-out set
+    eval_split: str = "test_time"
+    save_every: int = 250  # steps; 0 = only at the end and on SIGINT/SIGTERM
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N | mps ...
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
+    wandb: str = "off"  # off | online | offline
+    wandb_project: str = "ping-llm"
+    peak_flops: float | None = None  # per device, for MFU; None = PEAK_BF16_FLOPS / null on CPU
+    time_limit_s: float | None = None  # stop cleanly (checkpoint) before this wall time
+    stop_at: int | None = None  # stop cleanly (checkpoint) after this global step, as if preempted
+    resume: bool = False  # continue from out_dir's checkpoint if there is one
+
+    def __post_init__(self):
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                need = "a non-negative" if allow_zero else "a positive"
+                raise InputError(f"{name} must be {need} integer, got {v!r}")
+
+        for name in ("steps", "device_batch_size", "log_every", "eval_batches"):
+            positive_int(name)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            positive_int(name, allow_zero=True)
+        if self.total_batch_tokens is not None:
+            positive_int("total_batch_tokens")
+        if self.stop_at is not None:
+            positive_int("stop_at")
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            raise InputError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise InputError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.wandb not in ("off", "online", "offline"):
+            raise InputError(f"wandb must be off, online or offline, got {self.wandb!r}")
+        if self.preset not in ("tiny", "small", "full"):
+            raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
+        if not isinstance(self.model, dict):
+            raise InputError(f"model overrides must be a dict, got {type(self.model).__name__}")
+        for name in ("peak_flops", "time_limit_s"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int | float) or not v > 0):
+                raise InputError(f"{name} must be a positive number or None, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**d)
+
+    def gpt_config(self):
+        from ping_llm.model import GPTConfig
+
+        try:
+            return GPTConfig.preset(self.preset, **self.model)
+        except TypeError as e:
+            raise InputError(f"bad model override {self.model}: {e}") from None
+
+
+# Fields that must not change when resuming: they fix the weights' shapes or the data order.
+RESUME_FIXED = ("preset", "model", "device_batch_size", "seed")
+
+
+def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
+    """The CLI's config: with --resume and an existing checkpoint, the checkpoint's own config
+    plus the options given now; else the defaults plus the options given now."""
+    from ping_llm.checkpoint import find_checkpoint, read_config
+
+    base: dict = {}
+    ckpt = find_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        base = dict(read_config(ckpt)["train"])
+        base = {k: v for k, v in base.items() if k not in ("stop_at", "time_limit_s")}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" in given:  # --model KEY=VALUE changes one field of the model, not all of them
+        given["model"] = {**base.get("model", {}), **given["model"]}
+    base.update(given)
+    base.update(out_dir=str(out_dir), resume=resume)
+    return TrainConfig.from_dict(base)
+
+
+# ------------------------------------------------------------------------------------------------
+# the reference loader
+
+
+def _mix_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python versions)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class SyntheticLoader:
+    """Seeded, structured synthetic token stream that follows the loader contract above.
+
+    A sparse Markov chain over the vocabulary: token a is followed by one of `branching`
+    successors with fixed probabilities (drawn from `seed`, shared by every split), so a model
+    can learn far below the unigram entropy (~5.4 nats) towards the conditional one (~1.1 nats
+    for branching 4). Global micro-batch g of (seed, split) is generated from its own generator
+    seeded by (seed, split, g); rank r of W yields g = r, r + W, ... Each row's last
+    0..T/8 targets are -1, exercising the ignore-index path like real unused positions.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        seq_len: int,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int = 267,
+        branching: int = 4,
+    ):
+        if not 0 <= rank < world_size:
+            raise InputError(f"rank {rank} out of range for world_size {world_size}")
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.seed, self.split, self.rank, self.world_size = seed, split, rank, world_size
+        g = torch.Generator().manual_seed(_mix_seed("table", seed))
+        self.successors = torch.stack(
+            [torch.randperm(vocab_size, generator=g)[:branching] for _ in range(vocab_size)]
+        )  # (V, K)
+        logits = torch.randn(vocab_size, branching, generator=g) * 1.5
+        self.cum = torch.softmax(logits, -1).cumsum(-1)  # (V, K) cumulative successor probs
+        self.vocab_size = vocab_size
+        self.next_local = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.next_local * self.world_size + self.rank
+        self.next_local += 1
+        return self.batch(g)
+
+    def batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global micro-batch g: (inputs, targets), int64 (B, T)."""
+        B, T = self.batch_size, self.seq_len
+        gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.split, g))
+        tok = torch.randint(self.vocab_size, (B,), generator=gen)
+        u = torch.rand(B, T, generator=gen)
+        seq = torch.empty(B, T + 1, dtype=torch.int64)
+        seq[:, 0] = tok
+        for t in range(T):
+            k = (self.cum[tok] < u[:, t : t + 1]).sum(1).clamp_(max=self.cum.size(1) - 1)
+            tok = self.successors[tok, k]
+            seq[:, t + 1] = tok
+        inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
+        pad = torch.randint(0, max(T // 8, 1), (B,), generator=gen)
+        targets[torch.arange(T)[None, :] >= (T - pad)[:, None]] = -1
+        return inputs, targets
+
+    def get_state(self) -> dict:
+        return {"kind": "synthetic", "seed": self.seed, "split": self.split,
+                "next_local": self.next_local}
+
+    def set_state(self, state: dict) -> None:
+        if (state.get("kind"), state.get("seed"), state.get("split")) != (
+            "synthetic", self.seed, self.split
+        ):
+            raise InputError(f"loader state {state} does not belong to this synthetic loader")
+        self.next_local = int(state["next_local"])
+
+
+# ------------------------------------------------------------------------------------------------
+# errors, distributed set-up, signals
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+
+    def __init__(self, message: str, step: int, checkpoint_step: int | None):
+        super().__init__(message)
+        self.step, self.checkpoint_step = step, checkpoint_step
+
+
+@dataclass
+class _Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def _setup(cfg: TrainConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        want = f"cuda:{local_rank}"
+    device = torch.device(want)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device cuda requested but torch sees no CUDA device")
+        torch.cuda.set_device(device)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    if world > 1 and dist.get_world_size() != world:
+        raise InputError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()}")
+    return _Dist(rank, local_rank, world, device, owns)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and exits.
+
+    A second SIGINT raises KeyboardInterrupt at once (the checkpoint on disk stays the last
+    complete one). Handlers are only installed from the main thread and restored afterwards.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _all_gather(obj, d: _Dist) -> list:
+    if d.world_size == 1:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _log(d: _Dist, msg: str) -> None:
+    if d.master:
+        tqdm.write(msg, file=sys.stdout)  # plays well with the progress bar on stderr
+        sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+    per_step = cfg.device_batch_size * seq_len * world_size
+    total = cfg.total_batch_tokens or per_step
+    if total % per_step:
+        raise InputError(
+            f"total_batch_tokens {total} is not a multiple of device_batch_size x sequence_len x "
+            f"world_size = {cfg.device_batch_size} x {seq_len} x {world_size} = {per_step}"
+        )
+    return total // per_step
+
+
+def _build_data_loaders(cfg: TrainConfig, seq_len: int, d: _Dist):
+    if cfg.data_dir is None:
+        raise InputError("no data: give data_dir (a prepared dataset) or pass loader=")
+    data = Path(cfg.data_dir)
+    if not (data / "card.json").is_file():
+        raise InputError(f"{data} is not a prepared dataset (no card.json); run `ping-llm prepare`")
+    from ping_llm.loader import build_loader
+
+    def make(split, **kw):
+        return build_loader(
+            str(data), split, cfg.device_batch_size, seq_len, cfg.seed, d.rank, d.world_size, **kw
+        )
+
+    # The held-out set is read once (a few batches): no worker processes for it.
+    return make("train"), make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
+
+
+def _eval_set(eval_loader, cfg: TrainConfig, d: _Dist) -> list:
+    """This rank's share of the fixed held-out set: global micro-batches r, r+W, ... < n."""
+    n_local = len(range(d.rank, cfg.eval_batches, d.world_size))
+    batches = []
+    for _ in range(n_local):
+        try:
+            batches.append(next(eval_loader))
+        except StopIteration:
+            break
+    return batches
+
+
+@torch.no_grad()
+def _evaluate(model, batches, device, autocast, d: _Dist) -> tuple[float, int]:
+    """Token-weighted mean loss over the held-out set, all ranks together."""
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, token count)
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            _, loss = model(x, y, loss_reduction="sum")
+        acc[0] += loss.double()
+        acc[1] += (y != -1).sum()
+    if d.world_size > 1:
+        dist.all_reduce(acc)
+    model.train(was_training)
+    total, count = acc.tolist()
+    return (total / count if count else float("nan")), int(count)
+
+
+def _check_resume(ckpt, cfg: TrainConfig, d: _Dist) -> None:
+    old = ckpt.config["train"]
+    bad = [k for k in RESUME_FIXED if old.get(k) != getattr(cfg, k)]
+    if bad:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in bad)
+        raise InputError(f"cannot resume {ckpt.path} with a different {diffs}")
+    if len(ckpt.loader_states) != d.world_size:
+        raise InputError(
+            f"{ckpt.path} was written by {len(ckpt.loader_states)} data-parallel ranks; resuming "
+            f"on {d.world_size} would change the data order. Resume with the same world size."
+        )
+    changed = [k for k in old if k not in ("resume", "stop_at", "time_limit_s")
+               and old.get(k) != getattr(cfg, k, None)]
+    if changed:
+        _log(d, f"resume: changed settings {', '.join(changed)} (the run no longer replays "
+                "exactly an uninterrupted one if these affect optimisation)")
+
+
+def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
+    """Train (or resume) a run; returns a summary dict (also printed by `ping-llm train --json`).
+
+    loader / eval_loader: objects following the loader contract (module docstring), already
+    sharded for this process's rank; when None they are built from config.data_dir.
+    Raises InputError for bad config/data, TrainingDiverged on NaN/inf loss.
+    """
+    from ping_llm import checkpoint as ckpt_mod
+    from ping_llm.model import GPT
+    from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
+
+    cfg = config
+    d = _setup(cfg)
+    wb = None
+    try:
+        gpt_config = cfg.gpt_config()
+        T = gpt_config.sequence_len
+        accum = grad_accum_steps(cfg, T, d.world_size)
+        if cfg.dtype == "bfloat16" and d.device.type != "cuda":
+            raise InputError("bf16 autocast is for CUDA only; use dtype auto or float32 on CPU")
+        use_bf16 = d.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+        if d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (NS on fp32)
+            torch.backends.cudnn.allow_tf32 = True
+
+        def autocast():
+            if use_bf16:
+                return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return contextlib.nullcontext()
+
+        run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+        ckpt = None
+        if run_dir is not None:
+            found = ckpt_mod.find_checkpoint(run_dir)
+            if found is not None and not cfg.resume:
+                step = ckpt_mod.read_meta(found)["step"]
+                raise InputError(
+                    f"{run_dir} already holds a checkpoint (step {step}); pass --resume to "
+                    "continue it or choose another --out"
+                )
+            if found is not None:
+                ckpt = ckpt_mod.load_checkpoint(found)
+                _check_resume(ckpt, cfg, d)
+            elif cfg.resume:
+                _log(d, f"resume: no checkpoint in {run_dir}, starting a new run")
+
+        if loader is None:
+            loader, eval_loader = _build_data_loaders(cfg, T, d)
+
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+        torch.manual_seed(cfg.seed)
+        model = GPT(gpt_config).to(d.device)
+        raw = model
+        optimizers = build_optimizers(
+            raw,
+            matrix_lr=cfg.matrix_lr,
+            embedding_lr=cfg.embedding_lr,
+            unembedding_lr=cfg.unembedding_lr,
+            weight_decay=cfg.weight_decay,
+        )
+        start_step, trainer = 0, {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None}
+        if ckpt is not None:
+            raw.load_state_dict({k: v.to(d.device) for k, v in ckpt.model_state.items()})
+            ckpt.load_optimizers(optimizers)
+            loader.set_state(ckpt.loader_states[d.rank])
+            ckpt_mod.restore_rng_state(ckpt.rng_states[d.rank])
+            start_step = ckpt.step
+            trainer.update(ckpt.meta.get("trainer", {}))
+            _log(d, f"resumed from {ckpt.path} at step {start_step}")
+        else:
+            torch.manual_seed(_mix_seed(cfg.seed, "rank", d.rank))
+        del ckpt  # the CPU copies of weights and optimizer state
+
+        if cfg.compile:
+            model = torch.compile(model)
+        eval_model = model
+        if d.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+        full_config = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
+        if run_dir is not None and d.master:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_mod.write_json_atomic(run_dir / ckpt_mod.CONFIG_FILE, full_config)
+            ckpt_mod.truncate_metrics(run_dir, start_step)
+
+        n_params = raw.num_params()
+        flops_per_token = raw.estimate_flops_per_token()
+        peak = cfg.peak_flops or peak_flops_for(d.device)
+        tokens_per_step = accum * cfg.device_batch_size * T * d.world_size
+        _log(d, f"model {cfg.preset} {gpt_config.to_dict()} | {n_params:,} params | "
+                f"{flops_per_token / 1e6:.1f} MFLOP/token")
+        _log(d, f"device {d.device} x{d.world_size} | bf16 {use_bf16} | compile {cfg.compile} | "
+                f"batch {cfg.device_batch_size}x{T} x accum {accum} x world {d.world_size} = "
+                f"{tokens_per_step:,} tokens/step | steps {start_step}->{cfg.steps}")
+        if peak is None:
+            _log(d, f"MFU: no peak FLOP/s known for {d.device}; pass peak_flops to get one")
+
+        if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:  # on every rank
+            raise InputError("wandb is not installed: pip install 'ping-llm[wandb]'")
+        if cfg.wandb != "off" and d.master:
+            import wandb
+
+            trainer["wandb_id"] = trainer.get("wandb_id") or uuid.uuid4().hex[:8]  # no RNG use
+            wb = wandb.init(
+                project=cfg.wandb_project, id=trainer["wandb_id"], resume="allow",
+                mode=cfg.wandb, config=full_config,
+                dir=str(run_dir) if run_dir is not None else None,
+                name=run_dir.name if run_dir is not None else None,
+            )
+
+        eval_batches = _eval_set(eval_loader, cfg, d) if eval_loader is not None else []
+        eval_loader = None  # read once and cached: release its pipeline
+
+        def record(rec: dict) -> None:
+            if not d.master:
+                return
+            if run_dir is not None:
+                ckpt_mod.append_metrics(run_dir, rec)
+            if wb is not None:
+                wb.log({f"{rec['kind']}/{k}": v for k, v in rec.items()
+                        if k not in ("kind", "step") and v is not None}, step=rec["step"])
+
+        last_saved = start_step if start_step > 0 else None
+
+        def save(step: int) -> None:
+            nonlocal last_saved
+            if run_dir is None:
+                return
+            loader_states = _all_gather(loader.get_state(), d)
+            rng_states = _all_gather(ckpt_mod.capture_rng_state(), d)
+            if d.master:
+                ckpt_mod.save_checkpoint(
+                    run_dir, model_state=raw.state_dict(), config=full_config,
+                    optimizers=optimizers, loader_states=loader_states, rng_states=rng_states,
+                    step=step, trainer=trainer,
+                )
+            if d.world_size > 1:
+                dist.barrier()
+            last_saved = step
+
+        last_eval = None
+
+        def maybe_eval(step: int) -> None:
+            nonlocal last_eval
+            if not eval_batches or cfg.eval_every == 0:
+                return
+            if step % cfg.eval_every and step != cfg.steps:
+                return
+            t0 = time.perf_counter()
+            last_eval, count = _evaluate(eval_model, eval_batches, d.device, autocast, d)
+            record({"kind": "eval", "step": step, "eval_loss": last_eval, "eval_tokens": count})
+            _log(d, f"step {step:6d} | eval loss {last_eval:.4f} ({count:,} tokens, "
+                    f"{time.perf_counter() - t0:.1f}s)")
+
+        model.train()
+        if start_step == 0:
+            maybe_eval(0)
+        step, stopped, last_loss = start_step, None, None
+        step_times, t_start = [], time.perf_counter()
+        with _StopFlag() as flag:
+            progress = _progress(d, cfg.steps, start_step)
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=d.device)
+                for micro in range(accum):
+                    try:
+                        x, y = next(loader)
+                    except StopIteration:
+                        raise RuntimeError("the training loader ran out of batches") from None
+                    x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+                    sync = (model.no_sync() if d.world_size > 1 and micro < accum - 1
+                            else contextlib.nullcontext())
+                    with sync:
+                        with autocast():
+                            _, loss = model(x, y)
+                        (loss / accum).backward()
+                    loss_sum += loss.detach()
+                params = [p for p in raw.parameters() if p.grad is not None]
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                # One all-reduce per step: mean loss, the (already global) grad norm, and "any
+                # rank wants to stop", so that all ranks stop after the same step.
+                want_stop = (
+                    flag.signal_name is not None
+                    or (cfg.stop_at is not None and step + 1 >= cfg.stop_at)
+                    or (cfg.time_limit_s is not None
+                        and time.perf_counter() - t_start > cfg.time_limit_s)
+                )
+                stats = torch.stack([loss_sum / accum, grad_norm.float().to(d.device),
+                                     torch.tensor(float(want_stop), device=d.device)])
+                if d.world_size > 1:
+                    dist.all_reduce(stats)
+                    stats[:2] /= d.world_size
+                loss_f, norm_f, stop_f = stats.tolist()
+                if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+                    model.zero_grad(set_to_none=True)
+                    where = (f"the last good checkpoint (step {last_saved}) is in "
+                             f"{run_dir / ckpt_mod.CHECKPOINT_DIR}" if last_saved is not None
+                             and run_dir is not None else "no checkpoint was saved")
+                    raise TrainingDiverged(
+                        f"training diverged in step {step + 1}: loss {loss_f}, grad norm "
+                        f"{norm_f} (non-finite). Stopped without saving; {where}. Try lower "
+                        "learning rates, more warmup, or dtype float32.",
+                        step + 1, last_saved,
+                    )
+                mult = lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.warmdown_frac)
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = group["initial_lr"] * mult
+                        if isinstance(opt, Muon):
+                            group["momentum"] = muon_momentum(step)
+                    opt.step()
+                model.zero_grad(set_to_none=True)
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                dt = time.perf_counter() - t0
+                step += 1
+                last_loss = loss_f
+                trainer["tokens_seen"] += tokens_per_step
+                trainer["train_time_s"] += dt
+                step_times.append(dt)
+                progress.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps or stop_f > 0:
+                    tps = tokens_per_step / dt
+                    mfu = flops_per_token * tps / (peak * d.world_size) if peak else None
+                    record({"kind": "train", "step": step, "loss": loss_f, "lr_mult": mult,
+                            "lr_matrix": cfg.matrix_lr * mult, "grad_norm": norm_f,
+                            "tokens_per_s": tps, "mfu": mfu, "dt_s": dt,
+                            "tokens_seen": trainer["tokens_seen"]})
+                    mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+                    _log(d, f"step {step:6d}/{cfg.steps} | loss {loss_f:.4f} | lr x{mult:.3f} | "
+                            f"grad {norm_f:.3f} | {tps:,.0f} tok/s | mfu {mfu_s} | "
+                            f"{dt * 1e3:.0f}ms")
+                maybe_eval(step)
+                if stop_f > 0 and step < cfg.steps:
+                    stopped = (flag.signal_name if flag.signal_name is not None
+                               else "stop_at" if cfg.stop_at is not None and step >= cfg.stop_at
+                               else "time_limit")
+                if (step == cfg.steps or stopped
+                        or (cfg.save_every and step % cfg.save_every == 0)):
+                    save(step)
+                if stopped:
+                    _log(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
+                            f"{run_dir}; continue with --resume")
+                    break
+            progress.close()
+
+        measured = step_times[1:] or step_times  # the first step pays for warm-up / compile
+        tps = tokens_per_step / statistics.median(measured) if measured else None
+        summary = {
+            "run_dir": str(run_dir) if run_dir is not None else None,
+            "step": step,
+            "start_step": start_step,
+            "steps": cfg.steps,
+            "completed": step >= cfg.steps,
+            "stopped": stopped,
+            "final_loss": last_loss,
+            "final_eval_loss": last_eval,
+            "tokens_seen": trainer["tokens_seen"],
+            "tokens_per_step": tokens_per_step,
+            "grad_accum_steps": accum,
+            "world_size": d.world_size,
+            "device": str(d.device),
+            "bf16": use_bf16,
+            "compile": cfg.compile,
+            "num_params": n_params,
+            "flops_per_token": flops_per_token,
+            "tokens_per_s": tps,
+            "mfu": flops_per_token * tps / (peak * d.world_size) if peak and tps else None,
+            "peak_flops_per_device": peak,
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        if d.owns_group:
+            dist.barrier()  # nobody tears down the group while a peer still talks (gloo aborts)
+        return summary
+    finally:
+        if wb is not None:
+            wb.finish()
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _progress(d: _Dist, total: int, initial: int):
+    """tqdm bar on stderr for rank 0 when stderr is a terminal; a no-op otherwise."""
+    return tqdm(total=total, initial=initial, file=sys.stderr, disable=None if d.master else True,
+                leave=False, dynamic_ncols=True, unit="step")
