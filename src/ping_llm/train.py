@@ -545,6 +545,14 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
         full_config = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
+        if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
+            from ping_llm.prepare import load_card
+
+            card = load_card(cfg.data_dir)
+            full_config["dataset"] = {
+                "train_fingerprint": card["splits"]["train"]["fingerprint"],
+                "split_fingerprints": {k: v.get("fingerprint") for k, v in card["splits"].items()},
+            }
         if run_dir is not None and d.master:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_mod.write_json_atomic(run_dir / ckpt_mod.CONFIG_FILE, full_config)
