@@ -456,6 +456,79 @@ def _cmd_prepare(args) -> int:
     return EXIT_OK
 
 
+def _cmd_demo(args) -> int:
+    import contextlib
+
+    from ping_llm.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, minutes=args.minutes, seed=args.seed, probes=args.probes,
+                     days=args.days, steps=args.steps, eval_queries=args.eval_queries)
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with redirect:
+        summary = run_demo(cfg)
+    if args.json:
+        _print_json(summary)
+    return EXIT_OK
+
+
+def _cmd_eval(args) -> int:
+    import contextlib
+
+    from ping_llm import evaluate as ev
+
+    try:
+        contexts = [int(x) for x in args.contexts.split(",") if x.strip() != ""]
+    except ValueError:
+        raise InputError(f"--contexts takes integers like 0,1,4,16: {args.contexts!r}") from None
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with redirect:
+        res = ev.evaluate(args.data, args.run, args.out, test_paths=args.test,
+                          max_queries=args.max_queries or None, contexts=contexts,
+                          seed=args.seed, device=args.device, world=args.world,
+                          allow_foreign_run=args.allow_foreign_run, n_examples=args.examples,
+                          progress=not args.no_progress)
+    if args.json:
+        from ping_llm.report import json_safe
+
+        _print_json(json_safe({k: v for k, v in res.items() if k != "plot_data"}))
+        return EXIT_OK
+    for name, split in res["splits"].items():
+        print(f"{name}: {split['n_evaluated']} of {split['n_total']} measurements")
+        for method, m in split["methods"].items():
+            m = m.get("fallback", m)
+            print(f"  {method:<18} median abs error {m['median_ae_ms']:9.3f} ms  rel p50 "
+                  f"{m['rel_p50']:.3f}  CRPS<=10s {m.get('crps_cens_ms') or float('nan'):9.3f} ms")
+    print(f"report: {res['files']['html']} ({res['timings']['total_s']:.0f} s)")
+    return EXIT_OK
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DATASET_DIR",
+                   help="the prepared dataset the run was trained on")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR",
+                   help="writes report.html, summary.md and metrics.json here")
+    p.add_argument("--test", nargs="+", metavar="PARQUET",
+                   help="evaluate on these canonical Parquet files/dirs instead of the test "
+                   "splits (train still fits the baselines and gives context)")
+    p.add_argument("--max-queries", type=int, default=1000, metavar="N",
+                   help="seeded uniform subsample per evaluated set, 0 = all (default 1000)")
+    p.add_argument("--contexts", default="0,1,4,16", metavar="K,K,...",
+                   help="numbers of in-context measurements of the same source (0,1,4,16)")
+    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--world", metavar="FILE",
+                   help="synthetic world (FILE.world.json) for KL to the truth; found from the "
+                   "dataset's provenance when omitted")
+    p.add_argument("--allow-foreign-run", action="store_true",
+                   help="accept a run trained on another dataset if that dataset is still on "
+                   "disk and none of its train measurements is in the evaluated sets")
+    p.add_argument("--examples", type=int, default=3, metavar="N",
+                   help="example pairs per set plotted against their observed RTTs (3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print all numbers as JSON")
+
+
 def _not_built(name: str):
     def run(args) -> int:
         raise _NotBuilt(f"`ping-llm {name}` is not built yet")
@@ -591,13 +664,18 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_train,
     )
     _train_arguments(p)
-    _add(
+    p = _add(
         sub,
         "eval",
         "evaluate a run against the baselines on the test splits",
-        "ping-llm eval --data data/prepared --run runs/tiny --out report/",
-        _not_built("eval"),
+        "ping-llm eval --data data/prepared --run runs/tiny --out report/\n"
+        "  ping-llm eval --data data/prepared --run runs/tiny --out report/ --max-queries 300 "
+        "--contexts 0,4\n"
+        "  ping-llm eval --data data/prepared --run runs/tiny --out report-2025/ "
+        "--test later/*.parquet --json",
+        _cmd_eval,
     )
+    _eval_arguments(p)
     p = _add(
         sub,
         "query",
@@ -614,13 +692,23 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_serve,
     )
     _serve_arguments(p)
-    _add(
+    p = _add(
         sub,
         "demo",
         "the main job: synth -> ingest -> prepare -> train -> eval -> report -> queries",
         "ping-llm demo --out demo --minutes 10",
-        _not_built("demo"),
+        _cmd_demo,
     )
+    p.add_argument("--out", default="demo", metavar="DIR", help="run directory (demo)")
+    p.add_argument("--minutes", type=float, default=15.0,
+                   help="wall-time budget of the whole demo; training gets most of it (15)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world, splits and model (0)")
+    p.add_argument("--probes", type=int, help="probes in the synthetic world (default world)")
+    p.add_argument("--days", type=float, help="days of measurements (default world)")
+    p.add_argument("--steps", type=int, help="training steps (default: what fits the budget)")
+    p.add_argument("--eval-queries", type=int, default=1000,
+                   help="evaluated measurements per test split (1000)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     return parser
 
 

@@ -1,0 +1,1074 @@
+"""The query engine: latency questions answered exactly from a trained model (SPEC §6).
+
+A query is the token language read backwards: the caller's context measurements (optional), then
+the query measurement with its known fields first in a fixed order (src, dst, [time], SPEC §4),
+then the asked-for field, whose distribution the model gives token by token.
+
+RTT (`Engine.rtt`, `Engine.rtt_many`). One KV-cached forward over `context MEASUREMENT_START src
+dst [time]` gives the next field role; it is constrained to {RTT_START, FAILED} and renormalised
+(the model must not wander into another field), which is P(failed). Feeding RTT_START gives byte1,
+constrained to the 132 canonical byte1 values (a log-scale bin, 4 per octave) and renormalised.
+The most probable bins that together carry >= 1 - 1e-4 of that mass (`BYTE2_MASS`) are refined:
+one batched forward feeds each kept byte1 to a row of the expanded cache and reads byte2 (256
+codes per bin). The mass of the bins not refined (< 1e-4 of P(rtt | reply) in all) stays at the
+centre code of its bin, so the byte1 histogram is exact and `coarse_mass` says how much sits
+there. Nothing is sampled. (Tails matter for the mean: a model that spreads 1e-5 over bins of
+hours moves the mean by seconds; median and quantiles are robust.)
+
+`RTTDistribution`: `p_failed` plus a sparse pmf over 16-bit codes *conditional on a reply*
+(`probs` sums to 1; the unconditional P(code) is (1 - p_failed) * probs). Quantiles, median,
+mean and mode are of the RTT given a reply; `p_below(x)` is P(reply and RTT < x) unless
+`given_reply=True`. Values are `tokens.RTT_GRID_MS[codes]` (the code's representative RTT).
+
+Batching: the model has no attention mask, so `rtt_many` groups queries by token length (no
+padding) and runs each group as one batch; a group first runs its longest common prefix once
+(shared context, same source) and expands the cache. Every batch is cut so that its KV cache
+stays under `kv_budget_bytes` (16 MiB on CPU, 1 GiB on CUDA by default).
+
+Partial addresses (CIDR prefixes for src and/or dst). Known leading bits are fixed; each free byte
+is a "hole" whose value is drawn from the model's own distribution, constrained to the allowed
+range (a /20 leaves 16 values for its third byte) and renormalised. Because the src block comes
+before the dst block and both before the result, this is exactly
+P(rtt | prefixes) = sum over completions of P(completion | prefixes) P(rtt | full addresses).
+Exact enumeration when the number of completions is <= `exact_limit` (1024 by default: up to
+ten free bits, e.g. an IPv4 /22, or a /24 src with a /30 dst); Monte Carlo otherwise, over
+`mc_samples` (512) ancestrally sampled completions (deduplicated, seeded, reported as `n_samples`)
+with the RTT distribution of each completion still exact (Rao-Blackwellised). Both cost about one
+full query per (distinct) completion, so the limit keeps exact answers within ~2x the Monte Carlo
+cost.
+
+Also: `rank` (candidates by predicted median or P(rtt < x)); `destinations` (top-k by beam search
+over the dst bytes, or ancestral sampling, with exact P(dst | src); with `rtt_below` the result
+field comes first and the search runs over the mixture, weighted exactly, of one component per
+RTT byte1 bin below the bound); `score` (log-probability per field: an anomaly score); `sample`
+(grammar-constrained synthetic measurement streams). Every query accepts the caller's recent
+measurements as context (`tokens.Measurement`, dicts or tuples).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ping_llm import tokens as tk
+from ping_llm.errors import InputError
+from ping_llm.model import GPT, KVCache
+
+BYTE2_MASS = 1.0 - 1e-4  # byte1 bins refined to byte2: the most probable ones carrying this mass
+EXACT_LIMIT = 1024  # partial addresses: enumerate exactly up to this many completions
+MC_SAMPLES = 512  # ... and sample this many completions beyond it
+# Cap on the KV cache of one batch (rows x positions x layers). Small on CPU: a fresh allocation
+# of hundreds of MB page-faults, and copying prefixes into it then costs more than the forward.
+KV_BUDGET_BYTES = {"cpu": 16 * 2**20, "cuda": 2**30}
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+# byte1 = e << 3 | m >> 8 with m >= 1024 whenever e > 0: 8 values for e = 0, 4 for each e > 0.
+CANON_B1 = np.array([b for b in range(256) if b >> 3 == 0 or b & 7 >= 4], dtype=np.int64)
+_MAX_MEAS_TOKENS = 1 + 17 + 17 + 9 + 3  # MEASUREMENT_START + IPv6 src + dst + ABS time + RTT
+
+
+# ----------------------------------------------------------------------------------------------
+# the answer
+
+
+@dataclass(eq=False)
+class RTTDistribution:
+    """P(failed) and the RTT distribution given a reply, on the model's 16-bit code grid."""
+
+    p_failed: float
+    codes: np.ndarray  # uint16 (K,), ascending (= ascending RTT), every code with mass
+    probs: np.ndarray  # float64 (K,), P(code | reply), sums to 1
+    exact: bool = True  # False: Monte Carlo over address completions (partial addresses)
+    n_samples: int | None = None  # completions drawn when not exact
+    n_completions: int = 1  # address completions enumerated (exact) or distinct ones drawn (MC)
+    coarse_mass: float = 0.0  # share of `probs` left at byte1-bin centres (bins not refined)
+
+    @property
+    def values_ms(self) -> np.ndarray:
+        return tk.RTT_GRID_MS[self.codes]
+
+    def quantile(self, q):
+        """Smallest RTT (ms) whose P(rtt <= value | reply) >= q; q scalar or array in [0, 1]."""
+        qa = np.asarray(q, dtype=np.float64)
+        if np.isnan(qa).any() or (qa < 0).any() or (qa > 1).any():
+            raise InputError(f"quantile levels must lie in [0, 1], got {q!r}")
+        cdf = np.cumsum(self.probs)
+        i = np.minimum(np.searchsorted(cdf, qa - 1e-12, side="left"), len(cdf) - 1)
+        v = self.values_ms[i]
+        return float(v) if v.ndim == 0 else v
+
+    @property
+    def median(self) -> float:
+        return self.quantile(0.5)
+
+    @property
+    def mean(self) -> float:
+        return float(np.dot(self.probs, self.values_ms))
+
+    @property
+    def mode(self) -> float:
+        """The most probable code's RTT (above 2 ms codes are log-spaced: the log-scale mode).
+        A bin's lone centre code (mass of a bin not refined) does not count."""
+        b1 = self.codes.astype(np.int64) >> 8
+        refined = np.bincount(b1, minlength=256)[b1] > 1
+        p = np.where(refined, self.probs, -1.0) if refined.any() else self.probs
+        return float(self.values_ms[int(np.argmax(p))])
+
+    def cdf(self, x_ms: float) -> float:
+        """P(rtt <= x | reply)."""
+        return float(self.probs[self.values_ms <= x_ms].sum())
+
+    def p_below(self, x_ms: float, given_reply: bool = False) -> float:
+        """P(reply and rtt < x), or P(rtt < x | reply) with given_reply=True."""
+        p = float(self.probs[self.values_ms < x_ms].sum())
+        return p if given_reply else (1.0 - self.p_failed) * p
+
+    def pmf(self) -> np.ndarray:
+        """Dense (65536,) P(code | reply)."""
+        out = np.zeros(65536)
+        out[self.codes] = self.probs
+        return out
+
+    def histogram(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lo_ms, hi_ms, p) over the byte1 bins with mass: P(lo <= rtt < hi | reply)."""
+        p = np.bincount(self.codes.astype(np.int64) >> 8, weights=self.probs, minlength=256)
+        b = np.flatnonzero(p > 0)
+        edges = _byte1_edges()
+        return edges[b, 0], edges[b, 1], p[b]
+
+    def to_dict(self, quantiles=QUANTILES, histogram: bool = True) -> dict:
+        out = {
+            "p_failed": self.p_failed,
+            "median_ms": self.median,
+            "mean_ms": self.mean,
+            "mode_ms": self.mode,
+            "quantiles": {str(q): float(self.quantile(q)) for q in quantiles},
+            "exact": self.exact,
+            "n_samples": self.n_samples,
+            "n_completions": self.n_completions,
+            "coarse_mass": float(self.coarse_mass),
+        }
+        if histogram:
+            lo, hi, p = self.histogram()
+            out["histogram"] = [
+                {"lo_ms": float(a), "hi_ms": float(b), "p": float(c)}
+                for a, b, c in zip(lo, hi, p, strict=True)
+            ]
+        return out
+
+
+_EDGES: list[np.ndarray] = []
+
+
+def _byte1_edges() -> np.ndarray:
+    if not _EDGES:
+        _EDGES.append(tk.byte1_bin_edges_ms())
+    return _EDGES[0]
+
+
+@dataclass
+class Ranked:
+    dst: str
+    rank: int  # 1 = best
+    median_ms: float
+    p_failed: float
+    p_below: float | None  # P(reply and rtt < threshold) when a threshold was given
+    dist: RTTDistribution
+
+    def to_dict(self) -> dict:
+        return {
+            "dst": self.dst,
+            "rank": self.rank,
+            "median_ms": self.median_ms,
+            "p_failed": self.p_failed,
+            "p_below": self.p_below,
+            "quantiles": {str(q): float(self.dist.quantile(q)) for q in (0.05, 0.5, 0.95)},
+        }
+
+
+@dataclass
+class Destination:
+    dst: str
+    p: float  # P(dst | src[, time, context][, rtt < bound][, dst in `within`])
+    log_p: float
+    count: int | None = None  # draws that hit it (method="sample")
+    rtt: RTTDistribution | None = None
+
+    def to_dict(self) -> dict:
+        out = {"dst": self.dst, "p": self.p, "log_p": self.log_p, "count": self.count}
+        if self.rtt is not None:
+            out.update(median_ms=self.rtt.median, p_failed=self.rtt.p_failed)
+        return out
+
+
+@dataclass
+class Score:
+    """Log-probabilities (nats) of one measurement's tokens, per field, given what precedes."""
+
+    fields: dict[str, float]  # "src", "dst", "result", and "time" when present: role + bytes
+    start: float | None  # MEASUREMENT_START (None without context: position 0 is not predicted)
+    total: float  # sum of the above
+    result_conditional: float  # log P(result | preceding fields), constrained as in `rtt`
+    n_tokens: int
+
+    def to_dict(self) -> dict:
+        return dict(
+            fields=self.fields,
+            start=self.start,
+            total=self.total,
+            result_conditional=self.result_conditional,
+            n_tokens=self.n_tokens,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# input parsing
+
+
+@dataclass(frozen=True)
+class Target:
+    """An address or a CIDR prefix: 16 packed bytes (IPv4 in the first 4), version, prefix bits."""
+
+    packed: bytes
+    version: int
+    prefix: int
+
+    @property
+    def nbytes(self) -> int:
+        return 4 if self.version == 4 else 16
+
+    @property
+    def is_full(self) -> bool:
+        return self.prefix == 8 * self.nbytes
+
+    @property
+    def n_completions(self) -> int:
+        return 2 ** (8 * self.nbytes - self.prefix)
+
+    def items(self) -> list:
+        """Per address byte: its token, or (lo, hi) inclusive byte range when not fully known."""
+        out: list = []
+        for i in range(self.nbytes):
+            fixed = min(max(self.prefix - 8 * i, 0), 8)
+            b = self.packed[i]
+            if fixed == 8:
+                out.append(tk.BYTE0 + b)
+            else:
+                mask = (0xFF << (8 - fixed)) & 0xFF
+                out.append((b & mask, (b & mask) | (~mask & 0xFF)))
+        return out
+
+    def __str__(self) -> str:
+        addr = tk.format_address(self.packed, self.version)
+        return addr if self.is_full else f"{addr}/{self.prefix}"
+
+
+def parse_target(text) -> Target:
+    """'192.0.2.1', '10.1.2.0/24', '2001:db8::/48' -> Target (host bits of a prefix are cleared)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"expected an IP address or CIDR prefix, got {text!r}")
+    addr, _, plen = text.strip().partition("/")
+    packed, version = tk.parse_address(addr)
+    bits = 32 if version == 4 else 128
+    if plen == "":
+        prefix = bits
+    else:
+        try:
+            prefix = int(plen)
+        except ValueError:
+            raise InputError(f"bad prefix length in {text!r}") from None
+        if not 0 <= prefix <= bits:
+            raise InputError(
+                f"prefix length /{prefix} in {text!r} is longer than an IPv{version} address "
+                f"({bits} bits)"
+                if prefix > bits
+                else f"prefix length in {text!r} must be >= 0"
+            )
+    raw = bytearray(packed)
+    for i in range(16):  # clear host bits
+        keep = min(max(prefix - 8 * i, 0), 8)
+        raw[i] &= (0xFF << (8 - keep)) & 0xFF
+    return Target(bytes(raw), version, prefix)
+
+
+def parse_time(t) -> int | None:
+    """None, epoch seconds (int or digit string) or ISO 8601 (naive = UTC) -> epoch seconds."""
+    if t is None:
+        return None
+    if isinstance(t, datetime.datetime):
+        dt = t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
+        value = int(dt.timestamp())
+    elif isinstance(t, bool):
+        raise InputError(f"time must be epoch seconds or ISO 8601, got {t!r}")
+    elif isinstance(t, int | np.integer) or (isinstance(t, float) and t.is_integer()):
+        value = int(t)
+    elif isinstance(t, str) and t.strip().lstrip("-").isdigit():
+        value = int(t.strip())
+    elif isinstance(t, str):
+        try:
+            dt = datetime.datetime.fromisoformat(t.strip())
+        except ValueError:
+            raise InputError(f"time {t!r} is neither epoch seconds nor ISO 8601") from None
+        return parse_time(dt)
+    else:
+        raise InputError(f"time must be epoch seconds or ISO 8601, got {t!r}")
+    if not 0 <= value < 2**63:
+        raise InputError(f"time {t!r} is outside 1970 .. 2**63 s")
+    return value
+
+
+def as_measurement(x) -> tk.Measurement:
+    """tokens.Measurement, a dict {src, dst, rtt_ms (or rtt; None/negative = failed), time}, or a
+    tuple (src, dst, rtt_ms[, time]) -> a validated Measurement (full addresses only)."""
+    if isinstance(x, tk.Measurement):
+        src, dst, rtt, time = x.src, x.dst, x.rtt_ms, x.time
+    elif isinstance(x, dict):
+        unknown = set(x) - {"src", "dst", "rtt_ms", "rtt", "time"}
+        if unknown or "src" not in x or "dst" not in x:
+            raise InputError(f"a measurement needs keys src, dst, rtt_ms [, time]; got {sorted(x)}")
+        src, dst, time = x["src"], x["dst"], x.get("time")
+        rtt = x.get("rtt_ms", x.get("rtt"))
+    elif isinstance(x, list | tuple) and len(x) in (3, 4):
+        src, dst, rtt = x[:3]
+        time = x[3] if len(x) == 4 else None
+    else:
+        raise InputError(f"not a measurement: {x!r}")
+    if rtt is None or (isinstance(rtt, str) and rtt.strip().lower() in ("failed", "*")):
+        rtt = -1.0
+    try:
+        rtt = float(rtt)
+    except (TypeError, ValueError):
+        raise InputError(f"rtt_ms must be a number (negative = failed), got {rtt!r}") from None
+    if not math.isfinite(rtt):
+        raise InputError(f"rtt_ms must be finite, got {rtt!r}")
+    s, d = parse_target(src), parse_target(dst)
+    if not (s.is_full and d.is_full):
+        raise InputError(f"a measurement needs full addresses, not prefixes: {src} -> {dst}")
+    if s.version != d.version:
+        raise InputError(f"mixed address families in a measurement: {src} -> {dst}")
+    return tk.Measurement(str(s), str(d), rtt if rtt >= 0 else -1.0, parse_time(time))
+
+
+@dataclass
+class Query:
+    """One RTT question; `context` (if any) replaces the context shared by a `rtt_many` call."""
+
+    src: str
+    dst: str
+    time: object = None
+    context: list | None = None
+    seed: int = 0  # Monte Carlo seed for large partial addresses
+
+
+def _as_query(q) -> Query:
+    if isinstance(q, Query):
+        return q
+    if isinstance(q, dict):
+        unknown = set(q) - {"src", "dst", "time", "context", "seed"}
+        if unknown or "src" not in q or "dst" not in q:
+            raise InputError(
+                f"a query needs keys src, dst [, time, context, seed]; got {sorted(q)}"
+            )
+        return Query(**q)
+    if isinstance(q, list | tuple) and len(q) in (2, 3):
+        return Query(*q)
+    raise InputError(f"not a query: {q!r} (expected (src, dst[, time]), a dict or a Query)")
+
+
+def _time_tokens(t: int, prev: int | None) -> list[int]:
+    """The time block of a measurement at t after a timestamped one at prev (tokens.py rules)."""
+    d = None if prev is None else t - prev
+    if d is not None and 0 <= d < tk.DELTA1_LIMIT:
+        return [tk.TIMESTAMP_DELTA1, tk.BYTE0 + d]
+    if d is not None and 0 <= d < tk.DELTA4_LIMIT:
+        return [tk.TIMESTAMP_DELTA4] + [tk.BYTE0 + b for b in d.to_bytes(4, "big")]
+    return [tk.TIMESTAMP_ABS] + [tk.BYTE0 + b for b in t.to_bytes(8, "big")]
+
+
+@dataclass
+class _Context:
+    measurements: list
+    tokens: list[int]
+    last_time: int | None
+
+
+@dataclass
+class _Plan:
+    prefix: np.ndarray  # int64 tokens up to the first hole (everything, for full addresses)
+    rest: list  # tokens and (lo, hi) holes after it
+    length: int  # total tokens before the result field
+    n_completions: int
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+
+
+def _select(cache: KVCache, rows: np.ndarray) -> KVCache:
+    """A cache whose row i is row rows[i] of `cache` (same positions)."""
+    idx = torch.as_tensor(rows, dtype=torch.long, device=cache.kv.device)
+    new = KVCache(cache.config, len(rows), cache.max_len)
+    new.kv = cache.kv.index_select(2, idx)
+    new.pos = cache.pos
+    return new
+
+
+def _softmax(logits: torch.Tensor) -> np.ndarray:
+    return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+
+
+_CANON_CODES = ((CANON_B1[:, None] << 8) | np.arange(256)).ravel()  # (33792,) ascending
+
+
+@dataclass
+class _Rows:
+    """RTT answers of R rows: P(failed), byte1 P(b1 | reply) over CANON_B1, and byte2 of the
+    refined (row, bin) pairs; unrefined bins put their mass on their centre code (byte2 0x80)."""
+
+    p_failed: np.ndarray  # (R,)
+    p1: np.ndarray  # (R, 132)
+    keep: np.ndarray  # (R, 132) bool: refined
+    rows: np.ndarray  # (K,) refined pairs, grouped by row
+    bins: np.ndarray  # (K,)
+    p2: np.ndarray  # (K, 256) P(b2 | b1, reply)
+
+    def dense(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """(R, 132 * 256) P(code | reply) over _CANON_CODES, or, with weights (R,), their
+        weighted sum (33792,)."""
+        R = len(self.p1)
+        coarse = self.p1 * ~self.keep
+        if weights is None:
+            out = np.zeros((R, len(CANON_B1), 256))
+            out[self.rows, self.bins] = self.p1[self.rows, self.bins][:, None] * self.p2
+            out[:, :, 0x80] += coarse
+            return out.reshape(R, -1)
+        wk = weights[self.rows] * self.p1[self.rows, self.bins]
+        idx = (self.bins[:, None] * 256 + np.arange(256)).ravel()
+        out = np.bincount(idx, weights=(wk[:, None] * self.p2).ravel(), minlength=33792)
+        out.reshape(-1, 256)[:, 0x80] += weights @ coarse
+        return out
+
+    def distributions(self) -> list[RTTDistribution]:
+        out = []
+        coarse = (self.p1 * ~self.keep).sum(1)
+        for s in range(0, len(self.p1), 64):  # dense in slices of 64 rows (17 MB)
+            part = _Rows(
+                self.p_failed[s : s + 64],
+                self.p1[s : s + 64],
+                self.keep[s : s + 64],
+                *self._pairs(s, s + 64),
+            )
+            for r, row in enumerate(part.dense()):
+                nz = np.flatnonzero(row)
+                pr = row[nz]
+                out.append(
+                    RTTDistribution(
+                        float(part.p_failed[r]),
+                        _CANON_CODES[nz].astype(np.uint16),
+                        pr / pr.sum(),
+                        coarse_mass=float(coarse[s + r]),
+                    )
+                )
+        return out
+
+    def _pairs(self, a: int, b: int):
+        lo, hi = np.searchsorted(self.rows, [a, b])
+        return self.rows[lo:hi] - a, self.bins[lo:hi], self.p2[lo:hi]
+
+
+class Engine:
+    """Exact latency answers from one GPT. Not thread-safe: serialise calls (the server does)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        exact_limit: int = EXACT_LIMIT,
+        mc_samples: int = MC_SAMPLES,
+        kv_budget_bytes: int | None = None,
+        byte2_mass: float = BYTE2_MASS,
+    ):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.exact_limit = int(exact_limit)
+        self.mc_samples = int(mc_samples)
+        if kv_budget_bytes is None:
+            kv_budget_bytes = KV_BUDGET_BYTES.get(self.device.type, KV_BUDGET_BYTES["cpu"])
+        self.kv_budget_bytes = int(kv_budget_bytes)
+        self.byte2_mass = float(byte2_mass)
+        if not (self.exact_limit >= 1 and self.mc_samples >= 1 and 0 < self.byte2_mass <= 1):
+            raise InputError("need exact_limit >= 1, mc_samples >= 1 and 0 < byte2_mass <= 1")
+        c = self.config
+        self._kv_bytes_per_token = c.n_layer * 2 * c.n_kv_head * c.head_dim * 4
+        self.forwards = 0  # model forward calls so far (for stats and tests)
+
+    @classmethod
+    def load(cls, run_dir, device="cpu", **kw) -> Engine:
+        """An engine over the model of a run directory (`ping_llm.checkpoint.load_model`)."""
+        from ping_llm.checkpoint import load_model
+
+        model, _ = load_model(run_dir, device)
+        return cls(model, **kw)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _fwd(self, idx, cache: KVCache | None) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.device)
+        self.forwards += 1
+        with torch.inference_mode():
+            logits, _ = self.model(t, kv_cache=cache)
+        return logits  # (R, T, V) fp32
+
+    def _max_rows(self, max_len: int) -> int:
+        return max(1, self.kv_budget_bytes // (max_len * self._kv_bytes_per_token))
+
+    def context(self, context) -> _Context:
+        ms = [as_measurement(m) for m in (context or [])]
+        toks = tk.encode_reference(ms)
+        last = next((m.time for m in reversed(ms) if m.time is not None), None)
+        return _Context(ms, toks, last)
+
+    def _check_len(self, n: int, what: str) -> None:
+        if n > self.config.sequence_len:
+            raise InputError(
+                f"{what} needs {n} tokens, more than the model's sequence_len "
+                f"{self.config.sequence_len}: shorten the context"
+            )
+
+    def _plan(self, q: Query, shared: _Context) -> _Plan:
+        ctx = shared if q.context is None else self.context(q.context)
+        src, dst = parse_target(q.src), parse_target(q.dst)
+        if src.version != dst.version:
+            raise InputError(f"mixed address families: {q.src} -> {q.dst}")
+        time = parse_time(q.time)
+        v4 = src.version == 4
+        seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if v4 else tk.SRC_IPV6]
+        seq += src.items() + [tk.DST_IPV4 if v4 else tk.DST_IPV6] + dst.items()
+        if time is not None:
+            seq += _time_tokens(time, ctx.last_time)
+        self._check_len(len(seq) + 2, f"the query {q.src} -> {q.dst}")
+        h = next((i for i, x in enumerate(seq) if isinstance(x, tuple)), len(seq))
+        return _Plan(
+            np.asarray(seq[:h], np.int64),
+            seq[h:],
+            len(seq),
+            src.n_completions * dst.n_completions,
+            int(q.seed),
+        )
+
+    def check(self, query) -> None:
+        """Validate one RTT query (Query, dict or tuple) without running the model."""
+        self._plan(_as_query(query), self.context(None))
+
+    def query_tokens(self, src, dst, time=None, context=None) -> list[int]:
+        """The token prefix of an RTT query on full addresses (what the model reads)."""
+        p = self._plan(Query(src, dst, time), self.context(context))
+        if p.rest:
+            raise InputError("query_tokens needs full addresses")
+        return p.prefix.tolist()
+
+    # -- RTT -------------------------------------------------------------------------------------
+
+    def _finish(self, cache: KVCache, last: torch.Tensor) -> _Rows:
+        """Rows after the known fields (cache at that position, their last logits) -> _Rows."""
+        R = last.shape[0]
+        role = _softmax(last[:, [tk.RTT_START, tk.FAILED]])  # (R, 2)
+        lg = self._fwd(np.full((R, 1), tk.RTT_START), cache)[:, -1]
+        p1 = _softmax(lg[:, tk.BYTE0 + CANON_B1])  # (R, 132)
+        srt = -np.sort(-p1, axis=1)
+        n_keep = np.minimum((np.cumsum(srt, axis=1) < self.byte2_mass).sum(1) + 1, len(CANON_B1))
+        keep = p1 >= srt[np.arange(R), n_keep - 1][:, None]
+        rows, bins = np.nonzero(keep)  # row-major: grouped by row, bins ascending
+        p2 = np.empty((len(rows), 256))
+        step = self._max_rows(cache.max_len)
+        for s in range(0, len(rows), step):
+            sub = _select(cache, rows[s : s + step])
+            b1 = tk.BYTE0 + CANON_B1[bins[s : s + step]]
+            p2[s : s + step] = _softmax(self._fwd(b1[:, None], sub)[:, -1, tk.BYTE0 :])
+        return _Rows(role[:, 1], p1, keep, rows, bins, p2)
+
+    def _rtt_bucket(self, prefixes: np.ndarray) -> _Rows:
+        """Same-length full-address queries (B, L) -> `_finish` rows; shared prefix runs once."""
+        B, L = prefixes.shape
+        same = np.all(prefixes == prefixes[0], axis=0)
+        lcp = min(int(np.argmin(same)) if not same.all() else L, L - 1)
+        root = KVCache(self.config, 1, L + 2)
+        self._fwd(prefixes[:1, :lcp], root)
+        cache = root.expand(B) if B > 1 else root
+        last = self._fwd(prefixes[:, lcp:], cache)[:, -1]
+        return self._finish(cache, last)
+
+    def _walk(self, cache, last, w, counts, rest, mix, rng, n_total) -> None:
+        """Expand the holes of a partial-address query (exact or sampled), then finish each row."""
+        while True:
+            i = 0
+            while i < len(rest) and not isinstance(rest[i], tuple):
+                i += 1
+            R = last.shape[0]
+            if i:
+                last = self._fwd(np.tile(np.asarray(rest[:i], np.int64), (R, 1)), cache)[:, -1]
+                rest = rest[i:]
+            if not rest:
+                mix.add(w, self._finish(cache, last))
+                return
+            lo, hi = rest[0]
+            n = hi - lo + 1
+            p = _softmax(last[:, tk.BYTE0 + lo : tk.BYTE0 + hi + 1])  # (R, n)
+            if counts is None:  # exact: every value, weighted
+                parent, val = np.repeat(np.arange(R), n), np.tile(np.arange(n), R)
+                cw, cc = w[parent] * p.ravel(), None
+            else:  # Monte Carlo: each of a row's `counts` draws picks a value
+                idx = np.repeat(np.arange(R), counts)
+                cdf = np.cumsum(p, axis=1)
+                v = np.minimum((rng.random(len(idx))[:, None] >= cdf[idx]).sum(1), n - 1)
+                key, cc = np.unique(idx * n + v, return_counts=True)
+                parent, val = key // n, key % n
+                cw = cc / n_total
+            toks = (tk.BYTE0 + lo + val)[:, None]
+            step = self._max_rows(cache.max_len)
+            if len(parent) <= step:  # one chunk: iterate, so the parent cache can be freed
+                cache = _select(cache, parent)
+                last = self._fwd(toks, cache)[:, -1]
+                w, counts, rest = cw, cc, rest[1:]
+                continue
+            for s in range(0, len(parent), step):
+                sub = _select(cache, parent[s : s + step])
+                lg = self._fwd(toks[s : s + step], sub)[:, -1]
+                c = None if cc is None else cc[s : s + step]
+                self._walk(sub, lg, cw[s : s + step], c, rest[1:], mix, rng, n_total)
+            return
+
+    def _rtt_partial(self, plan: _Plan) -> RTTDistribution:
+        mc = plan.n_completions > self.exact_limit
+        cache = KVCache(self.config, 1, plan.length + 2)
+        last = self._fwd(plan.prefix[None], cache)[:, -1]
+        mix = _Mixture()
+        counts = np.array([self.mc_samples]) if mc else None
+        rng = np.random.default_rng(plan.seed)
+        self._walk(cache, last, np.ones(1), counts, plan.rest, mix, rng, self.mc_samples)
+        return mix.result(exact=not mc, n_samples=self.mc_samples if mc else None)
+
+    def rtt(self, src, dst, time=None, context=None, seed: int = 0) -> RTTDistribution:
+        """P(failed) and the exact RTT distribution for src -> dst (addresses or CIDR prefixes)."""
+        return self.rtt_many([Query(src, dst, time, None, seed)], context=context)[0]
+
+    def rtt_many(self, queries, context=None) -> list[RTTDistribution]:
+        """Many RTT questions at once, answers in order. Each query: Query, dict or (src, dst[,
+        time]); `context` is shared by the queries that do not bring their own."""
+        shared = self.context(context)
+        plans = [self._plan(_as_query(q), shared) for q in queries]  # validate everything first
+        out: list[RTTDistribution | None] = [None] * len(plans)
+        buckets = defaultdict(list)
+        for i, p in enumerate(plans):
+            if p.rest:
+                out[i] = self._rtt_partial(p)
+            else:
+                buckets[len(p.prefix)].append(i)
+        for L, idx in buckets.items():
+            step = self._max_rows(L + 2)
+            for s in range(0, len(idx), step):
+                chunk = idx[s : s + step]
+                rows = self._rtt_bucket(np.stack([plans[i].prefix for i in chunk]))
+                for i, d in zip(chunk, rows.distributions(), strict=True):
+                    out[i] = d
+        return out
+
+    # -- rank --------------------------------------------------------------------------------------
+
+    def rank(self, src, candidates, by="median", threshold_ms=None, time=None, context=None):
+        """Candidates ordered best first: by predicted median (given a reply; ties keep input
+        order) or by P(reply and rtt < threshold_ms) (by="p_below", descending)."""
+        candidates = list(candidates) if not isinstance(candidates, str) else [candidates]
+        if not candidates:
+            raise InputError("rank needs at least one candidate destination")
+        if by not in ("median", "p_below"):
+            raise InputError(f"rank by 'median' or 'p_below', not {by!r}")
+        if threshold_ms is not None:
+            threshold_ms = float(threshold_ms)
+            if not (math.isfinite(threshold_ms) and threshold_ms > 0):
+                raise InputError(f"threshold_ms must be a positive number, got {threshold_ms}")
+        if by == "p_below" and threshold_ms is None:
+            raise InputError("rank by p_below needs threshold_ms")
+        dists = self.rtt_many([Query(src, c, time) for c in candidates], context=context)
+        below = [None if threshold_ms is None else d.p_below(threshold_ms) for d in dists]
+        key = [d.median if by == "median" else -b for d, b in zip(dists, below, strict=True)]
+        order = sorted(range(len(candidates)), key=lambda i: (key[i], i))
+        return [
+            Ranked(
+                str(candidates[i]), r + 1, dists[i].median, dists[i].p_failed, below[i], dists[i]
+            )
+            for r, i in enumerate(order)
+        ]
+
+    # -- destinations ----------------------------------------------------------------------------
+
+    def destinations(
+        self,
+        src,
+        k: int = 10,
+        *,
+        rtt_below=None,
+        within=None,
+        time=None,
+        context=None,
+        method: str = "beam",
+        beam: int | None = None,
+        seed: int = 0,
+        with_rtt: bool = True,
+    ) -> list[Destination]:
+        """Likely destinations for src: the top k by beam search over the dst bytes (method="beam",
+        width `beam`, default max(4k, 64)), or k ancestral draws (method="sample": the distinct
+        destinations drawn, with their counts). `p` is P(dst | src[, time, context][, dst in
+        `within`]). `within` is a CIDR prefix the destination must lie in.
+
+        rtt_below=x puts the result field first (src, [time], result, dst) and conditions on a
+        reply faster than x: P(dst | src, rtt < x) = sum over byte1 bins b below x of
+        P(b, rtt < x | ...) P(dst | ..., b, b2_b) / P(rtt < x), where each bin is represented by
+        its most probable byte2 below x (within a quarter octave the RTT hardly tells destinations
+        apart), and bins with < 1e-4 of the mass below x are dropped. The weights are exact; the
+        beam (or the sampler) runs over this mixture. with_rtt attaches `rtt(src, dst)`.
+        """
+        s = parse_target(src)
+        if not s.is_full:
+            raise InputError(f"destinations needs a full source address, got {src!r}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= 10000:
+            raise InputError(f"k must be an integer in 1..10000, got {k!r}")
+        if method not in ("beam", "sample"):
+            raise InputError(f"method must be 'beam' or 'sample', not {method!r}")
+        box = parse_target(within) if within is not None else Target(bytes(16), s.version, 0)
+        if box.version != s.version:
+            raise InputError(f"mixed address families: {src} and within={within}")
+        width = int(beam) if beam is not None else max(4 * int(k), 64)
+        if width < 1:
+            raise InputError(f"beam width must be >= 1, got {beam}")
+        x = None
+        if rtt_below is not None:
+            x = float(rtt_below)
+            if not (math.isfinite(x) and x > 0):
+                raise InputError(f"rtt_below must be a positive number of ms, got {rtt_below}")
+        ctx = self.context(context)
+        t = parse_time(time)
+        seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if s.version == 4 else tk.SRC_IPV6]
+        seq += [tk.BYTE0 + b for b in s.packed[: s.nbytes]]
+        seq += [] if t is None else _time_tokens(t, ctx.last_time)
+        max_len = len(seq) + (3 if x is not None else 0) + 1 + s.nbytes
+        self._check_len(max_len, "the destinations query")
+        cache = KVCache(self.config, 1, max_len)
+        last = self._fwd(np.asarray(seq)[None], cache)[:, -1]
+        log_pi = np.zeros(1)  # mixture components: one per RTT bin (one without a bound)
+        if x is not None:
+            last = self._fwd([[tk.RTT_START]], cache)[:, -1]
+            p1 = _softmax(last[0, tk.BYTE0 + CANON_B1])
+            ok = tk.RTT_GRID_MS[CANON_B1 << 8] < x  # bins with at least one code below x
+            bins, p1 = CANON_B1[ok], p1[ok]
+            cache = _select(cache, np.zeros(len(bins), np.int64))
+            p2 = _softmax(self._fwd((tk.BYTE0 + bins)[:, None], cache)[:, -1, tk.BYTE0 :])
+            below = tk.RTT_GRID_MS[(bins[:, None] << 8) | np.arange(256)] < x  # (nb, 256)
+            w = p1 * (p2 * below).sum(1)  # P(byte1 = b, rtt < x | reply)
+            b2 = np.argmax(np.where(below, p2, -1.0), axis=1)
+            use = np.flatnonzero(w >= 1e-4 * w.sum())
+            cache = _select(cache, use)
+            self._fwd((tk.BYTE0 + b2[use])[:, None], cache)
+            log_pi = np.log(w[use] / w[use].sum())
+        M = len(log_pi)
+        last = self._fwd(np.full((M, 1), tk.DST_IPV4 if s.version == 4 else tk.DST_IPV6), cache)
+        last = last[:, -1]
+        masks = []
+        for it in box.items():
+            m = np.zeros(256, bool)
+            if isinstance(it, tuple):
+                m[it[0] : it[1] + 1] = True
+            else:
+                m[it - tk.BYTE0] = True
+            masks.append(m)
+
+        if method == "beam":
+            paths, lp = self._search(cache, last, log_pi, masks, width, max_len, None)
+        else:  # k independent draws, in chunks that fit the KV budget
+            gen = np.random.default_rng(seed)
+            paths, lp = [], []
+            step = max(1, self._max_rows(max_len) // M)
+            for c in range(0, int(k), step):
+                rows = np.tile(np.arange(M), min(step, int(k) - c))
+                pc, lc = self._search(
+                    _select(cache, rows), last[rows], log_pi, masks, 0, max_len, gen
+                )
+                paths.append(pc)
+                lp.append(lc)
+            paths, lp = np.concatenate(paths), np.concatenate(lp)
+
+        uniq, first, counts = np.unique(paths, axis=0, return_index=True, return_counts=True)
+        order = np.lexsort((-counts, -lp[first]))[: int(k)]
+        out = [
+            Destination(
+                tk.format_address(bytes(uniq[i].astype(np.uint8)).ljust(16, b"\0"), s.version),
+                math.exp(lp[first[i]]),
+                float(lp[first[i]]),
+                int(counts[i]) if method == "sample" else None,
+            )
+            for i in order
+        ]
+        if with_rtt and out:
+            dists = self.rtt_many([Query(str(s), d.dst, t) for d in out], context=ctx.measurements)
+            for d, r in zip(out, dists, strict=True):
+                d.rtt = r
+        return out
+
+    def _search(self, cache, last, log_pi, masks, width, max_len, gen):
+        """Beam search (gen None: keep the `width` most probable dst prefixes) or ancestral
+        sampling (gen: one draw per group) over the dst bytes of a mixture of M components
+        (log weights log_pi; rows come in groups of M, one per component). Each step's bytes are
+        restricted to its mask; returns (paths (G, steps), log P(dst | dst in the masks))."""
+        M = len(log_pi)
+        G = last.shape[0] // M
+        lp = np.zeros((G, M))  # log P(dst prefix | component), unnormalised by the masks
+        log_box = np.zeros(M)  # log P(masks | component): the same on every path for CIDR boxes
+        paths = np.zeros((G, 0), np.int64)
+        score = np.zeros(G)
+        for j, allowed in enumerate(masks):
+            logp = torch.log_softmax(last[:, tk.BYTE0 :].double(), -1).cpu().numpy()
+            logp = np.where(allowed, logp, -np.inf).reshape(G, M, 256)
+            log_box += np.logaddexp.reduce(logp[0], axis=1) if not allowed.all() else 0.0
+            cand = lp[:, :, None] + logp  # (G, M, 256)
+            mix = np.logaddexp.reduce(log_pi[None, :, None] + cand, axis=1)  # (G, 256)
+            if gen is None:
+                flat = mix.ravel()
+                n_ok = int(np.isfinite(flat).sum())
+                cap = max(1, self._max_rows(max_len) // M)
+                top = np.argsort(-flat, kind="stable")[: min(width, n_ok, cap)]
+                parent, val = top // 256, top % 256
+            else:
+                pr = np.exp(mix - mix.max(1, keepdims=True))
+                cdf = np.cumsum(pr / pr.sum(1, keepdims=True), axis=1)
+                val = np.minimum((gen.random(G)[:, None] >= cdf).sum(1), 255)
+                parent = np.arange(G)
+            lp = cand[parent, :, val]
+            score = mix[parent, val]
+            paths = np.concatenate([paths[parent], val[:, None]], axis=1)
+            G = len(parent)
+            if j < len(masks) - 1:  # the last byte needs no forward
+                rows = (parent[:, None] * M + np.arange(M)).ravel()
+                cache = _select(cache, rows)
+                last = self._fwd(np.repeat(tk.BYTE0 + val, M)[:, None], cache)[:, -1]
+        return paths, score - np.logaddexp.reduce(log_pi + log_box)
+
+    # -- score -------------------------------------------------------------------------------------
+
+    def score(self, measurement, context=None, order=None) -> Score:
+        """Log-probability per field of an observed measurement (an anomaly score)."""
+        return self.score_many(
+            [measurement], context=context, orders=None if order is None else [order]
+        )[0]
+
+    def score_many(self, measurements, context=None, orders=None) -> list[Score]:
+        """`score` for many measurements (each scored after the same context), in order."""
+        ctx = self.context(context)
+        ms = [as_measurement(m) for m in measurements]
+        orders = [tk.QUERY_ORDER] * len(ms) if orders is None else [tuple(o) for o in orders]
+        if len(orders) != len(ms):
+            raise InputError("score_many: one field order per measurement")
+        seqs, blocks = [], []
+        for m, o in zip(ms, orders, strict=True):
+            ctx_orders = [tk.QUERY_ORDER] * len(ctx.measurements)
+            toks = tk.encode_reference(ctx.measurements + [m], ctx_orders + [o])
+            self._check_len(len(toks), f"scoring {m.src} -> {m.dst}")
+            seqs.append(np.asarray(toks, np.int64))
+            blocks.append(_field_blocks(toks, len(ctx.tokens), o, m))
+        out: list[Score | None] = [None] * len(ms)
+        by_len = defaultdict(list)
+        for i, sq in enumerate(seqs):
+            by_len[len(sq)].append(i)
+        for L, idx in by_len.items():
+            step = self._max_rows(L)
+            for s in range(0, len(idx), step):
+                chunk = idx[s : s + step]
+                arr = np.stack([seqs[i] for i in chunk])
+                logits = self._fwd(arr, None).double()  # (B, L, V)
+                logp = torch.log_softmax(logits, -1)
+                nxt = torch.as_tensor(arr[:, 1:, None], device=logp.device)
+                tok_lp = logp[:, :-1].gather(-1, nxt).squeeze(-1)
+                tok_lp = tok_lp.cpu().numpy()  # (B, L-1): log P(token t+1 | tokens <= t)
+                for j, i in enumerate(chunk):
+                    out[i] = _make_score(tok_lp[j], logits[j], arr[j], blocks[i])
+        return out
+
+    # -- sample ------------------------------------------------------------------------------------
+
+    def sample(self, n: int, src=None, *, seed: int = 0, context=None, temperature: float = 1.0):
+        """A synthetic stream of n measurements (list[tokens.Measurement]) continuing the context;
+        with src, every measurement's source is src (a probe-centric stream), written first.
+        Generation follows the grammar (roles not yet used, one address family, canonical RTT
+        byte1, deltas only after a timestamp), so every measurement decodes. A stream longer than
+        the context window rolls over, keeping the most recent measurements (half a window)."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= 100000:
+            raise InputError(f"n must be an integer in 1..100000, got {n!r}")
+        if not (isinstance(temperature, int | float) and temperature > 0):
+            raise InputError(f"temperature must be > 0, got {temperature!r}")
+        s = None
+        if src is not None:
+            s = parse_target(src)
+            if not s.is_full:
+                raise InputError(f"sample needs a full source address, got {src!r}")
+        ctx = self.context(context)
+        gen = torch.Generator().manual_seed(int(seed))
+        history = [(m, tk.QUERY_ORDER) for m in ctx.measurements]
+        T = self.config.sequence_len
+        if len(ctx.tokens) + _MAX_MEAS_TOKENS + 1 > T:
+            raise InputError(f"context of {len(ctx.tokens)} tokens leaves no room to sample")
+        cache, last, prev_time = self._window(history, keep_all=True)
+        out: list[tk.Measurement] = []
+
+        def feed(tok: int):
+            nonlocal last
+            last = self._fwd([[tok]], cache)[0, -1]
+
+        def draw(allowed) -> int:
+            lg = last[torch.as_tensor(allowed)].double().cpu() / temperature
+            return int(allowed[int(torch.multinomial(torch.softmax(lg, -1), 1, generator=gen))])
+
+        canon_b1 = tk.BYTE0 + CANON_B1
+        all_bytes = np.arange(tk.BYTE0, tk.VOCAB_SIZE)
+        while len(out) < n:
+            if cache.pos + _MAX_MEAS_TOKENS + 1 > T:
+                cache, last, prev_time = self._window(history)
+            toks = [tk.MEASUREMENT_START]
+            feed(tk.MEASUREMENT_START)
+            have: set[int] = set()
+            family = None
+            if s is not None:
+                for tok in [tk.SRC_IPV4 if s.version == 4 else tk.SRC_IPV6] + s.items():
+                    feed(tok)
+                    toks.append(tok)
+                have, family = {tk.FIELD_SRC}, s.version
+            while True:
+                role = draw(_allowed_roles(have, family, prev_time is not None))
+                if role == tk.MEASUREMENT_START:
+                    break
+                feed(role)
+                toks.append(role)
+                if role in (tk.SRC_IPV4, tk.SRC_IPV6, tk.DST_IPV4, tk.DST_IPV6):
+                    family = 4 if role in (tk.SRC_IPV4, tk.DST_IPV4) else 6
+                    field = tk.FIELD_SRC if role in (tk.SRC_IPV4, tk.SRC_IPV6) else tk.FIELD_DST
+                    nb = 4 if family == 4 else 16
+                elif role in (tk.RTT_START, tk.FAILED):
+                    field, nb = tk.FIELD_RESULT, 2 if role == tk.RTT_START else 0
+                else:
+                    field = tk.FIELD_TIME
+                    nb = {tk.TIMESTAMP_ABS: 8, tk.TIMESTAMP_DELTA1: 1, tk.TIMESTAMP_DELTA4: 4}[role]
+                for j in range(nb):
+                    b = draw(canon_b1 if role == tk.RTT_START and j == 0 else all_bytes)
+                    toks.append(b)
+                    feed(b)
+                have.add(field)
+                if len(have) == 4:  # all fields present: the measurement is over
+                    break
+            if prev_time is not None:  # decode deltas against the previous timestamp
+                anchor = tk.encode_reference([tk.Measurement("0.0.0.0", "0.0.0.0", 0.0, prev_time)])
+                ms, orders = tk.decode(anchor + toks, with_orders=True)
+                m, order = ms[1], orders[1]
+            else:
+                ms, orders = tk.decode(toks, with_orders=True)
+                m, order = ms[0], orders[0]
+            out.append(m)
+            history.append((m, tuple(order) + tuple(f for f in range(4) if f not in order)))
+            prev_time = m.time if m.time is not None else prev_time
+        return out
+
+    def _window(self, history, keep_all: bool = False):
+        """(cache, last logits, last timestamp) after re-encoding the recent history."""
+        T = self.config.sequence_len
+        keep = len(history)
+        if not keep_all:  # the most recent measurements that surely fit in half a window
+            keep = min(keep, (T // 2) // _MAX_MEAS_TOKENS)
+        kept = history[len(history) - keep :]
+        toks = tk.encode_reference([m for m, _ in kept], [o for _, o in kept])
+        cache = KVCache(self.config, 1, T)
+        last = self._fwd([toks], cache)[0, -1] if toks else None
+        prev = next((m.time for m, _ in reversed(kept) if m.time is not None), None)
+        return cache, last, prev
+
+
+def _allowed_roles(have: set[int], family: int | None, has_time: bool) -> np.ndarray:
+    """Role tokens the grammar allows after the fields in `have` (family: the one already used)."""
+    out = []
+    if tk.FIELD_SRC not in have:
+        out += [tk.SRC_IPV4] if family == 4 else [tk.SRC_IPV6] if family == 6 else [1, 2]
+    if tk.FIELD_DST not in have:
+        out += [tk.DST_IPV4] if family == 4 else [tk.DST_IPV6] if family == 6 else [3, 4]
+    if tk.FIELD_RESULT not in have:
+        out += [tk.RTT_START, tk.FAILED]
+    if tk.FIELD_TIME not in have:
+        out += [tk.TIMESTAMP_ABS] + ([tk.TIMESTAMP_DELTA1, tk.TIMESTAMP_DELTA4] if has_time else [])
+    if {tk.FIELD_SRC, tk.FIELD_DST, tk.FIELD_RESULT} <= have:
+        out.append(tk.MEASUREMENT_START)
+    return np.asarray(out, np.int64)
+
+
+class _Mixture:
+    """Weighted mixture of `_Rows` (the completions of a partial-address query)."""
+
+    def __init__(self):
+        self.pmf = np.zeros(len(_CANON_CODES))  # sum of w * (1 - p_failed) * P(code | reply)
+        self.p_failed = self.coarse = self.total = 0.0
+        self.rows = 0
+
+    def add(self, w: np.ndarray, rows: _Rows) -> None:
+        ok = w * (1 - rows.p_failed)
+        self.pmf += rows.dense(ok)
+        self.p_failed += float(w @ rows.p_failed)
+        self.coarse += float(ok @ (rows.p1 * ~rows.keep).sum(1))
+        self.total += float(w.sum())
+        self.rows += len(w)
+
+    def result(self, exact: bool, n_samples: int | None) -> RTTDistribution:
+        nz = np.flatnonzero(self.pmf)
+        ok = self.pmf[nz].sum()
+        return RTTDistribution(
+            self.p_failed / self.total,
+            _CANON_CODES[nz].astype(np.uint16),
+            self.pmf[nz] / ok,
+            exact=exact,
+            n_samples=n_samples,
+            n_completions=self.rows,
+            coarse_mass=self.coarse / ok,
+        )
+
+
+def _field_blocks(toks, start: int, order, m: tk.Measurement) -> list[tuple[str, int, int]]:
+    """(field name, first token, end) of each field of the measurement starting at `start`."""
+    n_addr = 5 if tk.parse_address(m.src)[1] == 4 else 17
+    out, pos = [], start + 1
+    for f in order:
+        if f == tk.FIELD_TIME and m.time is None:
+            continue
+        if f in (tk.FIELD_SRC, tk.FIELD_DST):
+            n = n_addr
+        elif f == tk.FIELD_RESULT:
+            n = 1 if m.rtt_ms < 0 else 3
+        else:
+            n = {tk.TIMESTAMP_ABS: 9, tk.TIMESTAMP_DELTA1: 2, tk.TIMESTAMP_DELTA4: 5}[toks[pos]]
+        out.append((tk.FIELD_NAMES[f], pos, pos + n))
+        pos += n
+    return out
+
+
+def _make_score(tok_lp: np.ndarray, logits: torch.Tensor, arr: np.ndarray, blocks) -> Score:
+    start = blocks[0][1] - 1  # MEASUREMENT_START position
+    fields = {name: float(tok_lp[a - 1 : b - 1].sum()) for name, a, b in blocks}
+    first = float(tok_lp[start - 1]) if start > 0 else None
+    name, a, b = next(x for x in blocks if x[0] == "result")
+    role = torch.log_softmax(logits[a - 1, [tk.RTT_START, tk.FAILED]], -1)
+    cond = float(role[0 if arr[a] == tk.RTT_START else 1])
+    if arr[a] == tk.RTT_START:
+        b1 = torch.log_softmax(logits[a, tk.BYTE0 + CANON_B1], -1)
+        cond += float(b1[int(np.flatnonzero(arr[a + 1] - tk.BYTE0 == CANON_B1)[0])])
+        cond += float(torch.log_softmax(logits[a + 1, tk.BYTE0 :], -1)[arr[a + 2] - tk.BYTE0])
+    total = sum(fields.values()) + (first or 0.0)
+    return Score(fields, first, total, cond, int(sum(b - a for _, a, b in blocks) + 1))
