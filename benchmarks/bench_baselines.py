@@ -32,11 +32,11 @@ from ping_llm.baselines import (
     BiasedMF,
     DestinationMedian,
     GlobalMedian,
-    Observations,
-    Vivaldi,
     make_baselines,
     with_fallback,
 )
+from ping_llm.observations import Observations
+from ping_llm.vivaldi import Vivaldi
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""Ingest throughput: ping_llm.ripe (orjson + columnar) vs a naive stdlib-json baseline.
+"""Ingest throughput: ping_llm.ingest + ripe (orjson + columnar) vs a naive stdlib-json baseline.
 
 Both run on one core over the same decompressed bytes of ripe_atlas_menog_2019/raw.jsonl.gz
 (181,810 results, ~544k packets), so decompression (timed separately) is not in either number.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ping_llm import ripe
+from ping_llm import ingest, ripe
 from ping_llm.schema import CANONICAL_SCHEMA
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -61,7 +61,7 @@ def naive(lines: list[bytes]) -> pa.Table:
 
 def ours(data: bytes) -> pa.Table:
     report: dict = {}
-    tables = list(ripe.iter_tables(io.BytesIO(data), report=report))
+    tables = list(ingest.iter_tables(io.BytesIO(data), report=report))
     return pa.concat_tables(tables)
 
 
@@ -94,7 +94,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:  # end to end: gunzip + parse + Parquet write
         ripe._ADDR_CACHE.clear()
-        rep, s_e2e = cpu(ripe.ingest, [args.data], tmp, "auto", 1, None, False)
+        rep, s_e2e = cpu(ingest.ingest, [args.data], tmp, "auto", 1, None, False)
         size = sum(os.path.getsize(p) for p in rep.outputs)
 
     res = {

@@ -30,14 +30,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build_dataset(work: Path, menog: bool) -> Path:
-    from ping_llm import ripe, synth
+    from ping_llm import ingest, synth, synth_atlas
 
     if menog:
         raw = SHARED / "ripe_atlas_menog_2019" / "raw.jsonl.gz"
     else:
         raw = work / "synth.jsonl.gz"
-        synth.generate(synth.SynthConfig(), raw, progress=False)
-    ripe.ingest([raw], work / "canonical", progress=False)
+        synth_atlas.generate(synth.SynthConfig(), raw, progress=False)
+    ingest.ingest([raw], work / "canonical", progress=False)
     prepare.prepare([work / "canonical"], work / "dataset", progress=False)
     return work / "dataset"
 

@@ -41,19 +41,22 @@ TRAINED_RUN_STEPS = 150
 def trained_run(tmp_path_factory) -> TrainedRun:
     import torch
 
-    from ping_llm import prepare, ripe, synth
+    from ping_llm import ingest, prepare, synth, synth_atlas
     from ping_llm import train as tr
 
     root = tmp_path_factory.mktemp("trained_run")
     results = root / "results.jsonl.gz"
-    synth.generate(synth.SynthConfig(**TRAINED_RUN_WORLD), results, progress=False)
+    synth_atlas.generate(synth.SynthConfig(**TRAINED_RUN_WORLD), results, progress=False)
     canonical = root / "canonical"
-    rep = ripe.ingest([results], canonical, progress=False)
+    rep = ingest.ingest([results], canonical, progress=False)
     assert rep.rejected == 0
     data_dir = root / "dataset"
     prepare.prepare([canonical], data_dir, prepare.PrepareConfig(seed=0), progress=False)
     run_dir = root / "run"
+    # One thread: on two cores shared with anything else, torch's two threads oversubscribe and
+    # run many times slower than one.
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         summary = tr.train(
             tr.TrainConfig(

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ping_llm import cli, prepare, ripe, schema, tokens
+from ping_llm import cli, ingest, prepare, schema, tokens
 from ping_llm.errors import InputError
 
 REAL = ("ripe_atlas_menog_2019", "ripe_atlas_builtin_v4v6_2019")
@@ -19,11 +19,11 @@ REAL = ("ripe_atlas_menog_2019", "ripe_atlas_builtin_v4v6_2019")
 
 @pytest.fixture(scope="module")
 def canonical(shared_data, tmp_path_factory):
-    """Real RIPE Atlas samples ingested to canonical Parquet (ripe.ingest)."""
+    """Real RIPE Atlas samples ingested to canonical Parquet (ingest.ingest)."""
     out = {}
     for name in REAL:
         d = tmp_path_factory.mktemp(f"canon_{name}")
-        ripe.ingest([shared_data / name / "raw.jsonl.gz"], d, progress=False)
+        ingest.ingest([shared_data / name / "raw.jsonl.gz"], d, progress=False)
         out[name] = d
     return out
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from ping_llm import ripe
+from ping_llm import ingest, ripe
 from ping_llm.cli import main
 from ping_llm.schema import CANONICAL_SCHEMA, read_canonical, validate
 
@@ -83,7 +83,7 @@ def real(shared_data, tmp_path_factory):
     """All four real RIPE folders ingested once (one core), with the oracle's numbers."""
     out = tmp_path_factory.mktemp("real")
     inputs = [shared_data / f / "raw.jsonl.gz" for f in RIPE_FOLDERS]
-    rep = ripe.ingest(inputs, out, progress=False)
+    rep = ingest.ingest(inputs, out, progress=False)
     return {
         f: (fr, expected(raw_objs(p)), read_canonical(fr["output"]))
         for f, p, fr in zip(RIPE_FOLDERS, inputs, rep.files, strict=True)
@@ -131,7 +131,7 @@ def test_fixture_results_match_the_raw_json(shared_data, tmp_path):
         objs += [o["result"] for o in raw_objs(shared_data / "ping_fixtures" / name)]
     src = tmp_path / "fixtures.jsonl"
     src.write_bytes(b"\n".join(orjson.dumps(o) for o in objs))
-    rep = ripe.ingest([src], tmp_path / "out", progress=False)
+    rep = ingest.ingest([src], tmp_path / "out", progress=False)
     exp = expected(objs)
     assert rep.rejects == {}
     assert (rep.rows, rep.replies, rep.failed, rep.errors, rep.dups) == (
@@ -149,7 +149,7 @@ def test_fixture_wrappers_are_not_results_and_are_rejected_cleanly(shared_data, 
     paths = [shared_data / "ping_fixtures" / n for n in FIXTURES]
     n_lines = sum(len(raw_objs(p)) for p in paths)
     rej = tmp_path / "rej.jsonl"
-    rep = ripe.ingest(paths, tmp_path / "out", rejects=rej, progress=False)
+    rep = ingest.ingest(paths, tmp_path / "out", rejects=rej, progress=False)
     assert rep.rows == 0 and rep.rejects == {"missing_timestamp": n_lines}
     records = [json.loads(x) for x in rej.read_text().splitlines()]
     assert len(records) == n_lines
@@ -159,7 +159,7 @@ def test_fixture_wrappers_are_not_results_and_are_rejected_cleanly(shared_data, 
 def test_netlatency_tsv_is_not_ripe_json_and_is_rejected_line_by_line(shared_data, tmp_path):
     path = shared_data / "netlatency_seattle_planetlab" / "seattle_median_over_time.tsv.gz"
     n_lines = sum(1 for ln in gzip.decompress(path.read_bytes()).splitlines() if ln.strip())
-    rep = ripe.ingest([path], tmp_path / "out", progress=False)
+    rep = ingest.ingest([path], tmp_path / "out", progress=False)
     assert rep.rows == 0 and rep.rejects == {"malformed_json": n_lines}
 
 
@@ -329,7 +329,7 @@ def rows_of(lines: list[bytes]) -> int:
 
 
 def ingest1(path, tmp_path, **kw):
-    return ripe.ingest([path], tmp_path / "out", progress=False, **kw)
+    return ingest.ingest([path], tmp_path / "out", progress=False, **kw)
 
 
 def test_garbage_lines_are_rejected_and_good_lines_kept(africa_lines, tmp_path):
@@ -439,8 +439,8 @@ def test_json_array_with_a_broken_element_keeps_the_others(africa_lines, tmp_pat
 
 
 def test_overlong_line_is_rejected_and_the_next_lines_kept(africa_lines, tmp_path, monkeypatch):
-    monkeypatch.setattr(ripe, "MAX_LINE", 10_000)
-    monkeypatch.setattr(ripe, "READ_BYTES", 4096)
+    monkeypatch.setattr(ingest, "MAX_LINE", 10_000)
+    monkeypatch.setattr(ingest, "READ_BYTES", 4096)
     data = africa_lines[:10] + [b"x" * 50_000] + africa_lines[10:20]
     path = tmp_path / "long.jsonl"
     path.write_bytes(b"\n".join(data) + b"\n")
@@ -470,8 +470,8 @@ def test_empty_file_gives_an_empty_output(tmp_path):
 
 
 def test_chunks_become_row_groups(africa_lines, tmp_path, monkeypatch):
-    monkeypatch.setattr(ripe, "CHUNK_RESULTS", 64)
-    monkeypatch.setattr(ripe, "READ_BYTES", 8192)  # a table is flushed per block read
+    monkeypatch.setattr(ingest, "CHUNK_RESULTS", 64)
+    monkeypatch.setattr(ingest, "READ_BYTES", 8192)  # a table is flushed per block read
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join(africa_lines))
     rep = ingest1(path, tmp_path)
@@ -481,7 +481,7 @@ def test_chunks_become_row_groups(africa_lines, tmp_path, monkeypatch):
 
 def test_iter_tables_streams_from_a_file_object(africa_lines):
     report: dict = {}
-    tables = list(ripe.iter_tables(io.BytesIO(gzip.compress(b"\n".join(africa_lines))),
+    tables = list(ingest.iter_tables(io.BytesIO(gzip.compress(b"\n".join(africa_lines))),
                                    report=report))
     assert sum(t.num_rows for t in tables) == report["rows"] == rows_of(africa_lines)
 
@@ -494,22 +494,22 @@ def test_rerun_is_idempotent_and_a_changed_input_replaces_its_output(africa_line
     path = tmp_path / "day1.jsonl"
     path.write_bytes(b"\n".join(africa_lines[:100]))
     out = tmp_path / "out"
-    first = ripe.ingest([path], out, progress=False)
-    again = ripe.ingest([path], out, progress=False)
+    first = ingest.ingest([path], out, progress=False)
+    again = ingest.ingest([path], out, progress=False)
     assert again.skipped_inputs == [str(path)] and again.outputs == first.outputs
     assert again.rows == first.rows and again.to_dict()["rejects"] == first.to_dict()["rejects"]
     assert len(list(out.glob("*.parquet"))) == 1
     path.write_bytes(b"\n".join(africa_lines[:200]))  # the dump grew
     os.utime(path, ns=(1, 2_000_000_000_000_000_000))
-    grown = ripe.ingest([path], out, progress=False)
+    grown = ingest.ingest([path], out, progress=False)
     assert grown.skipped_inputs == [] and grown.outputs != first.outputs
     assert [p.name for p in out.glob("*.parquet")] == [Path(grown.outputs[0]).name]
     assert read_canonical(out).num_rows == rows_of(africa_lines[:200])
-    other_mode = ripe.ingest([path], out, source_address="from", progress=False)
+    other_mode = ingest.ingest([path], out, source_address="from", progress=False)
     assert other_mode.skipped_inputs == [] and len(list(out.glob("*.parquet"))) == 1
     day2 = tmp_path / "day2.jsonl"
     day2.write_bytes(b"\n".join(africa_lines[200:]))
-    ripe.ingest([day2], out, progress=False)  # appending a day adds a file
+    ingest.ingest([day2], out, progress=False)  # appending a day adds a file
     assert read_canonical(out).num_rows == rows_of(africa_lines)
 
 
@@ -519,8 +519,8 @@ def test_workers_give_the_same_rows_as_one_process(africa_lines, tmp_path):
         p = tmp_path / f"part{i}.jsonl.gz"
         p.write_bytes(gzip.compress(b"\n".join(africa_lines[i * 100 : (i + 1) * 100])))
         paths.append(p)
-    one = ripe.ingest(paths, tmp_path / "one", progress=False)
-    two = ripe.ingest(paths, tmp_path / "two", workers=2, progress=False)
+    one = ingest.ingest(paths, tmp_path / "one", progress=False)
+    two = ingest.ingest(paths, tmp_path / "two", workers=2, progress=False)
     assert one.rows == two.rows == rows_of(africa_lines[:300])
     key = ["event_time", "src_addr", "dst_addr", "rtt"]
     assert read_canonical(tmp_path / "one").sort_by([(k, "ascending") for k in key]).equals(
@@ -584,5 +584,5 @@ def test_a_directory_input_skips_the_world_file_synth_writes_beside_its_output(
     d.mkdir()
     (d / "results.jsonl").write_bytes(b"\n".join(africa_lines[:50]) + b"\n")
     (d / "results.jsonl.world.json").write_text('{"config": {}}')
-    rep = ripe.ingest([d], tmp_path / "out", progress=False)
+    rep = ingest.ingest([d], tmp_path / "out", progress=False)
     assert rep.rejected == 0 and rep.rows == rows_of(africa_lines[:50])

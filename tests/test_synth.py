@@ -1,5 +1,8 @@
 """The synthetic Internet: deterministic RIPE-Atlas-format output whose ground truth is exact.
 
+Covers synth.py (the world and its truth) and synth_atlas.py (schedules and the JSON writer)
+together: the truth is checked against the written JSON, so both share one generated world.
+
 Most tests share one small generated world (40 probes, 1 day, ~150k packets). Expected values are
 derived from the generated JSON itself (or from the ingested canonical table) and compared with the
 world's ground truth, so a bug in either side shows up.
@@ -17,7 +20,7 @@ import orjson
 import pytest
 from scipy import stats
 
-from ping_llm import cli, ripe, schema, synth, tokens
+from ping_llm import cli, ingest, schema, synth, synth_atlas, tokens
 from ping_llm.errors import InputError
 
 SMALL = synth.SynthConfig(seed=7, probes=40, days=1.0)
@@ -26,7 +29,7 @@ SMALL = synth.SynthConfig(seed=7, probes=40, days=1.0)
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "small.jsonl.gz"
-    summary = synth.generate(SMALL, out, progress=False)
+    summary = synth_atlas.generate(SMALL, out, progress=False)
     with gzip.open(out, "rb") as fh:
         records = [orjson.loads(line) for line in fh]
     return out, summary, records, synth.World.load(out)
@@ -53,7 +56,7 @@ def packets(small):
 @pytest.fixture(scope="module")
 def canonical(small, tmp_path_factory):
     out, _, _, _ = small
-    rep = ripe.ingest([str(out)], tmp_path_factory.mktemp("canon"), progress=False)
+    rep = ingest.ingest([str(out)], tmp_path_factory.mktemp("canon"), progress=False)
     return rep, schema.read_canonical(rep.outputs)
 
 
@@ -64,9 +67,9 @@ def canonical(small, tmp_path_factory):
 def test_same_seed_gives_byte_identical_output_and_another_seed_differs(tmp_path):
     cfg = synth.SynthConfig(seed=3, probes=12, days=0.25)
     a, b, c = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl.gz"
-    synth.generate(cfg, a, progress=False)
-    synth.generate(cfg, b, progress=False)
-    synth.generate(synth.SynthConfig(seed=4, probes=12, days=0.25), c, progress=False)
+    synth_atlas.generate(cfg, a, progress=False)
+    synth_atlas.generate(cfg, b, progress=False)
+    synth_atlas.generate(synth.SynthConfig(seed=4, probes=12, days=0.25), c, progress=False)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     assert synth.World(cfg).fingerprint() == synth.World.load(a).fingerprint()
@@ -266,7 +269,7 @@ def test_address_prefixes_carry_location(small):
 def test_renumbered_probes_keep_their_prefix_and_resolve_to_one_probe(tmp_path):
     cfg = synth.SynthConfig(seed=1, probes=10, days=4, renumber_frac=1.0)
     out = tmp_path / "r.jsonl"
-    synth.generate(cfg, out, progress=False)
+    synth_atlas.generate(cfg, out, progress=False)
     froms = defaultdict(set)
     for line in out.read_bytes().splitlines():
         r = orjson.loads(line)
@@ -315,7 +318,7 @@ def test_bad_config_is_an_input_error(kw):
 
 def test_default_world_is_about_a_million_packets():
     world = synth.World(synth.SynthConfig())
-    msms, res = synth._schedule(world, np.random.default_rng(0))
+    msms, res = synth_atlas._schedule(world, np.random.default_rng(0))
     packets = sum(msms[m][7] for m in res["m"].tolist())
     assert 500_000 <= packets <= 1_500_000
     assert len(np.unique(res["e"])) == 120 and len({msms[m][1] for m in res["m"]}) > 250

@@ -10,6 +10,10 @@ quantiles of the train RTTs it would take the median of; NaN where uncovered) an
 Results are reported both "covered only" and "with fallback": `with_fallback` fills the gaps with
 the train global median (`GlobalMedian`), so every method answers every query.
 
+This module holds the history, prefix and matrix-factorisation baselines and `make_baselines` (the
+whole comparison under its report names). The train split they fit on, `Observations`, lives in
+`ping_llm.observations`; Vivaldi, whose Serf update rule is long, in `ping_llm.vivaldi`.
+
 Node identity is the address string (the canonical table's src_addr / dst_addr); the node set is
 the union of sources and destinations. Failed pings (rtt < 0, canonically -1.0) never enter an RTT
 fit; they only feed the failure rates. What each method cannot predict (its coverage):
@@ -18,7 +22,8 @@ fit; they only feed the failure rates. What each method cannot predict (its cove
 - DestinationMedian: destinations with >= 1 successful train ping.
 - PrefixNeighbour: pairs whose addresses share at least the shortest ladder prefix (/8 IPv4,
   /32 IPv6) with a train pair on both ends.
-- Vivaldi: pairs whose two nodes both appear in a valid successful train ping.
+- Vivaldi (`ping_llm.vivaldi`): pairs whose two nodes both appear in a valid successful train
+  ping.
 - DMFSGD, BiasedMF: source seen as a source and destination seen as a destination in train.
 """
 
@@ -26,98 +31,12 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import random
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
 from ping_llm.errors import InputError
-
-
-def _as_str_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype.kind != "U":
-        a = a.astype(str)
-    if a.ndim != 1:
-        raise InputError(f"{name} must be 1-D, got shape {a.shape}")
-    return a
-
-
-@dataclass(frozen=True, eq=False)
-class Observations:
-    """A train split as parallel arrays: src, dst address strings; rtt ms (< 0 = failed);
-    time in seconds (any epoch; only the order matters). Build with `from_table` for a canonical
-    Arrow table or directly from arrays (time defaults to input order)."""
-
-    src: np.ndarray
-    dst: np.ndarray
-    rtt: np.ndarray
-    time: np.ndarray | None = None
-
-    def __post_init__(self):
-        src, dst = _as_str_array(self.src, "src"), _as_str_array(self.dst, "dst")
-        rtt = np.asarray(self.rtt, dtype=np.float64)
-        n = len(src)
-        time = np.zeros(n) if self.time is None else np.asarray(self.time, dtype=np.float64)
-        if not (len(dst) == rtt.shape[0] == time.shape[0] == n) or rtt.ndim != 1 or time.ndim != 1:
-            raise InputError("src, dst, rtt, time must be 1-D arrays of the same length")
-        if not (np.all(np.isfinite(rtt)) and np.all(np.isfinite(time))):
-            raise InputError("rtt and time must be finite (use -1.0 for a failed ping)")
-        for name, val in (("src", src), ("dst", dst), ("rtt", rtt), ("time", time)):
-            object.__setattr__(self, name, val)
-
-    @classmethod
-    def from_table(cls, table) -> Observations:
-        """From a pyarrow Table with src_addr, dst_addr, rtt, event_time (timestamp of any unit,
-        or epoch seconds)."""
-        import pyarrow as pa
-
-        missing = {"src_addr", "dst_addr", "rtt", "event_time"} - set(table.column_names)
-        if missing:
-            raise InputError(f"table lacks columns {sorted(missing)}")
-        t = table.column("event_time")
-        if pa.types.is_timestamp(t.type):
-            per_s = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[t.type.unit]
-            secs = t.cast(pa.int64()).to_numpy(zero_copy_only=False) / per_s
-        else:
-            secs = t.to_numpy(zero_copy_only=False)
-        return cls(table.column("src_addr").to_numpy(zero_copy_only=False),
-                   table.column("dst_addr").to_numpy(zero_copy_only=False),
-                   table.column("rtt").to_numpy(zero_copy_only=False), secs)
-
-    def __len__(self) -> int:
-        return len(self.rtt)
-
-    @cached_property
-    def ok(self) -> np.ndarray:
-        return self.rtt >= 0
-
-    @cached_property
-    def _node_index(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.unique(np.concatenate([self.src, self.dst]), return_inverse=True)
-
-    @property
-    def nodes(self) -> np.ndarray:
-        """Sorted distinct addresses over sources and destinations."""
-        return self._node_index[0]
-
-    @property
-    def src_id(self) -> np.ndarray:
-        return self._node_index[1][: len(self)]
-
-    @property
-    def dst_id(self) -> np.ndarray:
-        return self._node_index[1][len(self):]
-
-
-def _lookup(nodes: np.ndarray, query) -> np.ndarray:
-    """Index of each query string in the sorted `nodes`, -1 where absent."""
-    q = _as_str_array(query, "query")
-    if len(nodes) == 0:
-        return np.full(len(q), -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(nodes, q), len(nodes) - 1)
-    return np.where(nodes[pos] == q, pos, -1).astype(np.int64)
+from ping_llm.observations import Observations, as_str_array, lookup, require_success
+from ping_llm.vivaldi import Vivaldi
 
 
 def _pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
@@ -187,13 +106,6 @@ class _FailureRates:
         return out
 
 
-def _require_success(train: Observations) -> None:
-    if not isinstance(train, Observations):
-        raise InputError("fit expects an Observations (use Observations.from_table/arrays)")
-    if not train.ok.any():
-        raise InputError("train split has no successful ping to fit on")
-
-
 # ---------------------------------------------------------------------------------------------
 # history baselines
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +114,7 @@ class GlobalMedian:
     """The median train RTT for every query; P(failed) = train failure fraction. Covers all."""
 
     def fit(self, train: Observations) -> GlobalMedian:
-        _require_success(train)
+        require_success(train)
         ok = train.ok
         self._groups = _Groups(np.zeros(int(ok.sum()), dtype=np.int64), train.rtt[ok])
         self.median_ms = float(self._groups.medians(np.zeros(1, dtype=np.int64))[0])
@@ -210,17 +122,17 @@ class GlobalMedian:
         return self
 
     def coverage(self, src, dst) -> np.ndarray:
-        return np.ones(len(_as_str_array(src, "src")), dtype=bool)
+        return np.ones(len(as_str_array(src, "src")), dtype=bool)
 
     def predict(self, src, dst) -> np.ndarray:
-        return np.full(len(_as_str_array(src, "src")), self.median_ms)
+        return np.full(len(as_str_array(src, "src")), self.median_ms)
 
     def predict_quantiles(self, src, dst, levels) -> np.ndarray:
-        n = len(_as_str_array(src, "src"))
+        n = len(as_str_array(src, "src"))
         return self._groups.quantiles(np.zeros(n, dtype=np.int64), levels)
 
     def predict_p_failed(self, src, dst) -> np.ndarray:
-        return np.full(len(_as_str_array(src, "src")), self.p_failed)
+        return np.full(len(as_str_array(src, "src")), self.p_failed)
 
 
 class PairHistory:
@@ -244,10 +156,10 @@ class PairHistory:
         self.stat, self.alpha, self.window, self.prior = stat, alpha, window, prior
 
     def _keys(self, src, dst) -> np.ndarray:
-        return _pair_keys(_lookup(self._nodes, src), _lookup(self._nodes, dst), len(self._nodes))
+        return _pair_keys(lookup(self._nodes, src), lookup(self._nodes, dst), len(self._nodes))
 
     def fit(self, train: Observations) -> PairHistory:
-        _require_success(train)
+        require_success(train)
         self._nodes, n = train.nodes, len(train.nodes)
         keys_all = train.src_id * n + train.dst_id
         ok = train.ok
@@ -293,7 +205,7 @@ class DestinationMedian:
         self.prior = prior
 
     def fit(self, train: Observations) -> DestinationMedian:
-        _require_success(train)
+        require_success(train)
         self._nodes = train.nodes
         ok = train.ok
         self._groups = _Groups(train.dst_id[ok], train.rtt[ok])
@@ -301,16 +213,16 @@ class DestinationMedian:
         return self
 
     def coverage(self, src, dst) -> np.ndarray:
-        return self._groups.find(_lookup(self._nodes, dst)) >= 0
+        return self._groups.find(lookup(self._nodes, dst)) >= 0
 
     def predict(self, src, dst) -> np.ndarray:
-        return self._groups.medians(self._groups.find(_lookup(self._nodes, dst)))
+        return self._groups.medians(self._groups.find(lookup(self._nodes, dst)))
 
     def predict_quantiles(self, src, dst, levels) -> np.ndarray:
-        return self._groups.quantiles(self._groups.find(_lookup(self._nodes, dst)), levels)
+        return self._groups.quantiles(self._groups.find(lookup(self._nodes, dst)), levels)
 
     def predict_p_failed(self, src, dst) -> np.ndarray:
-        return self._fail.lookup(_lookup(self._nodes, dst))
+        return self._fail.lookup(lookup(self._nodes, dst))
 
 
 def _parse_ip(s: str) -> tuple[int, int] | None:
@@ -364,7 +276,7 @@ class PrefixNeighbour:
         return out
 
     def fit(self, train: Observations) -> PrefixNeighbour:
-        _require_success(train)
+        require_success(train)
         ok = train.ok
         glob = float(1 - ok.mean())
         n_levels = len(self.ladder[4])
@@ -378,7 +290,7 @@ class PrefixNeighbour:
         return self
 
     def _query(self, src, dst):
-        src, dst = _as_str_array(src, "src"), _as_str_array(dst, "dst")
+        src, dst = as_str_array(src, "src"), as_str_array(dst, "dst")
         us, inv_s = np.unique(src, return_inverse=True)
         ud, inv_d = np.unique(dst, return_inverse=True)
         for lv in range(len(self._prefixes)):
@@ -389,7 +301,7 @@ class PrefixNeighbour:
 
     def _match(self, src, dst):
         """(level index, group index) of the most specific matching level; -1 where none."""
-        n = len(_as_str_array(src, "src"))
+        n = len(as_str_array(src, "src"))
         level, group = np.full(n, -1), np.full(n, -1)
         for lv, keys in self._query(src, dst):
             g = self._groups[lv].find(keys)
@@ -400,7 +312,7 @@ class PrefixNeighbour:
     def predict_level(self, src, dst) -> np.ndarray:
         """Prefix length of the level that answered each query (-1 where none did)."""
         level, _ = self._match(src, dst)
-        src = _as_str_array(src, "src")
+        src = as_str_array(src, "src")
         v6 = np.array([":" in s for s in src], dtype=bool)
         lengths4, lengths6 = np.array(self.ladder[4]), np.array(self.ladder[6])
         lm = np.maximum(level, 0)
@@ -427,182 +339,6 @@ class PrefixNeighbour:
             p = self._fail[lv].lookup(keys)
             out = p if out is None else np.where(np.isnan(out), p, out)
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Vivaldi, as in Serf/Consul (hashicorp/serf/coordinate), re-implemented
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class VivaldiConfig:
-    """Serf's DefaultConfig. Units are Serf's: seconds (inputs are converted from ms)."""
-
-    dimensionality: int = 8
-    error_max: float = 1.5  # VivaldiErrorMax: initial and maximum node error
-    ce: float = 0.25  # VivaldiCE: max impact of one observation on the error estimate
-    cc: float = 0.25  # VivaldiCC: max impact of one observation on the coordinate
-    adjustment_window: int = 20  # AdjustmentWindowSize (0 disables the adjustment term)
-    height_min: float = 10e-6  # HeightMin, s
-    latency_filter_size: int = 3  # LatencyFilterSize: moving median over the last samples/peer
-    gravity_rho: float = 150.0  # GravityRho, s
-    zero_threshold: float = 1e-6  # zeroThreshold, s
-    max_rtt: float = 10.0  # Serf's Update rejects RTTs outside [0, 10 s]
-
-    def __post_init__(self):
-        if self.dimensionality < 1 or self.latency_filter_size < 1 or self.adjustment_window < 0:
-            raise InputError("dimensionality and latency_filter_size must be >= 1, window >= 0")
-        if min(self.error_max, self.ce, self.cc, self.gravity_rho) <= 0 or self.height_min < 0:
-            raise InputError("error_max, ce, cc, gravity_rho must be > 0 and height_min >= 0")
-
-
-class Vivaldi:
-    """Vivaldi network coordinates with Serf's refinements: D-dimensional Euclidean part plus a
-    height (access-link delay), per-node error weighting (ce, cc), a per-peer moving-median
-    latency filter, the adjustment term (mean residual over the last 20 observations / 2) and
-    gravity toward the origin (rho = 150 s). Prediction = Serf's Coordinate.DistanceTo in ms.
-
-    Training replays the successful train pings in time order (stable; ties keep input order),
-    `passes` times. Each ping (src i, dst j, rtt) is what Serf's Client.Update does when i pings
-    j: i's coordinate moves against j's current coordinate. Destinations that never probe in the
-    train split are passive: left alone they would sit at the origin with maximal error forever,
-    so by default (`passive="reciprocal"`) such a node also updates from the same ping against
-    the source's pre-update coordinate, as if it had pinged back (RTT is symmetric); "all" does
-    that for every destination, "none" is strictly one-sided. Differences from Serf: our own RNG
-    for the random direction when two coordinates coincide; distances are not truncated to whole
-    nanoseconds. RTTs above 10 s are skipped (Serf rejects them).
-    """
-
-    def __init__(self, config: VivaldiConfig | None = None, passive: str = "reciprocal",
-                 passes: int = 1, seed: int = 0):
-        if passive not in ("reciprocal", "all", "none"):
-            raise InputError("passive must be 'reciprocal', 'all' or 'none'")
-        if passes < 1:
-            raise InputError("passes must be >= 1")
-        self.config = config or VivaldiConfig()
-        self.passive, self.passes, self.seed = passive, passes, seed
-
-    # -- Serf's Client.Update on plain Python floats (D ~ 8: lists beat numpy per call) --------
-    def _random_unit(self) -> list[float]:
-        v = [self._rng.random() - 0.5 for _ in range(self.config.dimensionality)]
-        m = math.hypot(*v)
-        if m > self.config.zero_threshold:
-            return [a / m for a in v]
-        return [1.0] + [0.0] * (self.config.dimensionality - 1)
-
-    def _update(self, i: int, j: int, rtt: float, ov, oh: float, oerr: float, oadj: float):
-        """Serf's Client.Update for node i after a ping to j (coordinate ov, height oh, error
-        oerr, adjustment oadj): latency filter, Vivaldi step, adjustment, gravity, validity."""
-        ce, cc, emax, w, hmin, lfs, rho, zt = self._k
-        # latency filter: median of the last `lfs` raw samples from this peer
-        key = i * self._n + j
-        s = self._filt.get(key)
-        if s is None:
-            s = self._filt[key] = []
-        s.append(rtt)
-        if len(s) > lfs:
-            del s[0]
-        rtt = sorted(s)[len(s) // 2]
-        # Vivaldi step: distance includes the adjustments unless that makes it non-positive
-        v, h, e, adj = self._vec[i], self._h[i], self._err[i], self._adj[i]
-        mag = math.dist(v, ov)
-        raw = mag + h + oh
-        dist = raw + adj + oadj
-        if dist <= 0.0:
-            dist = raw
-        if rtt < zt:
-            rtt = zt
-        wrongness = abs(dist - rtt) / rtt
-        total = e + oerr
-        if total < zt:
-            total = zt
-        weight = e / total
-        e = ce * weight * wrongness + e * (1.0 - ce * weight)
-        if e > emax:
-            e = emax
-        force = cc * weight * (rtt - dist)
-        if mag > zt:  # push along the unit vector from the other node to this one
-            f = force / mag
-            v = [a + (a - b) * f for a, b in zip(v, ov, strict=False)]
-            h = max((h + oh) * force / mag + h, hmin)
-        else:  # on top of each other: a random direction, height unchanged (as Serf)
-            v = [a + u * force for a, u in zip(v, self._random_unit(), strict=False)]
-        # adjustment: mean residual (raw distance, after the move) over the window, halved
-        if w > 0:
-            samples = self._adj_samples[i]
-            samples[self._adj_idx[i]] = rtt - (math.dist(v, ov) + h + oh)
-            self._adj_idx[i] = (self._adj_idx[i] + 1) % w
-            adj = sum(samples) / (2.0 * w)
-        # gravity toward the origin (origin: zero vector, height hmin, no adjustment)
-        norm = math.hypot(*v)
-        d0 = norm + hmin + h
-        if d0 + adj > 0.0:
-            d0 = d0 + adj
-        g = -((d0 / rho) ** 2)
-        if norm > zt:
-            k = 1.0 + g / norm
-            v = [a * k for a in v]
-            h = max((h + hmin) * g / norm + h, hmin)
-        else:
-            v = [a + u * g for a, u in zip(v, self._random_unit(), strict=False)]
-        if not math.isfinite(sum(v) + h + e + adj):  # Serf resets an invalid coordinate
-            v, h, e, adj = [0.0] * len(v), hmin, emax, 0.0
-            self.resets += 1
-        self._vec[i], self._h[i], self._err[i], self._adj[i] = v, h, e, adj
-
-    def fit(self, train: Observations) -> Vivaldi:
-        _require_success(train)
-        c = self.config
-        self._nodes, self._n = train.nodes, len(train.nodes)
-        n = self._n
-        self._rng = random.Random(self.seed)
-        self._vec = [[0.0] * c.dimensionality for _ in range(n)]
-        self._h, self._err, self._adj = [c.height_min] * n, [c.error_max] * n, [0.0] * n
-        self._adj_samples = [[0.0] * c.adjustment_window for _ in range(n)]
-        self._adj_idx = [0] * n
-        self._filt: dict[int, list[float]] = {}
-        self._k = (c.ce, c.cc, c.error_max, c.adjustment_window, c.height_min,
-                   c.latency_filter_size, c.gravity_rho, c.zero_threshold)
-        self.resets = 0
-        rtt_s = train.rtt / 1000.0
-        keep = train.ok & (rtt_s <= c.max_rtt) & (train.src_id != train.dst_id)
-        order = np.flatnonzero(keep)[np.argsort(train.time[keep], kind="stable")]
-        a, b, r = train.src_id[order], train.dst_id[order], rtt_s[order]
-        if self.passive == "all":
-            back = np.ones(len(order), dtype=bool)
-        elif self.passive == "reciprocal":
-            back = ~np.isin(b, np.unique(a))
-        else:
-            back = np.zeros(len(order), dtype=bool)
-        a, b, r, back = a.tolist(), b.tolist(), r.tolist(), back.tolist()
-        vec, hh, err, adj, upd = self._vec, self._h, self._err, self._adj, self._update
-        for _ in range(self.passes):
-            for i, j, rtt, bk in zip(a, b, r, back, strict=True):
-                vi, hi, ei, ai = vec[i], hh[i], err[i], adj[i]  # i's state before the ping
-                upd(i, j, rtt, vec[j], hh[j], err[j], adj[j])
-                if bk:
-                    upd(j, i, rtt, vi, hi, ei, ai)
-        self.vec_ = np.array(self._vec, dtype=np.float64).reshape(n, c.dimensionality)
-        self.height_ = np.array(self._h)
-        self.error_ = np.array(self._err)
-        self.adjustment_ = np.array(self._adj)
-        self._known = np.zeros(n, dtype=bool)
-        self._known[a] = True
-        self._known[b] = True
-        return self
-
-    def coverage(self, src, dst) -> np.ndarray:
-        i, j = _lookup(self._nodes, src), _lookup(self._nodes, dst)
-        return (i >= 0) & (j >= 0) & self._known[np.maximum(i, 0)] & self._known[np.maximum(j, 0)]
-
-    def predict(self, src, dst) -> np.ndarray:
-        i, j = _lookup(self._nodes, src), _lookup(self._nodes, dst)
-        ok = self.coverage(src, dst)
-        ii, jj = np.maximum(i, 0), np.maximum(j, 0)
-        raw = (np.linalg.norm(self.vec_[ii] - self.vec_[jj], axis=1)
-               + self.height_[ii] + self.height_[jj])
-        adjusted = raw + self.adjustment_[ii] + self.adjustment_[jj]
-        dist = np.where(adjusted > 0, adjusted, raw)
-        return np.where(ok, dist * 1000.0, np.nan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +371,7 @@ class _MatrixModel:
         return np.exp(t) if self.target == "log" else np.maximum(t, 0.0)
 
     def _prepare(self, train: Observations):
-        _require_success(train)
+        require_success(train)
         if self.target not in ("log", "linear"):
             raise InputError("target must be 'log' or 'linear'")
         self._nodes = train.nodes
@@ -646,12 +382,12 @@ class _MatrixModel:
         return i, j, self._to_target(med), n
 
     def coverage(self, src, dst) -> np.ndarray:
-        i, j = _lookup(self._nodes, src), _lookup(self._nodes, dst)
+        i, j = lookup(self._nodes, src), lookup(self._nodes, dst)
         return ((i >= 0) & (j >= 0) & self._src_seen[np.maximum(i, 0)]
                 & self._dst_seen[np.maximum(j, 0)])
 
     def predict(self, src, dst) -> np.ndarray:
-        i, j = _lookup(self._nodes, src), _lookup(self._nodes, dst)
+        i, j = lookup(self._nodes, src), lookup(self._nodes, dst)
         t = self._predict_target(np.maximum(i, 0), np.maximum(j, 0))
         return np.where(self.coverage(src, dst), self._from_target(t), np.nan)
 

@@ -68,9 +68,9 @@ def _cmd_tokens(args) -> int:
 
 
 def _cmd_ingest(args) -> int:
-    from ping_llm import ripe
+    from ping_llm import ingest
 
-    rep = ripe.ingest(
+    rep = ingest.ingest(
         args.inputs,
         args.out,
         source_address=args.source_address,
@@ -98,7 +98,7 @@ def _cmd_ingest(args) -> int:
 def _cmd_synth(args) -> int:
     import datetime as dt
 
-    from ping_llm import synth
+    from ping_llm import synth, synth_atlas
 
     kw = {k: getattr(args, k) for k in ("seed", "probes", "days") if getattr(args, k) is not None}
     if args.start is not None:
@@ -109,7 +109,7 @@ def _cmd_synth(args) -> int:
             kw["start"] = int(args.start) if when is None else int(when.timestamp())
         except ValueError:
             raise InputError(f"--start: not epoch seconds or an ISO date: {args.start!r}") from None
-    s = synth.generate(synth.SynthConfig(**kw), args.out, progress=not args.no_progress)
+    s = synth_atlas.generate(synth.SynthConfig(**kw), args.out, progress=not args.no_progress)
     if args.json:
         _print_json(s)
     else:

@@ -1,9 +1,11 @@
-"""The synthetic Internet: a seeded world emitting RIPE Atlas ping results with exact ground truth.
+"""The synthetic Internet: a seeded world of probes and destinations with exact ground truth.
 
 Why: real RIPE Atlas data has no ground truth, so a model can only be scored against noisy held-out
 samples. Here every (source, destination, time) has an exact RTT distribution and failure
 probability, so a model's predicted distribution can be scored by KL divergence to the truth, and
-the generated JSON exercises `ingest` end to end. It is the default data of the main job and tests.
+the RIPE Atlas JSON generated from it exercises `ingest` end to end. It is the default data of the
+main job and tests. This module is the world and its truth (`World`, `Truth`, `SynthConfig`); the
+measurement schedules and the JSON writer (`generate`, `ping-llm synth`) are in `synth_atlas`.
 
 The world (SPEC §8): real cities (data/cities.csv); networks (ASes) with an IPv4 /16 and an IPv6 /32
 from their region's registry and one IPv4 /20 and IPv6 /40 per city they serve, so an address's
@@ -27,21 +29,16 @@ for any pair costs O(1) and a world rebuilds from its config alone (`World.load`
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import hashlib
 import ipaddress
 import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import orjson
 from scipy.special import ndtr
 
 from ping_llm.errors import InputError
@@ -67,7 +64,8 @@ _TECH = np.array([[.35, 1.5, .2, .8, .002, .01],   # fibre
                   [.30, 8., 1., 4., .005, .03],    # cable
                   [.25, 14., .8, 3., .008, .02],   # DSL
                   [.10, 35., 6., 12., .02, .05]])  # LTE / fixed wireless
-_FW = ((5020, "2.2.1"), (5060, "2.4.1"), (5080, "2.6.2"))
+# Atlas probe firmware a result reports as (fw, mver); World.fw indexes it per probe.
+FIRMWARE = ((5020, "2.2.1"), (5060, "2.4.1"), (5080, "2.6.2"))
 
 
 @dataclass(frozen=True)
@@ -274,7 +272,7 @@ class Truth:
 
 
 def world_path(out) -> Path:
-    """Where `generate` records the world next to its output."""
+    """Where `synth_atlas.generate` records the world next to its output."""
     return Path(str(out) + ".world.json")
 
 
@@ -398,8 +396,8 @@ class World:
         self.prb_id = np.zeros(n, np.int64)
         probe = kind <= ANCHOR
         self.prb_id[probe] = rng.choice(np.arange(10, 70_000), size=int(probe.sum()), replace=False)
-        self.fw = rng.choice(len(_FW), size=n, p=[.1, .3, .6])
-        self.fw[kind == ANCHOR] = len(_FW) - 1
+        self.fw = rng.choice(len(FIRMWARE), size=n, p=[.1, .3, .6])
+        self.fw[kind == ANCHOR] = len(FIRMWARE) - 1
 
     def _build_addresses(self, rng):
         """IPv4 /20 and IPv6 /40 per (AS, city); home /24s 0-14, infrastructure in the 16th."""
@@ -606,7 +604,7 @@ class World:
 
     @classmethod
     def load(cls, path) -> World:
-        """Rebuild the world recorded by `save` (or next to a `generate` output file)."""
+        """Rebuild the world recorded by `save` (or next to a `synth_atlas.generate` output)."""
         p = Path(path)
         p = p if p.name.endswith(".world.json") else world_path(p)
         try:
@@ -620,175 +618,3 @@ class World:
             raise InputError(f"{p} was written by a different generator version: "
                              "its world cannot be rebuilt exactly")
         return world
-
-
-# ----------------------------------------------------------------------------------------------
-# measurements and RIPE Atlas JSON
-
-
-def _schedule(w: World, rng) -> tuple[list, dict]:
-    """Measurements (built-in, anchoring mesh, user-defined) and their results (arrays)."""
-    c = w.config
-    t0, span = c.start, c.days * 86400.0
-    t1 = t0 + span
-    probes = np.flatnonzero(w.kind <= ANCHOR)
-    home, anchors = probes[w.kind[probes] == HOME], probes[w.kind[probes] == ANCHOR]
-    servers, anyc = np.flatnonzero(w.kind == SERVER), np.flatnonzero(w.kind == ANYCAST)
-    region = np.where(w.city >= 0, w.cities["rir"][np.maximum(w.city, 0)], -1)
-    v6 = lambda ps: ps[w.v6[ps]]  # noqa: E731
-    msms = []  # (msm_id, dst, af, probes, step or 0 for one-off, start, stop, packets, size, group)
-    for i in range(c.builtin_services):  # built-in: every probe, every 240 s (like msm 1001/2001)
-        msms += [(1001 + i, anyc[i], 4, probes, 240, t0, t1, 3, 48, False),
-                 (2001 + i, anyc[i], 6, v6(probes), 240, t0, t1, 3, 48, False)]
-    for j, a in enumerate(anchors):  # anchoring mesh: up to 20 other anchors, 8 home probes
-        others = anchors[anchors != a]
-        ps = np.concatenate([rng.choice(others, size=min(20, len(others)), replace=False),
-                             rng.choice(home, size=min(8, len(home)), replace=False)])
-        msms.append((1_400_000 + 2 * j, a, 4, ps, c.mesh_step, t0, t1, 3, 48, True))
-        if w.v6[a]:
-            msms.append((1_400_001 + 2 * j, a, 6, v6(ps), c.mesh_step, t0, t1, 3, 48, True))
-    n_user = round(c.user_msms_per_probe * c.probes)
-    ids = np.sort(rng.choice(np.arange(20_000_000, 70_000_000), size=n_user, replace=False))
-    steps = [300, 900, 1800, 3600, 10800, 21600, 86400]
-    cover = rng.permutation(servers)  # every server is the target of at least one measurement
-    for i, mid in enumerate(ids.tolist()):
-        r = rng.random()
-        dst = cover[i] if i < len(cover) else rng.choice(
-            servers if r < .8 else anchors if r < .9 else anyc)
-        af = 6 if w.v6[dst] and rng.random() < .25 else 4
-        pool = probes[probes != dst] if af == 4 else v6(probes[probes != dst])
-        r = rng.random()  # probes from the destination's region, from one region, or anywhere
-        want = region[dst] if r < .3 else rng.integers(0, 5) if r < .6 else -1
-        sub = pool[region[pool] == want] if want >= 0 else pool
-        sub = sub if len(sub) >= 2 else pool
-        if len(sub) == 0:
-            continue
-        ps = rng.choice(sub, size=min(len(sub), int(np.exp(rng.uniform(0, np.log(25))))),
-                        replace=False)
-        step = 0 if rng.random() < .15 else int(rng.choice(steps, p=[.1, .15, .2, .2, .2, .1, .05]))
-        start = t0 if rng.random() < .5 else t0 + rng.uniform(0, .8 * span)
-        stop = t1 if rng.random() < .5 else min(t1, start + rng.uniform(.1, 1) * span)
-        msms.append((mid, dst, af, ps, step, start, stop, int(rng.choice([3, 1, 5, 10], p=[
-            .8, .08, .07, .05])), int(rng.choice([48, 64, 1000], p=[.5, .4, .1])), True))
-    cols = {k: [] for k in ("m", "e", "t")}
-    for m, (_, _, _, ps, step, start, stop, *_) in enumerate(msms):
-        if len(ps) == 0:
-            continue
-        if step == 0:  # one-off: one result per probe, within ten minutes of the start
-            nk, phase, step = np.ones(len(ps), np.int64), rng.uniform(0, 600, len(ps)), 1
-        else:  # periodic: each probe at its own phase in the interval (Atlas "spread")
-            phase = rng.uniform(0, step, len(ps))
-            nk = np.maximum(np.ceil((stop - start - phase) / step), 0).astype(np.int64)
-        pi = np.repeat(np.arange(len(ps)), nk)
-        k = np.arange(len(pi)) - np.repeat(np.cumsum(nk) - nk, nk)
-        cols["m"].append(np.full(len(pi), m))
-        cols["e"].append(ps[pi])
-        cols["t"].append(np.floor(start + phase[pi] + k * step + rng.uniform(0, 3, len(pi))))
-    res = {k: np.concatenate(v).astype(np.int64) for k, v in cols.items()}
-    keep = res["t"] < t1
-    return msms, {k: v[keep] for k, v in res.items()}
-
-
-def generate(config: SynthConfig | None = None, out=None, progress: bool = True) -> dict:
-    """Write the world's RIPE-Atlas ping results to `out` (.jsonl or .jsonl.gz) and
-    `<out>.world.json`; return a summary. Same config -> byte-identical files."""
-    from tqdm import tqdm
-
-    t_begin = time.perf_counter()
-    c = config or SynthConfig()
-    if out is None:
-        raise InputError("synth: an output path is required")
-    out = Path(out)
-    if out.is_dir() or not out.parent.is_dir():
-        raise InputError(f"synth: cannot write {out} (not a file path in an existing directory)")
-    w = World(c)
-    rng = np.random.default_rng([c.seed, 0xA71A5])
-    msms, r = _schedule(w, rng)
-    mtab = np.array([m[:3] + m[4:5] + m[7:9] + (m[9],) for m in msms], dtype=np.int64)
-    m, e, t = r["m"], r["e"], r["t"]
-    d, af = mtab[m, 1], mtab[m, 2]
-    order = np.lexsort((w.prb_id[e], mtab[m, 0], t))  # as a daily dump: by time
-    m, e, t, d, af = m[order], e[order], t[order], d[order], af[order]
-    tr, pr = w.truth_idx(e, d, af, t)
-    npk = mtab[m, 4]
-    rows = np.repeat(np.arange(len(t)), npk)
-    lost = rng.random(len(rows)) < tr.p_fail[rows]
-    rtt = np.round(tr.sample(rng, rows), 6)  # Atlas reports ns digits
-    dup = ~lost & (rng.random(len(rows)) < 2e-4)  # rare duplicate replies, late: not pings
-    first = np.cumsum(npk) - npk
-    ok = np.where(lost, 0.0, 1.0)
-    rcvd = np.add.reduceat(ok, first).astype(np.int64)
-    mn = np.fmin.reduceat(np.where(lost, np.nan, rtt), first)
-    mx = np.fmax.reduceat(np.where(lost, np.nan, rtt), first)
-    avg = np.add.reduceat(ok * rtt, first) / np.maximum(rcvd, 1)
-    pub = np.where(af == 4, w.slot(e, t), -1 - w.slot(e, t))  # >= 0: addr4, < 0: addr6
-    dpub = np.where(af == 4, w.slot0[d], -1 - w.slot0[d])
-    stored = (np.where(tr.p_fail >= 1, t + 3600, t)  # results of offline probes arrive late
-              + rng.exponential(60, len(t)) + 5).astype(np.int64)
-    lts = np.minimum(rng.exponential(40, len(t)), 3000).astype(np.int64)
-    ttl = w.ttl0[d] - pr["hops"]
-    dups = {}
-    for i in np.flatnonzero(dup).tolist():
-        late = round(float(rtt[i]) * 3 + 200, 6)
-        dups.setdefault(int(rows[i]), []).append({"dup": 1, "rtt": late})
-    n_res, chunk = len(t), 20_000
-    addr = lambda x: w.addr4[x] if x >= 0 else w.addr6[-1 - x]  # noqa: E731
-    tmp = out.with_name(out.name + ".tmp")
-    bar = tqdm(total=n_res, desc="synth", unit=" results", disable=not progress)
-    try:
-        with open(tmp, "wb") as raw, (  # gzip without name or mtime: byte-identical reruns
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=5)
-            if out.suffix == ".gz" else contextlib.nullcontext(raw)
-        ) as fh:
-            for c0 in range(0, n_res, chunk):  # Python objects for one chunk at a time
-                c1 = min(n_res, c0 + chunk)
-                p0, p1 = first[c0], first[c1 - 1] + npk[c1 - 1]
-                ent = [{"x": "*"} if x else {"rtt": v}
-                       for x, v in zip(lost[p0:p1].tolist(), rtt[p0:p1].tolist(), strict=True)]
-                cols = [x[c0:c1].tolist() for x in (first - p0, npk, m, e, t, af, rcvd, mn, mx,
-                                                    avg, stored, lts, ttl, pub, dpub)]
-                lines = []
-                for i, (f0, n, mi, ei, ti, a, rc, lo, hi, av, st, lt, tl, sp, dp) in enumerate(
-                        zip(*cols, strict=True), start=c0):
-                    mid, _, _, step, _, size, group = mtab[mi].tolist()
-                    fw, mver = _FW[w.fw[ei]]
-                    res = ent[f0: f0 + n] + dups.get(i, [])
-                    src, dst = addr(sp), addr(dp)
-                    rec = {"fw": fw, "mver": mver, "lts": lt, "dst_name": dst, "af": a,
-                           "dst_addr": dst, "src_addr": (a == 4 and w.lan4[ei]) or src,
-                           "proto": "ICMP"}
-                    if rc:
-                        rec["ttl"] = tl
-                    rec.update(size=size, result=res, dup=len(res) - n, rcvd=rc, sent=n,
-                               min=lo if rc else -1, max=hi if rc else -1,
-                               avg=round(av, 10) if rc else -1, msm_id=mid,
-                               prb_id=int(w.prb_id[ei]), timestamp=ti, msm_name="Ping",
-                               **{"from": src}, type="ping")
-                    if group:
-                        rec["group_id"] = mid
-                    if step:
-                        rec["step"] = step
-                    rec["stored_timestamp"] = st
-                    lines.append(orjson.dumps(rec))
-                fh.write(b"\n".join(lines) + b"\n")
-                bar.update(len(lines))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        bar.close()
-    os.replace(tmp, out)
-    summary = dict(
-        out=str(out), world=str(world_path(out)), seed=c.seed, days=c.days,
-        probes=int((w.kind <= ANCHOR).sum()), anchors=int((w.kind == ANCHOR).sum()),
-        dual_stack_probes=int(((w.kind <= ANCHOR) & w.v6).sum()),
-        servers=int((w.kind == SERVER).sum()), anycast_services=int((w.kind == ANYCAST).sum()),
-        networks=len(w.as_kind), cities=int(len(np.unique(w.city[w.city >= 0]))),
-        measurements=len(msms), results=int(n_res), packets=int(len(rows)),
-        failed_packets=int(lost.sum()), ipv6_packets=int(npk[af == 6].sum()),
-        first_timestamp=int(t.min()) if n_res else None,
-        last_timestamp=int(t.max()) if n_res else None,
-        bytes=out.stat().st_size, fingerprint=w.fingerprint())
-    w.save(world_path(out), summary)
-    summary["seconds"] = round(time.perf_counter() - t_begin, 2)
-    return summary
