@@ -462,7 +462,8 @@ def _cmd_demo(args) -> int:
     from ping_llm.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, minutes=args.minutes, seed=args.seed, probes=args.probes,
-                     days=args.days, steps=args.steps, eval_queries=args.eval_queries)
+                     days=args.days, steps=args.steps, seq_len=args.seq_len,
+                     eval_queries=args.eval_queries)
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
         summary = run_demo(cfg)
@@ -706,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, help="probes in the synthetic world (default world)")
     p.add_argument("--days", type=float, help="days of measurements (default world)")
     p.add_argument("--steps", type=int, help="training steps (default: what fits the budget)")
+    p.add_argument("--seq-len", type=int,
+                   help="model context in tokens (1024); shorter trains faster per token")
     p.add_argument("--eval-queries", type=int, default=1000,
                    help="evaluated measurements per test split (1000)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")

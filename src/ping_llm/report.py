@@ -1,0 +1,659 @@
+"""The evaluation report: metrics.json (every number), summary.md (tables) and report.html (tables
+and plots, self-contained: PNGs embedded as base64, no scripts, no network).
+
+`write_report(results, out_dir)` renders what `ping_llm.evaluate.evaluate` returns. Plots are
+matplotlib (Agg backend): CDFs of absolute and relative error per method, error vs number of
+context measurements, PIT histograms and interval coverage, reliability of P(failed), example RTT
+distributions against the observed histogram (and the truth on synthetic data), token NLL per
+field, and KL(true || model) on synthetic data. Tables show, per evaluated set, every method on
+all queries (baselines with the global-median fallback) and each baseline on the queries it
+covers ("[covered]").
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+# summary table: (header, where the number is in a method's metrics, kind of number)
+COLUMNS = (
+    ("n", "n", "int"),
+    ("coverage", "coverage", "frac"),
+    ("MAE ms", "mae_ms", "ms"),
+    ("median AE ms", "median_ae_ms", "ms"),
+    ("rel p50", "rel_p50", "frac"),
+    ("rel p90", "rel_p90", "frac"),
+    ("CRPS ms", "crps_ms", "ms"),
+    ("CRPS≤10s ms", "crps_cens_ms", "ms"),
+    ("cov 50%", "coverage_50", "frac"),
+    ("cov 90%", "coverage_90", "frac"),
+    ("ROC-AUC", "roc_auc", "frac"),
+    ("PR-AUC", "pr_auc", "frac"),
+    ("log P(result)", "logp_result", "nats"),
+)
+
+
+def fmt(value, kind: str = "ms") -> str:
+    """A number as shown in the tables ("–" for missing / NaN)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if kind == "int":
+        return f"{int(value)}"
+    if kind == "frac":
+        return f"{value:.3f}"
+    a = abs(value)
+    if a >= 100:
+        return f"{value:.1f}"
+    if a >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def json_safe(obj):
+    """numpy scalars/arrays -> Python, NaN/inf -> None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def table_rows(split: dict) -> list[tuple[str, dict]]:
+    """(row label, metrics) of a split's summary table: models, truth, baselines with fallback,
+    then baselines on their covered queries."""
+    rows, covered = [], []
+    for name, m in split["methods"].items():
+        if m.get("kind") == "baseline":
+            rows.append((name, {**m["fallback"], "coverage": m["coverage"]}))
+            covered.append((f"{name} [covered]", {**m["covered"], "coverage": m["coverage"]}))
+        else:
+            rows.append((name, {**m, "coverage": m.get("coverage", 1.0)}))
+    return rows + covered
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def summary_table(split: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method"] + [c[0] for c in COLUMNS]
+    rows = table_rows(split)
+    full = [m.get("median_ae_ms") for name, m in rows if "[covered]" not in name
+            and m.get("median_ae_ms") is not None and math.isfinite(m["median_ae_ms"])
+            and name != "truth"]
+    best = min(full) if full else None
+    body = []
+    for name, m in rows:
+        cells = [fmt(m.get(key), kind) for _, key, kind in COLUMNS]
+        if best is not None and "[covered]" not in name and name != "truth" \
+                and m.get("median_ae_ms") == best:
+            cells[3] = f"**{cells[3]}**"
+        body.append([name] + cells)
+    return header, body
+
+
+def _ablation_table(split: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["context k", "context used (mean)", "log P(result) with time",
+              "without time", "gain (nats)", "log P(RTT) with time", "without time"]
+    body = []
+    for m in split["methods"].values():
+        if m.get("kind") != "model":
+            continue
+        a = m["timestamp_ablation"]
+        body.append([str(m["context"]), fmt(m["context_mean"], "frac"),
+                     fmt(a["logp_result_with_time"], "nats"),
+                     fmt(a["logp_result_without_time"], "nats"), fmt(a["gain_nats"], "nats"),
+                     fmt(a["logp_rtt_with_time"], "nats"), fmt(a["logp_rtt_without_time"], "nats")])
+    return header, body
+
+
+def _nll_table(split: dict) -> tuple[list[str], list[list[str]]]:
+    fields = ("start", "src", "dst", "time", "result")
+    header = ["context k"] + [f"NLL {f} (nats)" for f in fields] + ["total"]
+    body = []
+    for m in split["methods"].values():
+        if m.get("kind") == "model":
+            pf = m["nll"]["per_field"]
+            body.append([str(m["context"])] + [fmt(pf.get(f), "nats") for f in fields]
+                        + [fmt(m["nll"]["total"], "nats")])
+    return header, body
+
+
+def _kl_table(split: dict) -> tuple[list[str], list[list[str]]] | None:
+    body = []
+    for m in split["methods"].values():
+        if m.get("kind") == "model" and "kl" in m:
+            k = m["kl"]
+            body.append([str(m["context"])] + [fmt(k[x][s], "nats") for x in
+                                               ("kl_rtt", "kl_byte1", "kl_full")
+                                               for s in ("mean", "median")])
+    if not body:
+        return None
+    header = ["context k", "KL RTT codes mean", "median", "KL byte1 bins mean", "median",
+              "KL incl. failure mean", "median"]
+    return header, body
+
+
+def _breakdown_table(split: dict, kind: str) -> tuple[list[str], list[list[str]]]:
+    cells = split["breakdowns"][kind]
+    labels = list(cells)
+    header = ["method"] + [f"{lab} (n)" for lab in labels]
+    methods = list(next(iter(cells.values()))) if cells else []
+    body = []
+    for name in methods:
+        row = [name]
+        for lab in labels:
+            m = cells[lab][name]
+            row.append(f"{fmt(m['median_ae_ms'])} ({m['n_success']})")
+        body.append(row)
+    return header, body
+
+
+def _header_md(results: dict) -> list[str]:
+    s, run = results["settings"], results["run"]
+    lines = [f"# ping-llm evaluation ({results['created']})", "",
+             f"- dataset: `{results['data_dir']}`; run: `{results['run_dir']}` "
+             f"(step {run.get('step')}, preset {run.get('preset')})",
+             f"- leak check: {results['leak_check']['mode']}; dataset train fingerprint "
+             f"`{results['leak_check']['dataset_train_fingerprint']}`",
+             f"- queries per set: at most {s['max_queries']} (seed {s['seed']}); contexts "
+             f"{s['contexts']}; device {s['device']}; total {results['timings']['total_s']} s"]
+    if results.get("synthetic"):
+        lines.append(f"- synthetic world: `{results['synthetic']['world_file']}` (fingerprint "
+                     f"{results['synthetic']['fingerprint']}): KL and the truth row are exact")
+    if results.get("external"):
+        seen = results["external"]["seen_in_train"]
+        lines.append("- external set seen in train: " + ", ".join(
+            f"{k} {v['distinct_seen']}/{v['distinct']} distinct, "
+            f"{100 * v['measurements_seen_frac']:.1f}% of measurements" for k, v in seen.items()))
+    lines += ["", "Errors of the predicted median on successful pings (ms); CRPS in ms; coverage "
+              "of the central 50%/90% intervals; ROC/PR-AUC of P(failed); mean log P of the "
+              "observed result (nats). Baselines: first with the global-median fallback on "
+              "every query, then `[covered]` on the queries they can answer. Bold: lowest "
+              "median AE over all queries.", ""]
+    return lines
+
+
+def verdict(split: dict) -> str:
+    """One sentence: the model's best context setting against the best baseline (median AE over
+    all queries, baselines with their fallback)."""
+    def med(m):
+        v = m.get("fallback", m).get("median_ae_ms")
+        return v if v is not None and math.isfinite(v) else math.inf
+
+    models = {n: m for n, m in split["methods"].items() if m.get("kind") == "model"}
+    base = {n: m for n, m in split["methods"].items() if m.get("kind") == "baseline"}
+    if not models or not base:
+        return ""
+    bm = min(models, key=lambda n: med(models[n]))
+    bb = min(base, key=lambda n: med(base[n]))
+    a, b = med(models[bm]), med(base[bb])
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return ""
+    how = "beats" if a < b else "loses to" if a > b else "ties"
+    ratio = f" ({a / b:.2f}x its error)" if b > 0 else ""
+    return (f"Best model setting {bm} (median AE {fmt(a)} ms) {how} the best baseline {bb} "
+            f"({fmt(b)} ms){ratio}.")
+
+
+DEFINITIONS = """## Definitions
+
+- Queries: a seeded uniform subsample (without replacement) of each evaluated set; failed pings
+  stay in and score P(failed); RTT metrics are over the successful ones.
+- Context k: the k most recent measurements of the query's source strictly before its time, from
+  train (test_probe sources are never in train: their own earlier test_probe measurements). Fewer
+  are used when fewer exist ("context used").
+- Point error: the median of the predicted distribution given a reply; relative error
+  |pred - obs| / obs.
+- CRPS: of the full predictive distribution (model: exact pmf on the RTT code grid; quantile
+  baselines: a 40-quantile ladder; point baselines: a point mass, CRPS = absolute error);
+  "CRPS≤10s": forecast and observation censored at 10 s, so far-tail mass does not dominate.
+- Coverage: share of observations inside the central 50% / 90% interval (observations snapped to
+  the RTT code grid for the model). PIT: the predictive CDF at the observation (randomised for
+  ties); flat when calibrated.
+- log P(result): mean log-probability of the observed result (the RTT code, or FAILED) given src,
+  dst, time and context, in nats (model and truth only). Timestamp ablation: the same without the
+  query's timestamp.
+- KL(true || model) (synthetic data): over the RTT codes given a reply, over the byte1 bins, and
+  over {failed} + codes, in nats, against the generator's exact law.
+"""
+
+
+def summary_markdown(results: dict) -> str:
+    lines = _header_md(results)
+    for name, split in results["splits"].items():
+        lines += [f"## {name}: {split['n_evaluated']} of {split['n_total']} measurements "
+                  f"({split['n_failed']} failed)", ""]
+        lines += [_md_table(*summary_table(split)), ""]
+        v = verdict(split)
+        if v:
+            lines += [v, ""]
+        lines += ["Timestamp ablation and context:", "", _md_table(*_ablation_table(split)), ""]
+        kl = _kl_table(split)
+        if kl:
+            lines += ["KL(true || model), nats:", "", _md_table(*kl), ""]
+    return "\n".join(lines) + "\n" + DEFINITIONS
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False,
+                         "font.size": 9, "legend.fontsize": 7.5, "legend.frameon": False})
+    return plt
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _styles(names: list[str]) -> dict:
+    """Models: shades of blue, thick; truth: black dashed; baselines: other colours, thin."""
+    import matplotlib
+
+    models = [n for n in names if n.startswith("model")]
+    base = [n for n in names if not n.startswith("model") and n != "truth"]
+    out = {}
+    for i, n in enumerate(models):
+        c = matplotlib.colormaps["Blues"](0.45 + 0.55 * i / max(len(models) - 1, 1))
+        out[n] = dict(color=c, lw=2.2, ls="-")
+    cmap = matplotlib.colormaps["tab10"]
+    for i, n in enumerate(base):
+        out[n] = dict(color=cmap((i + 1) % 10), lw=1.1, ls=("-", "--", ":", "-.")[i // 9 % 4])
+    out["truth"] = dict(color="black", lw=1.6, ls="--")
+    return out
+
+
+def _cdf(ax, x, **kw):
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    x = x[np.isfinite(x)]
+    if len(x):
+        ax.plot(np.maximum(x, 1e-3), np.arange(1, len(x) + 1) / len(x), **kw)
+
+
+def fig_error_cdfs(name: str, plot: dict) -> str:
+    plt = _plt()
+    ok = ~plot["failed"]
+    y = plot["obs"][ok]
+    names = list(plot["methods"])
+    sty = _styles(names)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for n in names:
+        med = plot["methods"][n]["median"][ok]
+        sel = np.isfinite(med)
+        if not sel.any():
+            continue
+        err = np.abs(med[sel] - y[sel])
+        _cdf(axes[0], err, label=n, **sty[n])
+        _cdf(axes[1], err / np.maximum(y[sel], 1e-3), label=n, **sty[n])
+    axes[0].set(xscale="log", xlabel="absolute error of the predicted median (ms)",
+                ylabel="fraction of successful pings", title=f"{name}: absolute error CDF")
+    axes[1].set(xscale="log", xlabel="relative error |pred - obs| / obs",
+                title=f"{name}: relative error CDF")
+    for ax in axes:
+        ax.set_ylim(0, 1)
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _png(fig)
+
+
+def fig_context(results: dict) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    cmap = plt.get_cmap("tab10")
+    for i, (name, split) in enumerate(results["splits"].items()):
+        ms = [m for m in split["methods"].values() if m.get("kind") == "model"]
+        if not ms:
+            continue
+        ks = [m["context"] for m in ms]
+        x = np.arange(len(ks))
+        c = cmap(i)
+        axes[0].plot(x, [m["median_ae_ms"] for m in ms], "o-", color=c, label=f"model {name}")
+        axes[1].plot(x, [m["crps_cens_ms"] for m in ms], "o-", color=c, label=f"model {name}")
+        axes[2].plot(x, [m["logp_result"] for m in ms], "o-", color=c, label=name)
+        base = {n: m["fallback"] for n, m in split["methods"].items()
+                if m.get("kind") == "baseline"}
+        for key, ax in (("median_ae_ms", axes[0]), ("crps_cens_ms", axes[1])):
+            best = min(base, key=lambda n, key=key: _finite_or_inf(base[n].get(key)),
+                       default=None)
+            if best is not None and math.isfinite(_finite_or_inf(base[best].get(key))):
+                ax.axhline(base[best][key], color=c, ls="--", lw=1,
+                           label=f"best baseline {name} ({best})")
+        for ax in axes:
+            ax.set_xticks(x, [str(k) for k in ks])
+    axes[0].set(yscale="log", xlabel="context measurements k", ylabel="median abs error (ms)",
+                title="point error vs context")
+    axes[1].set(yscale="log", xlabel="context measurements k",
+                ylabel="mean CRPS, censored at 10 s (ms)",
+                title="CRPS vs context (dashed: best baseline)")
+    axes[2].set(xlabel="context measurements k", ylabel="mean log P(observed result) (nats)",
+                title="likelihood vs context")
+    from matplotlib.ticker import FuncFormatter
+
+    for ax in axes[:2]:
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    axes[0].legend()
+    axes[1].legend()
+    return _png(fig)
+
+
+def _finite_or_inf(v) -> float:
+    return v if v is not None and math.isfinite(v) else math.inf
+
+
+def fig_calibration(results: dict) -> str:
+    plt = _plt()
+    splits = list(results["splits"])
+    fig, axes = plt.subplots(len(splits), 2, figsize=(11, 3.2 * len(splits)), squeeze=False)
+    for r, name in enumerate(splits):
+        split, plot = results["splits"][name], results["plot_data"][name]
+        ok = ~plot["failed"]
+        sty = _styles(list(plot["methods"]))
+        ax = axes[r, 0]
+        edges = np.linspace(0, 1, 11)
+        for n, m in plot["methods"].items():
+            pit = m.get("pit")
+            if pit is None:
+                continue
+            u = pit[ok][np.isfinite(pit[ok])]
+            if len(u):
+                dens, _ = np.histogram(u, bins=edges)
+                ax.stairs(dens / len(u) * 10, edges, label=n, color=sty[n]["color"],
+                          lw=sty[n]["lw"], ls=sty[n]["ls"])
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set(xlabel="PIT of the observed RTT", ylabel="density",
+               title=f"{name}: PIT histogram (flat = calibrated; U = overconfident)")
+        ax.legend(ncol=2)
+        ax = axes[r, 1]
+        rows = [(n, m) for n, m in split["methods"].items()]
+        labels, c50, c90 = [], [], []
+        for n, m in rows:
+            mm = m["fallback"] if m.get("kind") == "baseline" else m
+            if mm.get("coverage_50") is None:
+                continue
+            labels.append(n)
+            c50.append(mm["coverage_50"])
+            c90.append(mm["coverage_90"])
+        y = np.arange(len(labels))
+        ax.barh(y - 0.2, c50, 0.4, label="50% interval", color="#6baed6")
+        ax.barh(y + 0.2, c90, 0.4, label="90% interval", color="#08519c")
+        ax.axvline(0.5, color="#6baed6", ls="--")
+        ax.axvline(0.9, color="#08519c", ls="--")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set(xlim=(0, 1), xlabel="coverage of central intervals (dashed: nominal)",
+               title=f"{name}: interval coverage")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _reliability(p, y, bins=10):
+    p, y = np.asarray(p, float), np.asarray(y, float)
+    sel = np.isfinite(p)
+    p, y = p[sel], y[sel]
+    if len(p) == 0:
+        return None
+    order = np.argsort(p, kind="stable")
+    parts = [g for g in np.array_split(order, min(bins, len(p))) if len(g)]
+    return (np.array([p[g].mean() for g in parts]), np.array([y[g].mean() for g in parts]),
+            np.array([len(g) for g in parts]))
+
+
+def fig_reliability(results: dict) -> str:
+    """Equal-count bins of predicted P(failed): mean prediction vs observed failure rate, with
+    binomial standard errors; on the diagonal when calibrated."""
+    plt = _plt()
+    splits = list(results["splits"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
+    for i, name in enumerate(splits):
+        plot = results["plot_data"][name]
+        ax = axes[0, i]
+        y = plot["failed"].astype(float)
+        models = [n for n in plot["methods"] if n.startswith("model")]
+        show = {models[0], models[-1], "truth", "pair_median"} if models else {"truth"}
+        sty = _styles(list(plot["methods"]))
+        top = 0.05
+        for n, m in plot["methods"].items():
+            pf = m.get("p_failed")
+            if pf is None or n not in show:
+                continue
+            rel = _reliability(pf, y, bins=int(np.clip(len(y) // 100, 5, 10)))
+            if rel is None:
+                continue
+            se = np.sqrt(np.maximum(rel[1] * (1 - rel[1]), 1e-12) / rel[2])
+            ax.errorbar(rel[0], rel[1], yerr=se, marker="o", ms=3.5, capsize=2, label=n,
+                        color=sty[n]["color"], ls=sty[n]["ls"], lw=min(sty[n]["lw"], 1.6))
+            top = max(top, float(np.max(rel[0])), float(np.max(rel[1] + se)))
+        top = min(1.0, 1.1 * top)
+        ax.plot([0, top], [0, top], color="grey", lw=0.8)
+        ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted P(failed), bin mean",
+               ylabel="observed failure rate (± 1 s.e.)",
+               title=f"{name}: reliability of P(failed)")
+        ax.set_aspect("equal")
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_examples(results: dict) -> str | None:
+    from ping_llm import tokens as tk
+
+    plt = _plt()
+    exs = [(name, ex) for name, p in results["plot_data"].items() for ex in p.get("examples", [])]
+    if not exs:
+        return None
+    edges = tk.byte1_bin_edges_ms()
+    b1 = np.flatnonzero(np.isfinite(edges[:, 0]))
+    lo, hi = np.maximum(edges[b1, 0], 1e-3), edges[b1, 1]  # the first bin starts at 0 ms
+    ncol = min(3, len(exs))
+    nrow = math.ceil(len(exs) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.4 * ncol, 3.3 * nrow), squeeze=False)
+    for ax, (name, ex) in zip(axes.ravel(), exs, strict=False):
+        rtt = np.asarray(ex["rtt"])
+        codes = tk.rtt_to_code(rtt).astype(np.int64) >> 8
+        obs = np.array([(codes == b).mean() for b in b1])
+        # x range: the observed bins and the central 98% of each predicted distribution, at most
+        # 10 octaves (4 bins each) beyond the observations
+        seen = np.flatnonzero(obs > 0)
+        idx = list(seen)
+        for m in list(ex["model"].values()) + ([ex["truth"]] if ex.get("truth") else []):
+            c = np.cumsum(m["p_byte1"]) / max(np.sum(m["p_byte1"]), 1e-300)
+            idx += [int(np.searchsorted(c, 0.01)), int(np.searchsorted(c, 0.99))]
+        a, b = max(min(idx) - 2, 0), min(max(idx) + 3, len(b1))
+        if len(seen):
+            a, b = max(a, seen[0] - 40), min(b, seen[-1] + 41)
+        ax.stairs(obs[a:b], np.r_[lo[a:b], hi[b - 1]], fill=True, color="#cccccc",
+                  label=f"observed (n={len(rtt)})")
+        for j, (k, m) in enumerate(sorted(ex["model"].items(), key=lambda kv: int(kv[0]))):
+            p = np.asarray(m["p_byte1"])
+            ax.stairs(p[a:b], np.r_[lo[a:b], hi[b - 1]], color=("#2171b5", "#08306b")[j % 2],
+                      lw=1.6, label=f"model k={k} (P(fail) {m['p_failed']:.2f})")
+        if ex.get("truth"):
+            p = np.asarray(ex["truth"]["p_byte1"])
+            ax.stairs(p[a:b], np.r_[lo[a:b], hi[b - 1]], color="black", ls="--", lw=1.2,
+                      label=f"truth (P(fail) {ex['truth']['p_failed']:.2f})")
+        ax.set_xscale("log")
+        ax.set(xlabel="RTT (ms, log; byte1 bins)", ylabel="probability per bin",
+               title=f"{name}: {ex['src']} → {ex['dst']}\nobserved failed "
+                     f"{ex['failed_frac']:.2f}", )
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6.5)
+    for ax in axes.ravel()[len(exs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_nll(results: dict) -> str:
+    plt = _plt()
+    splits = list(results["splits"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
+    fields = ("start", "src", "dst", "time", "result")
+    for i, name in enumerate(splits):
+        ax = axes[0, i]
+        ms = [m for m in results["splits"][name]["methods"].values() if m.get("kind") == "model"]
+        w = 0.8 / max(len(ms), 1)
+        for j, m in enumerate(ms):
+            vals = [m["nll"]["per_field"].get(f, np.nan) for f in fields]
+            vals = [np.nan if v is None else v for v in vals]
+            c = plt.get_cmap("Blues")(0.4 + 0.6 * j / max(len(ms) - 1, 1))
+            ax.bar(np.arange(len(fields)) + (j - (len(ms) - 1) / 2) * w, vals, w, color=c,
+                   label=f"k={m['context']}")
+        ax.set_xticks(np.arange(len(fields)), fields)
+        ax.set(ylabel="NLL per field (nats)", title=f"{name}: token NLL by field")
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def fig_kl(results: dict) -> str | None:
+    plt = _plt()
+    splits = [s for s in results["splits"] if any(
+        "kl" in m for m in results["splits"][s]["methods"].values())]
+    if not splits:
+        return None
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
+    for i, name in enumerate(splits):
+        ax = axes[0, i]
+        plot = results["plot_data"][name]
+        sty = _styles(list(plot["methods"]))
+        for n, m in plot["methods"].items():
+            if "kl_rtt" in m and n.startswith("model"):
+                _cdf(ax, m["kl_rtt"], label=n, **sty[n])
+        ax.set(xscale="log", xlabel="KL(true || model), RTT codes given a reply (nats)",
+               ylabel="fraction of queries", ylim=(0, 1), title=f"{name}: KL to the truth")
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML and the entry point
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.82em;margin:.6em 0 1.2em}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f4f6f8}td:first-child,th:first-child{text-align:left}
+tr.model td{background:#eef4fb}tr.truth td{background:#f3f3f3}tr.covered td{color:#666}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def _html_table(header, rows, classes=None) -> str:
+    def cell(c):
+        c = html.escape(c)
+        return f"<b>{c[2:-2]}</b>" if c.startswith("**") and c.endswith("**") else c
+
+    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for i, r in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def _img(b64: str | None, alt: str) -> str:
+    if not b64:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def _md_inline(text: str) -> str:
+    """The header bullet lines of summary.md as HTML (escape, `code`)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def report_html(results: dict) -> str:
+    head = _header_md(results)
+    body = [f"<h1>{html.escape(head[0][2:])}</h1>", "<ul>"]
+    body += [f"<li>{_md_inline(line[2:])}</li>" for line in head[1:] if line.startswith("- ")]
+    body += ["</ul>", f'<p class="note">{_md_inline(head[-2])}</p>']
+    body += ["<h2>Error vs context</h2>", _img(fig_context(results), "error vs context")]
+    for name, split in results["splits"].items():
+        body.append(f"<h2>{html.escape(name)}: {split['n_evaluated']} of {split['n_total']} "
+                    f"measurements ({split['n_failed']} failed)</h2>")
+        header, rows = summary_table(split)
+        classes = ["covered" if "[covered]" in r[0] else "model" if r[0].startswith("model")
+                   else "truth" if r[0] == "truth" else "" for r in rows]
+        body.append(_html_table(header, rows, classes))
+        v = verdict(split)
+        if v:
+            body.append(f"<p><b>{html.escape(v)}</b></p>")
+        body.append(f'<p class="note">context pool: {html.escape(split.get("context_pool", ""))}'
+                    "</p>")
+        body.append(_img(fig_error_cdfs(name, results["plot_data"][name]), f"{name} errors"))
+        body += ["<h3>Timestamp ablation</h3>", _html_table(*_ablation_table(split))]
+        body += ["<h3>Token NLL per field</h3>", _html_table(*_nll_table(split))]
+        kl = _kl_table(split)
+        if kl:
+            body += ["<h3>KL(true ‖ model)</h3>", _html_table(*kl)]
+        for kind in split.get("breakdowns", {}):
+            body += [f"<h3>Median abs error (ms) by {kind.replace('_', ' ')}</h3>",
+                     _html_table(*_breakdown_table(split, kind))]
+    body += ["<h2>Calibration</h2>", _img(fig_calibration(results), "calibration"),
+             _img(fig_reliability(results), "reliability of P(failed)")]
+    ex = fig_examples(results)
+    if ex:
+        body += ["<h2>Example RTT distributions</h2>",
+                 '<p class="note">Model (and truth) averaged over up to 16 of the pair\'s '
+                 "measurement times; grey bars: the observed RTTs in the same byte1 bins.</p>",
+                 _img(ex, "examples")]
+    body += ["<h2>Token NLL</h2>", _img(fig_nll(results), "nll")]
+    kl = fig_kl(results)
+    if kl:
+        body += ["<h2>KL to the truth</h2>", _img(kl, "kl")]
+    body += ["<h2>Definitions</h2>", "<ul>"]
+    for item in DEFINITIONS.split("\n- ")[1:]:
+        body.append(f"<li>{html.escape(' '.join(item.split()))}</li>")
+    body += ["</ul>"]
+    body += ["<h2>Timings (s)</h2>", _html_table(
+        ["stage", "seconds"], [[k, str(v)] for k, v in results.get("timings", {}).items()])]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>ping-llm evaluation</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(results: dict, out_dir) -> dict:
+    """Write metrics.json, summary.md and report.html into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = {k: v for k, v in results.items() if k not in ("plot_data", "files")}
+    paths = {"metrics": out / "metrics.json", "summary": out / "summary.md",
+             "html": out / "report.html"}
+    text = json.dumps(json_safe(numbers), indent=1, allow_nan=False)
+    paths["metrics"].write_text(text + "\n")
+    paths["summary"].write_text(summary_markdown(results))
+    paths["html"].write_text(report_html(results))
+    return {k: str(v) for k, v in paths.items()}
