@@ -512,8 +512,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", nargs="+", metavar="PARQUET",
                    help="evaluate on these canonical Parquet files/dirs instead of the test "
                    "splits (train still fits the baselines and gives context)")
-    p.add_argument("--max-queries", type=int, default=1000, metavar="N",
-                   help="seeded uniform subsample per evaluated set, 0 = all (default 1000)")
+    p.add_argument("--max-queries", type=int, default=500, metavar="N",
+                   help="seeded uniform subsample per evaluated set, 0 = all (default 500)")
     p.add_argument("--contexts", default="0,1,4,16", metavar="K,K,...",
                    help="numbers of in-context measurements of the same source (0,1,4,16)")
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (default 0)")

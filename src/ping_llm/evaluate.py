@@ -70,7 +70,7 @@ from ping_llm.errors import InputError
 
 EVAL_SPLITS = ("test_time", "test_pair", "test_probe")
 CONTEXTS = (0, 1, 4, 16)
-MAX_QUERIES = 1000
+MAX_QUERIES = 500
 BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
 CENSOR_MS = 10_000.0  # censored CRPS: forecasts and observations are min(x, 10 s)
 LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # median and the central 50% / 90% intervals

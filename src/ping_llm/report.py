@@ -205,9 +205,9 @@ def verdict(split: dict) -> str:
     if not (math.isfinite(a) and math.isfinite(b)):
         return ""
     how = "beats" if a < b else "loses to" if a > b else "ties"
-    ratio = f" ({a / b:.2f}x its error)" if b > 0 else ""
+    ratio = f"; error ratio model / baseline {a / b:.2f}" if b > 0 else ""
     return (f"Best model setting {bm} (median AE {fmt(a)} ms) {how} the best baseline {bb} "
-            f"({fmt(b)} ms){ratio}.")
+            f"({fmt(b)} ms{ratio}).")
 
 
 DEFINITIONS = """## Definitions
@@ -354,14 +354,24 @@ def fig_context(results: dict) -> str:
                 title="CRPS vs context (dashed: best baseline)")
     axes[2].set(xlabel="context measurements k", ylabel="mean log P(observed result) (nats)",
                 title="likelihood vs context")
-    from matplotlib.ticker import FuncFormatter
-
     for ax in axes[:2]:
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
-    axes[0].legend()
-    axes[1].legend()
+        _log_ticks(ax.yaxis)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout()
     return _png(fig)
+
+
+def _log_ticks(axis) -> None:
+    """Readable log-axis ticks as plain numbers (1, 2, 5 per decade on short ranges), no minor
+    labels. Call after plotting (it reads the axis range)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    short = lo > 0 and math.log10(hi / lo) <= 2.5
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if short else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _finite_or_inf(v) -> float:
@@ -501,6 +511,7 @@ def fig_examples(results: dict) -> str | None:
             ax.stairs(p[a:b], np.r_[lo[a:b], hi[b - 1]], color="black", ls="--", lw=1.2,
                       label=f"truth (P(fail) {ex['truth']['p_failed']:.2f})")
         ax.set_xscale("log")
+        _log_ticks(ax.xaxis)
         ax.set(xlabel="RTT (ms, log; byte1 bins)", ylabel="probability per bin",
                title=f"{name}: {ex['src']} → {ex['dst']}\nobserved failed "
                      f"{ex['failed_frac']:.2f}", )
