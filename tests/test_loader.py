@@ -250,6 +250,35 @@ def test_resume_in_a_fresh_process_continues_with_the_exact_next_batches(data, w
     assert switched == want[n:]  # also with another worker count
 
 
+def test_curriculum_serves_short_contexts_first_then_full_ones_and_resumes_in_either_phase(
+        data):
+    ds = str(data["big"])
+
+    def make():
+        return loader.CurriculumLoader(
+            loader.build_loader(ds, "train", 4, 128, 5, 0, 1, worker_count=0),
+            lambda: loader.build_loader(ds, "train", 2, 256, 5, 0, 1, worker_count=0), 3)
+
+    ref = make()
+    want = [next(ref) for _ in range(6)]
+    assert [tuple(x.shape) for x, _ in want] == [(4, 128)] * 3 + [(2, 256)] * 3
+    full = loader.build_loader(ds, "train", 2, 256, 5, 0, 1, worker_count=0)
+    assert all(torch.equal(next(full)[0], x) for x, _ in want[3:])  # the full loader from batch 0
+    for n in (1, 3, 4):
+        ld = make()
+        for _ in range(n):
+            next(ld)
+        state = json.loads(json.dumps(ld.get_state()))
+        ld.close()
+        resumed = make()
+        resumed.set_state(state)
+        for x, y in want[n:]:
+            x2, y2 = next(resumed)
+            assert torch.equal(x, x2) and torch.equal(y, y2)
+    with pytest.raises(InputError, match="curriculum"):
+        make().set_state(full.get_state())
+
+
 def test_bad_arguments_and_foreign_states_are_input_errors(data):
     with pytest.raises(InputError):
         loader.build_loader(data["small"], "train", 2, 256, 0, 2, 2)

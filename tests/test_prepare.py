@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ping_llm import cli, ingest, prepare, schema, tokens
+from ping_llm import cli, ingest, prepare, rows, schema, tokens
 from ping_llm.errors import InputError
 
 REAL = ("ripe_atlas_menog_2019", "ripe_atlas_builtin_v4v6_2019")
@@ -116,7 +116,7 @@ def _records(ds, split):
     out = []
     for shard in card["rows"][split]["shards"]:
         r = ArrayRecordReader(str(ds / shard))
-        out.extend(prepare.decode_record(b) for b in r.read(list(range(r.num_records()))))
+        out.extend(rows.decode_record(b) for b in r.read(list(range(r.num_records()))))
         r.close()
     return out, pq.read_table(ds / card["rows"][split]["index"])
 
@@ -177,28 +177,6 @@ def test_large_probes_are_split_into_consecutive_chunks_under_the_cap(canonical,
         assert [c.chunk for c in chunks] == list(range(len(chunks)))
         for a, b in zip(chunks, chunks[1:], strict=False):
             assert a.t1 <= b.t0  # consecutive in time
-
-
-def test_record_codec_roundtrips_ipv6_and_wide_address_tables():
-    rng = np.random.default_rng(0)
-    for k in (3, 70_000):  # u2 and u4 address indices
-        n = 1000
-        addr = rng.integers(0, 256, (k, 16), dtype=np.uint8)
-        version = np.full(k, 6, np.uint8)
-        time = np.sort(rng.integers(1_500_000_000, 1_600_000_000, n))
-        src, dst = rng.integers(0, k, n), rng.integers(0, k, n)
-        code = rng.integers(0, 65536, n).astype(np.uint16)
-        failed = rng.random(n) < 0.1
-        buf = prepare.encode_record("prb:1", 1, 3, time, src, dst, addr, version, code, failed)
-        row = prepare.decode_record(buf)
-        assert (row.source, row.prb_id, row.chunk, row.n) == ("prb:1", 1, 3, n)
-        np.testing.assert_array_equal(row.time, time)
-        np.testing.assert_array_equal(row.addr[row.src], addr[src])
-        np.testing.assert_array_equal(row.addr[row.dst], addr[dst])
-        np.testing.assert_array_equal(row.code, code)
-        np.testing.assert_array_equal(row.failed.astype(bool), failed)
-    with pytest.raises(InputError):
-        prepare.decode_record(b"XXXX" + bytes(60))
 
 
 def test_card_counts_add_up(prepared):

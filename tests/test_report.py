@@ -11,8 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from ping_llm import evaluate as ev
 from ping_llm import report
+from ping_llm import scoring as S
 
 
 def _results(with_truth: bool = True, with_examples: bool = True) -> dict:
@@ -30,7 +30,7 @@ def _results(with_truth: bool = True, with_examples: bool = True) -> dict:
                 "in90": (rng.random(n) < 0.9).astype(float), "pit": rng.random(n),
                 "p_failed": np.clip(failed * 0.3 + rng.random(n) * 0.2, 0, 1),
                 "logp": -rng.random(n) * 5, "p_tail": np.full(n, 1e-5)}
-        s = ev.summarize(obs, failed, rows)
+        s = S.summarize(obs, failed, rows)
         s.update(kind="model", context=k, context_mean=float(k), context_full_frac=1.0,
                  nll={"per_field": {"src": 3.0, "dst": 2.0, "time": 5.0, "result": 4.0},
                       "total": 14.0},
@@ -45,18 +45,18 @@ def _results(with_truth: bool = True, with_examples: bool = True) -> dict:
                                         "pit": rows["pit"], "kl_rtt": rng.random(n)}
     if with_truth:
         rows = {"median": np.where(failed, 30.0, obs), "p_failed": failed * 0.5 + 0.01}
-        methods["truth"] = {**ev.summarize(obs, failed, rows), "kind": "truth", "coverage": 1.0}
+        methods["truth"] = {**S.summarize(obs, failed, rows), "kind": "truth", "coverage": 1.0}
         plot_methods["truth"] = {"median": rows["median"], "p_failed": rows["p_failed"],
                                  "pit": rng.random(n)}
     cov = rng.random(n) < 0.6
     brow = {"covered": cov, "median": np.where(cov, np.nan_to_num(obs, nan=25.0) + 1, 25.0),
             "crps": np.full(n, 3.0), "crps_cens": np.full(n, 3.0), "point_only": True}
-    methods["vivaldi"] = ev.baseline_summary(brow, obs, failed)
+    methods["vivaldi"] = S.baseline_summary(brow, obs, failed)
     plot_methods["vivaldi"] = {"median": brow["median"], "p_failed": None, "covered": cov}
     groups = {"ip_version": np.where(rng.random(n) < 0.7, "IPv4", "IPv6").astype(object)}
     split = {"n_total": 5000, "n_evaluated": n, "n_failed": int(failed.sum()),
              "context_pool": "train", "methods": methods,
-             "breakdowns": ev.breakdowns(groups, obs, failed,
+             "breakdowns": S.breakdowns(groups, obs, failed,
                                          {"model k=0": {"median": plot_methods["model k=0"][
                                              "median"]}, "vivaldi": brow})}
     ex = [{"src": "192.0.2.1", "dst": "198.51.100.1", "n": 50,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from ping_llm import ingest, ripe
+from ping_llm import ingest, ripe, streams
 from ping_llm.cli import main
 from ping_llm.schema import CANONICAL_SCHEMA, read_canonical, validate
 
@@ -440,7 +440,7 @@ def test_json_array_with_a_broken_element_keeps_the_others(africa_lines, tmp_pat
 
 def test_overlong_line_is_rejected_and_the_next_lines_kept(africa_lines, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "MAX_LINE", 10_000)
-    monkeypatch.setattr(ingest, "READ_BYTES", 4096)
+    monkeypatch.setattr(streams, "READ_BYTES", 4096)
     data = africa_lines[:10] + [b"x" * 50_000] + africa_lines[10:20]
     path = tmp_path / "long.jsonl"
     path.write_bytes(b"\n".join(data) + b"\n")
@@ -471,7 +471,7 @@ def test_empty_file_gives_an_empty_output(tmp_path):
 
 def test_chunks_become_row_groups(africa_lines, tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "CHUNK_RESULTS", 64)
-    monkeypatch.setattr(ingest, "READ_BYTES", 8192)  # a table is flushed per block read
+    monkeypatch.setattr(streams, "READ_BYTES", 8192)  # a table is flushed per block read
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join(africa_lines))
     rep = ingest1(path, tmp_path)

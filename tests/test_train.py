@@ -359,6 +359,28 @@ def test_sigterm_finishes_the_step_saves_and_resume_replays_an_uninterrupted_run
             == ck.load_checkpoint(tmp_path / "s").loader_states)
 
 
+def test_seq_warmup_trains_short_contexts_first_and_resumes_exactly_across_the_switch(prepared,
+                                                                                   tmp_path):
+    model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
+    base = dict(data_dir=str(prepared), model=model, steps=6, device_batch_size=2,
+                total_batch_tokens=512, eval_every=0, seq_warmup_frac=0.5, seq_warmup_len=64)
+    train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    states = ck.load_checkpoint(tmp_path / "straight").loader_states
+    assert states[0]["phase"] == "full" and states[0]["served"] == 12  # 6 steps x 2 micro
+    assert states[0]["state"]["seq_len"] == 128 and states[0]["state"]["batches"] == 6
+    for stop in (2, 3):  # inside the short phase, and exactly at the switch
+        run = tmp_path / f"stop{stop}"
+        train(TrainConfig(out_dir=str(run), stop_at=stop, **base))
+        short = ck.load_checkpoint(run).loader_states[0]
+        assert short["phase"] == ("short" if stop < 3 else "full")
+        if stop < 3:  # 4 rows of 64 tokens per micro-batch: the same 256 tokens as 2 x 128
+            assert (short["state"]["seq_len"], short["state"]["batch_size"]) == (64, 4)
+        train(TrainConfig(out_dir=str(run), resume=True, **base))
+        _assert_same_weights(tmp_path / "straight", run, exact=True)
+    with pytest.raises(InputError, match="divide"):
+        train(TrainConfig(out_dir=str(tmp_path / "bad"), **{**base, "seq_warmup_len": 96}))
+
+
 # ------------------------------------------------------------------------------------------------
 # learning
 

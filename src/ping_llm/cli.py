@@ -18,10 +18,6 @@ from ping_llm.errors import InputError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
 
-class _NotBuilt(Exception):
-    pass
-
-
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
@@ -151,6 +147,8 @@ def _cmd_train(args) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         warmdown_frac=args.warmdown_frac,
+        seq_warmup_frac=args.seq_warmup_frac,
+        seq_warmup_len=args.seq_warmup_len,
         grad_clip=args.grad_clip,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
@@ -209,6 +207,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="decoupled weight decay (0)")
     p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps (0)")
     p.add_argument("--warmdown-frac", type=float, help="last fraction of steps, lr -> 0 (0.2)")
+    p.add_argument("--seq-warmup-frac", type=float, metavar="FRAC",
+                   help="first fraction of steps on short contexts, then full length (0)")
+    p.add_argument("--seq-warmup-len", type=int, metavar="TOKENS",
+                   help="length of those short contexts; divides sequence_len (256)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evals, 0 = off (100)")
     p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
@@ -530,13 +532,6 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
 
 
-def _not_built(name: str):
-    def run(args) -> int:
-        raise _NotBuilt(f"`ping-llm {name}` is not built yet")
-
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -723,9 +718,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"ping-llm {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except _NotBuilt as e:
-        print(f"{e}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,13 +4,8 @@
 dataset it was trained on (or on external canonical Parquet, `test_paths`) and writes the report
 (`ping_llm.report`). What happens, in order:
 
-1. Leak check (`check_leak`). The run must record the fingerprint of its train split (prepare's
-   sha256 over the split's content); it must equal this dataset card's train fingerprint, and may
-   not equal any test split's. The splits' content is then checked for exact shared measurements
-   (event_time, src, dst, rtt) against train (prepare guarantees none; external sets may have
-   some: refused). `allow_foreign_run` accepts a run trained on another dataset only if that
-   dataset is still on disk with the recorded fingerprint and none of its train measurements is
-   in the evaluated sets (checked on content). Any failure raises InputError (CLI exit 2).
+1. Leak check (`ping_llm.leakcheck.check_leak`): the run must have been trained on this
+   dataset's train split (recorded fingerprint), and no evaluated measurement may be in it.
 2. Queries. Each split is subsampled uniformly without replacement to `max_queries` rows with
    numpy default_rng([seed, crc32(split name)]) (kept in row order); failed pings stay in (they
    score P(failed)). RTT metrics use the successful rows.
@@ -37,17 +32,7 @@ dataset it was trained on (or on external canonical Parquet, `test_paths`) and w
    metadata -> the JSON file -> FILE.world.json) or `world` is given, the generator's truth gives
    KL(true || model) per query and a "truth" row (the best any method can do).
 
-Metric definitions (units ms unless noted): `metrics.point_error_summary` of the median (MAE,
-median absolute error, relative error p50/p90 with |err| / max(obs, 1 µs)); CRPS (`crps_pmf` on
-the pmf for the model and the truth, `crps_quantiles` on a 40-level ladder for quantile baselines,
-= absolute error for point-only baselines, a degenerate forecast), and the CRPS of forecast and
-observation censored at 10 s (min(x, 10 s): a model's far-tail mass, e.g. 1e-4 at hours of
-RTT, dominates the plain CRPS; `p_tail` is the mean P(rtt > 10 s | reply)); coverage of the central
-50%/90% intervals [q.25, q.75] / [q.05, q.95] (closed; observations snapped to the RTT code grid,
-the model's resolution); randomised PIT histogram (10 bins); ROC-AUC and PR-AUC (average
-precision) of P(failed) against failed, plus the Brier score; KL in nats over the RTT codes given
-a reply (model mass of byte1 bins the engine did not refine is spread evenly over the bin), over
-the 256 byte1 bins, and over {failed} + codes.
+Metrics and how per-query predictions become the report's numbers: `ping_llm.scoring`.
 """
 
 from __future__ import annotations
@@ -56,7 +41,6 @@ import json
 import sys
 import time
 import zlib
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,26 +48,40 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ping_llm import metrics as M
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
+from ping_llm.leakcheck import check_leak
+from ping_llm.scoring import (
+    BASELINE_LADDER,
+    BLOCK,
+    CANON,
+    CENSOR_MS,
+    DIST_KEYS,
+    GRID,
+    LEVELS,
+    PIT_BINS,
+    baseline_predictions,
+    baseline_summary,
+    breakdowns,
+    dense_pmf,
+    distribution_metrics,
+    finite_mean,
+    finite_median,
+    fit_baselines,
+    kl_to_truth,
+    nll_summary,
+    score_queries,
+    summarize,
+    truth_pass,
+    truth_pdf,
+)
 
 EVAL_SPLITS = ("test_time", "test_pair", "test_probe")
 CONTEXTS = (0, 1, 4, 16)
 MAX_QUERIES = 500
 BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
-CENSOR_MS = 10_000.0  # censored CRPS: forecasts and observations are min(x, 10 s)
-LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # median and the central 50% / 90% intervals
-BASELINE_LADDER = tuple((np.arange(40) + 0.5) / 40)  # quantile levels for baselines' CRPS
-PIT_BINS = 10
 PAIR_SEEN = ((0, 0, "0"), (1, 9, "1-9"), (10, 99, "10-99"), (100, None, "100+"))
 SOURCE_SEEN = ((0, 0, "0"), (1, 99, "1-99"), (100, 999, "100-999"), (1000, None, "1000+"))
-BLOCK = 64  # queries per dense (BLOCK, 33792) pmf block
-SCORE_BATCH_TOKENS = 16384  # tokens per teacher-forced scoring forward
-_KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
-
-CANON = np.flatnonzero(np.isfinite(tk.RTT_GRID_MS))  # the 132 x 256 canonical codes, ascending
-GRID = tk.RTT_GRID_MS[CANON]  # their RTTs in ms, ascending
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,94 +94,6 @@ def _table_arrays(table: pa.Table) -> dict:
                 dst=np.asarray(table.column("dst_addr").to_pylist(), dtype=object),
                 rtt=table.column("rtt").to_numpy(), time=t,
                 version=table.column("ip_version").to_numpy().astype(np.int64))
-
-
-def recorded_train_fingerprint(run_config: dict) -> str | None:
-    """The train-split fingerprint a run recorded: a `train_fingerprint` key anywhere in its
-    config, or `fingerprint` under a `train` entry of a recorded card's `splits`."""
-    found = []
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                in_card = key == "fingerprint" and path[-2:] == ("splits", "train")
-                if isinstance(value, str) and (key == "train_fingerprint" or in_card):
-                    found.append(value)
-                else:
-                    walk(value, path + (key,))
-
-    walk(run_config, ())
-    if len(set(found)) > 1:
-        raise InputError(f"the run records several train fingerprints {sorted(set(found))}")
-    return found[0] if found else None
-
-
-def content_overlap(a: pa.Table, b: pa.Table) -> int:
-    """Rows of `a` whose (event_time, src, dst, rtt) also occurs in `b` (exact match)."""
-    if a.num_rows == 0 or b.num_rows == 0:
-        return 0
-    left = a.select(list(_KEYS)).append_column("_n", pa.array(np.ones(a.num_rows, np.int8)))
-    right = b.select(list(_KEYS)).group_by(list(_KEYS)).aggregate([])
-    return left.join(right, list(_KEYS), join_type="inner").num_rows
-
-
-def check_leak(card: dict, run_config: dict, train: pa.Table, test_sets: dict, *,
-               external: bool = False, allow_foreign_run: bool = False) -> dict:
-    """Refuse (InputError) a run whose training data may overlap the evaluated sets; returns
-    what was checked. See the module docstring for the rules."""
-    card_fp = card["splits"]["train"]["fingerprint"]
-    run_fp = recorded_train_fingerprint(run_config)
-    test_fps = {s: card["splits"][s]["fingerprint"] for s in EVAL_SPLITS
-                if card["splits"].get(s, {}).get("measurements")}
-    info = {"dataset_train_fingerprint": card_fp, "run_train_fingerprint": run_fp,
-            "test_fingerprints": test_fps, "mode": "fingerprint", "overlap": {}}
-    hit = [s for s, fp in test_fps.items() if fp == run_fp]
-    if hit:
-        raise InputError(f"leak: the run was trained on the {hit[0]} split of this dataset "
-                         f"(fingerprint {run_fp}); refusing to evaluate on it")
-    if run_fp != card_fp:
-        why = ("the run records no train-split fingerprint (config.json), so nothing proves it "
-               "never saw the test measurements" if run_fp is None else
-               f"the run was trained on a different dataset (train fingerprint {run_fp}, this "
-               f"dataset's is {card_fp})")
-        if not allow_foreign_run:
-            raise InputError(f"leak check: {why}. Evaluate it on the dataset it was trained on, "
-                             "or pass --allow-foreign-run to check overlap on content")
-        foreign = _foreign_train(run_config, run_fp, why)
-        info["mode"] = "content (foreign run)"
-        info["foreign_train_measurements"] = foreign.num_rows
-        for name, tbl in test_sets.items():
-            n = content_overlap(tbl, foreign)
-            info["overlap"][f"{name} vs run train"] = n
-            if n:
-                raise InputError(f"leak: {n} measurements of {name} are in the train split the "
-                                 "run was trained on; refusing to evaluate on them")
-    for name, tbl in test_sets.items():
-        n = content_overlap(tbl, train)
-        info["overlap"][f"{name} vs dataset train"] = n
-        if n:
-            what = "the external set" if external else f"split {name}"
-            raise InputError(f"leak: {n} measurements of {what} are also in this dataset's train "
-                             "split (the model trained on them); remove them first")
-    return info
-
-
-def _foreign_train(run_config: dict, run_fp, why: str) -> pa.Table:
-    from ping_llm.prepare import load_card
-    from ping_llm.schema import read_canonical
-
-    data_dir = (run_config.get("train") or {}).get("data_dir")
-    if run_fp is None or not data_dir:
-        raise InputError(f"leak check: {why}, and the run does not say where its training data "
-                         "is, so overlap cannot be checked: refusing")
-    try:
-        card = load_card(data_dir)
-    except InputError as e:
-        raise InputError(f"leak check: {why}; its dataset {data_dir} is unreadable ({e})") from None
-    if card["splits"]["train"]["fingerprint"] != run_fp:
-        raise InputError(f"leak check: {why}; {data_dir} no longer holds the train split the run "
-                         "was trained on (fingerprint differs): refusing")
-    return read_canonical(Path(data_dir) / card["splits"]["train"]["parquet"])
 
 
 def find_world_file(card: dict, data_dir) -> Path | None:
@@ -259,179 +169,9 @@ class ContextPool:
 # ----------------------------------------------------------------------------------------------
 # model: teacher-forced scores and exact distributions
 
-_ROLE_LEN = {tk.SRC_IPV4: 5, tk.SRC_IPV6: 17, tk.DST_IPV4: 5, tk.DST_IPV6: 17, tk.TIMESTAMP_ABS: 9,
-             tk.TIMESTAMP_DELTA1: 2, tk.TIMESTAMP_DELTA4: 5, tk.RTT_START: 3, tk.FAILED: 1}
-_ROLE_FIELD = {tk.SRC_IPV4: "src", tk.SRC_IPV6: "src", tk.DST_IPV4: "dst", tk.DST_IPV6: "dst",
-               tk.TIMESTAMP_ABS: "time", tk.TIMESTAMP_DELTA1: "time", tk.TIMESTAMP_DELTA4: "time",
-               tk.RTT_START: "result", tk.FAILED: "result"}
-
-
-def field_blocks(toks, start: int) -> list[tuple[str, int, int]]:
-    """(field, first token, end) of each field of the measurement whose MEASUREMENT_START is at
-    `start` (the last measurement of `toks`)."""
-    out, pos = [], start + 1
-    while pos < len(toks):
-        n = _ROLE_LEN[toks[pos]]
-        out.append((_ROLE_FIELD[toks[pos]], pos, pos + n))
-        pos += n
-    return out
-
-
-def score_queries(model, seqs: list[list[int]], starts: list[int], device) -> list[dict]:
-    """Teacher-forced log-probabilities of the last measurement of each token sequence.
-
-    Per sequence: `tokens` {"start" (when not at position 0), "src.0", "src.1", ... } -> log P
-    (nats) of each token given all before it; `fields` field -> summed log P; `result` the
-    engine's constrained log P(result | preceding fields)."""
-    import torch
-
-    from ping_llm.query import CANON_B1
-
-    b1_index = np.full(256, -1)
-    b1_index[CANON_B1] = np.arange(len(CANON_B1))
-    out: list[dict | None] = [None] * len(seqs)
-    # Right-padding is exact here: attention is causal, so tokens after a sequence's end never
-    # reach its positions, and RoPE positions start at 0 in every row. Sorting by length keeps
-    # the padding small and the batches large.
-    lens = np.array([len(x) for x in seqs])
-    order = np.argsort(lens, kind="stable")
-    s0 = 0
-    while s0 < len(order):
-        # a batch: <= 16k tokens (cache-friendly on CPU), <= 25% longer than its shortest row
-        s1 = s0 + 1
-        while (s1 < len(order) and lens[order[s1]] <= 1.25 * lens[order[s0]]
-               and (s1 + 1 - s0) * lens[order[s1]] <= SCORE_BATCH_TOKENS):
-            s1 += 1
-        chunk, s0 = order[s0:s1], s1
-        arr = np.zeros((len(chunk), max(len(seqs[i]) for i in chunk)), dtype=np.int64)
-        for j, i in enumerate(chunk):
-            arr[j, :len(seqs[i])] = seqs[i]  # the rest: MEASUREMENT_START padding, never read
-        with torch.inference_mode():
-            logits, _ = model(torch.as_tensor(arr, device=device))
-        logits = logits.double()
-        tok = torch.log_softmax(logits[:, :-1], -1).gather(
-            -1, torch.as_tensor(arr[:, 1:, None], device=device))
-        tok = tok.squeeze(-1).cpu().numpy()  # (B, L-1): log P(token t+1 | <= t)
-        for j, i in enumerate(chunk):
-            out[i] = _score_one(tok[j], logits[j], arr[j], seqs[i], starts[i], b1_index)
-    return out
-
-
-def _score_one(tok, lg, arr, seq, st, b1_index) -> dict:
-    import torch
-
-    from ping_llm.query import CANON_B1
-
-    blocks = field_blocks(seq, st)
-    toks = {} if st == 0 else {"start": float(tok[st - 1])}
-    fields = {}
-    for name, a, b in blocks:
-        vals = tok[a - 1:b - 1]
-        fields[name] = float(vals.sum())
-        toks.update({f"{name}.{o}": float(v) for o, v in enumerate(vals)})
-    _, a, _ = next(x for x in blocks if x[0] == "result")
-    role = torch.log_softmax(lg[a - 1, [tk.RTT_START, tk.FAILED]], -1)
-    res = float(role[0 if arr[a] == tk.RTT_START else 1])
-    if arr[a] == tk.RTT_START:  # byte1 constrained to canonical values, as the engine does
-        res += float(torch.log_softmax(lg[a, tk.BYTE0 + CANON_B1], -1)[b1_index[arr[a + 1]
-                                                                                - tk.BYTE0]])
-        res += float(torch.log_softmax(lg[a + 1, tk.BYTE0:], -1)[arr[a + 2] - tk.BYTE0])
-    return {"tokens": toks, "fields": fields, "result": res}
-
-
-def dense_pmf(dists) -> tuple[np.ndarray, np.ndarray]:
-    """RTTDistributions -> (p_failed (N,), pmf (N, 33792) over GRID given a reply)."""
-    pmf = np.zeros((len(dists), len(CANON)))
-    pos = np.searchsorted(CANON, np.arange(65536))
-    for i, d in enumerate(dists):
-        pmf[i, pos[d.codes.astype(np.int64)]] = d.probs
-    return np.array([d.p_failed for d in dists]), pmf
-
-
-def spread_coarse(pmf: np.ndarray) -> np.ndarray:
-    """Byte1 bins holding a single code with mass (bins the engine did not refine to byte2: all
-    their mass sits on the centre code) get that mass spread evenly over the bin's 256 codes."""
-    p = pmf.reshape(len(pmf), -1, 256).copy()
-    coarse = (np.count_nonzero(p, axis=2) == 1)[..., None]
-    p = np.where(coarse, p.sum(axis=2, keepdims=True) / 256.0, p)
-    return p.reshape(pmf.shape)
-
-
-def distribution_metrics(grid, pmf, obs, rng) -> dict:
-    """Per-row metrics of pmf rows (N, G) on `grid` against obs (N,) ms (NaN = failed ping):
-    quantiles at LEVELS, CRPS, randomised PIT and 50/90% central-interval hits (obs snapped to
-    the RTT code grid). Failed rows get NaN everywhere except the quantiles."""
-    n = len(obs)
-    q = M.quantiles_from_pmf(grid, pmf, LEVELS) if n else np.zeros((0, len(LEVELS)))
-    out = {k: np.full(n, np.nan) for k in ("crps", "crps_cens", "pit", "in50", "in90")}
-    out["q"] = q
-    out["p_tail"] = pmf[:, np.asarray(grid) > CENSOR_MS].sum(axis=1) / pmf.sum(axis=1)
-    ok = np.isfinite(obs)
-    if ok.any():
-        y = obs[ok]
-        snap = tk.code_to_rtt(tk.rtt_to_code(y))
-        out["crps"][ok] = M.crps_pmf(grid, pmf[ok], y)
-        out["crps_cens"][ok] = M.crps_pmf(np.minimum(grid, CENSOR_MS), pmf[ok],
-                                          np.minimum(y, CENSOR_MS))
-        out["pit"][ok] = M.pit_pmf(grid, pmf[ok], snap, rng)
-        out["in50"][ok] = (q[ok, 1] <= snap) & (snap <= q[ok, 3])
-        out["in90"][ok] = (q[ok, 0] <= snap) & (snap <= q[ok, 4])
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # aggregation
-
-
-def _mean(x) -> float:
-    """Mean of the finite values (NaN marks "not applicable to this row"); NaN if none."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(x.mean()) if len(x) else float("nan")
-
-
-def _median(x) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    return float(np.median(x)) if len(x) else float("nan")
-
-
-PER_QUERY = ("median", "crps", "crps_cens", "in50", "in90", "pit", "p_failed", "logp", "p_tail")
-
-
-def summarize(obs, failed, rows: dict, sel=None) -> dict:
-    """One method's metrics over a set of queries. obs (N,) ms (ignored where failed), failed
-    (N,) bool; rows: per-query arrays (N,) by PER_QUERY name, "median" required (predicted ms),
-    the others optional: CRPS and censored CRPS (ms), central-interval hits in50/in90 (1/0),
-    PIT, P(failed), log P(observed result), P(rtt > 10 s | reply). sel: a row mask or indices.
-    RTT metrics are over the successful rows, failure metrics over all rows."""
-    obs, failed = np.asarray(obs, dtype=np.float64), np.asarray(failed, dtype=bool)
-    r = {k: np.asarray(v, dtype=np.float64) for k, v in rows.items()
-         if k in PER_QUERY and v is not None}
-    if sel is not None:
-        obs, failed, r = obs[sel], failed[sel], {k: v[sel] for k, v in r.items()}
-    answered = np.isfinite(r["median"])  # NaN: no prediction for this row (truth off-world)
-    obs, failed, r = obs[answered], failed[answered], {k: v[answered] for k, v in r.items()}
-    ok = ~failed
-    out = {"n": int(len(failed)), "n_success": int(ok.sum()), "n_failed": int(failed.sum())}
-    pe = M.point_error_summary(r["median"][ok], obs[ok])
-    out.update({k: v for k, v in pe.items() if k != "n"})
-    for key, name in (("crps", "crps_ms"), ("crps_cens", "crps_cens_ms"),
-                      ("in50", "coverage_50"), ("in90", "coverage_90"), ("p_tail", "p_tail")):
-        if key in r:
-            out[name] = _mean(r[key][ok] if key != "p_tail" else r[key])
-    if "pit" in r and ok.any():
-        out["pit_hist"] = M.pit_histogram(r["pit"][ok][np.isfinite(r["pit"][ok])],
-                                          PIT_BINS)[0].tolist()
-    if "p_failed" in r:
-        p = r["p_failed"]
-        out.update(roc_auc=M.roc_auc(p, failed), pr_auc=M.average_precision(p, failed),
-                   brier=float(np.mean((p - failed) ** 2)) if len(p) else float("nan"),
-                   mean_p_failed=_mean(p),
-                   failed_rate=float(failed.mean()) if len(p) else float("nan"))
-    if "logp" in r:
-        out["logp_result"] = _mean(r["logp"])
-    return out
 
 
 def _bins(counts: np.ndarray, spec) -> np.ndarray:
@@ -441,85 +181,8 @@ def _bins(counts: np.ndarray, spec) -> np.ndarray:
     return labels
 
 
-def breakdowns(groups: dict, obs, failed, methods: dict) -> dict:
-    """groups: kind -> (N,) labels; methods: name -> per-query arrays (see `summarize`).
-    -> kind -> label -> method -> point error, CRPS and log P of that cell."""
-    out = {}
-    for kind, labels in groups.items():
-        out[kind] = {}
-        for lab in sorted(set(labels.tolist()), key=str):
-            sel = labels == lab
-            out[kind][str(lab)] = {
-                name: summarize(obs, failed, {k: m.get(k) for k in ("median", "crps", "logp")},
-                                sel)
-                for name, m in methods.items()}
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # baselines
-
-
-def fit_baselines(train: pa.Table, progress: bool = True) -> tuple[dict, dict]:
-    """make_baselines() fitted on the train table -> (fitted, seconds per baseline)."""
-    from ping_llm.baselines import make_baselines
-    from ping_llm.observations import Observations
-
-    obs = Observations.from_table(train)
-    fitted, secs = {}, {}
-    for name, b in make_baselines().items():
-        t0 = time.perf_counter()
-        fitted[name] = b.fit(obs)
-        secs[name] = round(time.perf_counter() - t0, 3)
-        if progress:
-            print(f"eval: fitted {name} in {secs[name]:.1f} s", file=sys.stderr)
-    return fitted, secs
-
-
-def baseline_predictions(fitted: dict, src, dst, obs, failed) -> dict:
-    """name -> per-query arrays on every query with the global-median fallback (median, crps,
-    crps_cens, in50/in90 and p_failed where the method has them) + `covered` (N,) bool."""
-    g = fitted["global_median"]
-    one = np.asarray(src[:1]), np.asarray(dst[:1])
-    g_q = g.predict_quantiles(*one, LEVELS)[0] if len(src) else None
-    g_lad = g.predict_quantiles(*one, BASELINE_LADDER)[0] if len(src) else None
-    ok = ~np.asarray(failed, dtype=bool)
-    y = np.where(ok, obs, 0.0)
-    yc = np.minimum(y, CENSOR_MS)
-    out = {}
-    for name, b in fitted.items():
-        cov = b.coverage(src, dst)
-        med = np.where(cov, b.predict(src, dst), g.median_ms)
-        row = {"covered": cov, "median": med}
-        if hasattr(b, "predict_quantiles"):
-            q = np.where(cov[:, None], b.predict_quantiles(src, dst, LEVELS), g_q)
-            lad = np.where(cov[:, None], b.predict_quantiles(src, dst, BASELINE_LADDER), g_lad)
-            row["crps"], row["crps_cens"] = np.full(len(y), np.nan), np.full(len(y), np.nan)
-            row["crps"][ok] = M.crps_quantiles(BASELINE_LADDER, lad[ok], y[ok])
-            row["crps_cens"][ok] = M.crps_quantiles(BASELINE_LADDER,
-                                                    np.minimum(lad[ok], CENSOR_MS), yc[ok])
-            row["in50"] = np.where(ok, (q[:, 1] <= y) & (y <= q[:, 3]), np.nan)
-            row["in90"] = np.where(ok, (q[:, 0] <= y) & (y <= q[:, 4]), np.nan)
-        else:  # a point forecast: the CRPS of a point mass is the absolute error
-            row["crps"] = np.where(ok, np.abs(med - y), np.nan)
-            row["crps_cens"] = np.where(ok, np.abs(np.minimum(med, CENSOR_MS) - yc), np.nan)
-            row["point_only"] = True
-        if hasattr(b, "predict_p_failed"):
-            pf = np.where(cov, b.predict_p_failed(src, dst), np.nan)
-            row["p_failed"] = np.where(np.isnan(pf), g.p_failed, pf)
-        out[name] = row
-    return out
-
-
-def baseline_summary(row: dict, obs, failed) -> dict:
-    """A baseline's metrics on all queries with the global-median fallback (top level, and again
-    under "fallback") and on the queries it covers ("covered")."""
-    cov = row["covered"]
-    fallback = summarize(obs, failed, row)
-    return {**fallback, "kind": "baseline",  # top level: all queries, like the other methods
-            "coverage": float(cov.mean()) if len(cov) else float("nan"),
-            "point_only": bool(row.get("point_only", False)),
-            "covered": summarize(obs, failed, row, cov), "fallback": fallback}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,45 +213,6 @@ class Queries:
         return tk.Measurement(str(self.src[i]), str(self.dst[i]), float(self.rtt[i]), t)
 
 
-def _truth_pdf(truth, rows) -> tuple[np.ndarray, np.ndarray]:
-    """(P(failed) (R,), pmf (R, 33792) over GRID given a reply) of truth rows."""
-    t = truth[rows]
-    pdf = t.pdf_codes()[:, CANON]
-    return t.p_fail, pdf / pdf.sum(axis=1, keepdims=True)
-
-
-_DIST_KEYS = ("crps", "crps_cens", "pit", "in50", "in90", "p_tail")
-
-
-def _truth_pass(truth, tix: np.ndarray, q: Queries, rng) -> dict:
-    """The generator's own distribution as a forecaster (rows without truth: NaN)."""
-    n = len(q)
-    out = {k: np.full(n, np.nan) for k in ("median", "p_failed", "logp") + _DIST_KEYS}
-    has = np.flatnonzero(tix >= 0)
-    codes = np.searchsorted(CANON, tk.rtt_to_code(np.maximum(q.rtt, 0)).astype(np.int64))
-    for s in range(0, len(has), BLOCK):
-        rows = has[s:s + BLOCK]
-        pf, pdf = _truth_pdf(truth, tix[rows])
-        dm = distribution_metrics(GRID, pdf, q.obs[rows], rng)
-        out["median"][rows] = dm["q"][:, 2]
-        for k in _DIST_KEYS:
-            out[k][rows] = dm[k]
-        out["p_failed"][rows] = pf
-        p_obs = np.where(q.failed[rows], pf, (1 - pf) * pdf[np.arange(len(rows)), codes[rows]])
-        out["logp"][rows] = np.log(np.maximum(p_obs, 1e-300))
-    return out
-
-
-def _kl(tpf, tpdf, pf, pmf) -> dict:
-    """KL(true || model) per row: RTT codes given a reply (coarse bins spread), byte1 bins, and
-    {failed} + codes."""
-    mp = spread_coarse(pmf)
-    b1 = (tpdf.reshape(len(tpdf), -1, 256).sum(2), pmf.reshape(len(pmf), -1, 256).sum(2))
-    return {"kl_rtt": M.kl_divergence(tpdf, mp), "kl_byte1": M.kl_divergence(*b1),
-            "kl_full": M.kl_divergence(np.c_[tpf, (1 - tpf)[:, None] * tpdf],
-                                       np.c_[pf, (1 - pf)[:, None] * mp])}
-
-
 def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> dict:
     """Per-query model results for one context setting (arrays of length N)."""
     from ping_llm.query import Query
@@ -603,7 +227,7 @@ def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> di
     sc = score_queries(engine.model, seqs, starts, engine.device)
     sc_nt = score_queries(engine.model, seqs_nt, starts, engine.device)
     out = {k: np.full(n, np.nan) for k in ("median", "p_failed", "kl_rtt", "kl_byte1", "kl_full")
-           + _DIST_KEYS}
+           + DIST_KEYS}
     out["logp"] = np.array([s["result"] for s in sc])
     out["logp_no_time"] = np.array([s["result"] for s in sc_nt])
     out["scores"], out["scores_no_time"] = sc, sc_nt
@@ -614,34 +238,17 @@ def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> di
         pf, pmf = dense_pmf(engine.rtt_many(qs))
         dm = distribution_metrics(GRID, pmf, q.obs[rows], rng)
         out["median"][rows] = dm["q"][:, 2]
-        for k in _DIST_KEYS:
+        for k in DIST_KEYS:
             out[k][rows] = dm[k]
         out["p_failed"][rows] = pf
         has = tix[rows] >= 0
         if truth is not None and has.any():
-            tpf, tpdf = _truth_pdf(truth, tix[rows][has])
-            for k, v in _kl(tpf, tpdf, pf[has], pmf[has]).items():
+            tpf, tpdf = truth_pdf(truth, tix[rows][has])
+            for k, v in kl_to_truth(tpf, tpdf, pf[has], pmf[has]).items():
                 out[k][rows[has]] = v
         if bar is not None:
             bar.update(len(rows))
     return out
-
-
-def _nll_summary(scores: list[dict]) -> dict:
-    """Mean NLL (nats) per field (summed over its tokens), per token within each field, per token
-    position ("src.0" is the SRC role token, "src.1" the first address byte ...), and in total."""
-    fields, ntok, pos = defaultdict(list), defaultdict(list), defaultdict(list)
-    for s in scores:
-        for f, v in s["fields"].items():
-            fields[f].append(-v)
-        for t, v in s["tokens"].items():
-            pos[t].append(-v)
-            ntok[t.split(".")[0]].append(-v)
-    order = ("start", "src", "dst", "time", "result")
-    return {"per_field": {f: _mean(fields[f]) for f in order if f in fields},
-            "per_token_by_field": {f: _mean(ntok[f]) for f in order if f in ntok},
-            "per_position": {t: _mean(v) for t, v in pos.items()},
-            "total": _mean([-sum(s["fields"].values()) for s in scores])}
 
 
 def _seen_fractions(table: pa.Table, train: pa.Table) -> dict:
@@ -770,16 +377,16 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
         s.update(kind="model", context=k, context_mean=float(n_ctx.mean()) if len(q) else 0.0,
                  context_full_frac=float((n_ctx >= k).mean()) if len(q) else 0.0,
                  seconds=round(time.perf_counter() - t1, 2))
-        s["nll"] = _nll_summary(out["scores"])
-        s["nll_no_time"] = _nll_summary(out["scores_no_time"])
+        s["nll"] = nll_summary(out["scores"])
+        s["nll_no_time"] = nll_summary(out["scores_no_time"])
         s["timestamp_ablation"] = {
-            "logp_result_with_time": _mean(out["logp"]),
-            "logp_result_without_time": _mean(out["logp_no_time"]),
-            "logp_rtt_with_time": _mean(out["logp"][ok]),
-            "logp_rtt_without_time": _mean(out["logp_no_time"][ok]),
-            "gain_nats": _mean(out["logp"] - out["logp_no_time"])}
+            "logp_result_with_time": finite_mean(out["logp"]),
+            "logp_result_without_time": finite_mean(out["logp_no_time"]),
+            "logp_rtt_with_time": finite_mean(out["logp"][ok]),
+            "logp_rtt_without_time": finite_mean(out["logp_no_time"][ok]),
+            "gain_nats": finite_mean(out["logp"] - out["logp_no_time"])}
         if truth is not None:
-            s["kl"] = {kind: {"mean": _mean(out[kind]), "median": _median(out[kind])}
+            s["kl"] = {kind: {"mean": finite_mean(out[kind]), "median": finite_median(out[kind])}
                        for kind in ("kl_rtt", "kl_byte1", "kl_full")}
         res["methods"][label] = s
         per_method[label] = out
@@ -787,7 +394,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     bar.close()
 
     if truth is not None:
-        tr = _truth_pass(truth, tix, q, rng)
+        tr = truth_pass(truth, tix, q, rng)
         s = summarize(obs, failed, tr, tix >= 0)
         s.update(kind="truth", coverage=float((tix >= 0).mean()))
         res["methods"]["truth"] = s

@@ -31,17 +31,14 @@ import torch
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.model import KVCache
-from ping_llm.query import (
-    CANON_B1,
+from ping_llm.query import CANON_B1, RTTDistribution, _select, _softmax
+from ping_llm.targets import (
     Query,
-    RTTDistribution,
     Target,
-    _select,
-    _softmax,
-    _time_tokens,
     as_measurement,
     parse_target,
     parse_time,
+    time_tokens,
 )
 
 if TYPE_CHECKING:
@@ -137,7 +134,7 @@ def destinations(
     t = parse_time(time)
     seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if s.version == 4 else tk.SRC_IPV6]
     seq += [tk.BYTE0 + b for b in s.packed[: s.nbytes]]
-    seq += [] if t is None else _time_tokens(t, ctx.last_time)
+    seq += [] if t is None else time_tokens(t, ctx.last_time)
     max_len = len(seq) + (3 if x is not None else 0) + 1 + s.nbytes
     engine._check_len(max_len, "the destinations query")
     cache = KVCache(engine.config, 1, max_len)

@@ -1,8 +1,9 @@
 """`ping-llm ingest`: RIPE Atlas ping result files -> a directory of canonical Parquet files.
 
 The parsing rules (what one result means, source identity, reject reasons per result) live in
-`ping_llm.ripe`; this module is everything around them: reading, decompressing and framing the
-inputs, streaming them in chunks, the output layout, worker processes and the report.
+`ping_llm.ripe`, decompression and JSON framing in `ping_llm.streams`; this module is everything
+around them: streaming results in chunks through the rules, the output layout, worker processes
+and the report.
 
 Inputs: daily dumps (one JSON result per line; gzip, bzip2, zstd or plain, detected from the
 content, not the file name), API downloads (a JSON array, pretty-printed or not; also any stream
@@ -39,8 +40,6 @@ processes are spawned (not forked: pyarrow's threads make fork unsafe), so scrip
 
 from __future__ import annotations
 
-import bz2
-import codecs
 import concurrent.futures as cf
 import glob
 import hashlib
@@ -50,7 +49,6 @@ import os
 import re
 import sys
 import time
-import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,158 +57,23 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ping_llm import streams
 from ping_llm.errors import InputError
 from ping_llm.ripe import _COUNTS, SOURCE_MODES, _Batch, _Reject
 from ping_llm.schema import CANONICAL_SCHEMA
+from ping_llm.streams import StreamState, decompressed, json_values, open_chunks
 
 FORMAT_VERSION = 1
 REPORT_KEY = b"ping_llm.ingest"
 CHUNK_RESULTS = 1 << 17  # results per Arrow table / Parquet row group (~400k rows)
-READ_BYTES = 1 << 20
 MAX_LINE = 64 << 20
 MAX_RAW = 64 << 10
-
-# ----------------------------------------------------------------------------------------------
-# bytes in: decompression (by magic number) and framing (lines or concatenated JSON values)
-
-
-class _State:
-    def __init__(self):
-        self.damage: str | None = None  # "truncated_file" / "corrupt_file"
-
-
-def _decompressed(chunks, st: _State):
-    it = iter(chunks)
-    first = b""
-    for first in it:
-        if first:
-            break
-    if first.startswith(b"\x1f\x8b"):
-        new = lambda: zlib.decompressobj(31)  # noqa: E731
-    elif first.startswith(b"BZh"):
-        new = bz2.BZ2Decompressor
-    elif first.startswith(b"\x28\xb5\x2f\xfd"):
-        import zstandard
-
-        new = lambda: zstandard.ZstdDecompressor().decompressobj()  # noqa: E731
-    else:
-        if first:
-            yield first
-        yield from it
-        return
-    d, fed = new(), False
-    out: list[bytes] = []  # decoded pieces, yielded as ~1 MiB blocks
-    n_out = 0
-
-    def all_chunks():
-        yield first
-        yield from it
-
-    # Small input pieces: on corrupt data only the last piece's output (<~100 kB) is lost.
-    piece = 1 << 13
-    for chunk in all_chunks():
-        for i in range(0, len(chunk), piece):
-            data = chunk[i : i + piece]
-            while data:
-                if d.eof:
-                    if not data.strip(b"\0"):  # zero padding after the last member
-                        break
-                    d, fed = new(), False
-                try:
-                    o = d.decompress(data)
-                except Exception as e:  # zlib.error, OSError, zstandard.ZstdError
-                    st.damage = f"corrupt_file: {type(e).__name__}: {e}"
-                    if out:
-                        yield b"".join(out)
-                    return
-                fed = True
-                if o:
-                    out.append(o)
-                    n_out += len(o)
-                data = d.unused_data if d.eof else b""
-            if n_out >= READ_BYTES:
-                yield b"".join(out)
-                out, n_out = [], 0
-    if out:
-        yield b"".join(out)
-    if fed and not d.eof:
-        st.damage = "truncated_file"
 
 
 def _raw_text(raw) -> tuple[str, bool]:
     if isinstance(raw, bytes | bytearray):
         raw = bytes(raw[: MAX_RAW + 4]).decode("utf-8", errors="replace")
     return raw[:MAX_RAW], len(raw) > MAX_RAW
-
-
-_SKIP = re.compile(r"[\s,\[\]]*")
-_START = re.compile(r"\{")
-_RESULT_KEYS = ("timestamp", "prb_id", "msm_id")
-
-
-def _stream_values(blocks, max_obj: int = 8 << 20):
-    """Concatenated JSON values / arrays (API downloads, pretty-printed) -> (ok, line, value).
-
-    Uses the C scanner of json.JSONDecoder.raw_decode on a sliding text buffer (memory: one
-    element plus one block). A malformed element yields (False, line, its text) and parsing
-    resumes at the next object that looks like a result.
-    """
-    raw_decode = json.JSONDecoder().raw_decode
-    dec = codecs.getincrementaldecoder("utf-8")("replace")
-    it = iter(blocks)
-    buf, pos, eof = "", 0, False
-    line, line_pos = 1, 0  # line number at buf[line_pos]
-
-    def line_at(p):
-        nonlocal line, line_pos
-        line += buf.count("\n", line_pos, p)
-        line_pos = p
-        return line
-
-    def more():
-        nonlocal buf, pos, eof, line_pos
-        line_at(pos)
-        buf, line_pos = buf[pos:], 0
-        pos = 0
-        try:
-            buf += dec.decode(next(it))
-        except StopIteration:
-            buf += dec.decode(b"", final=True)
-            eof = True
-
-    while True:
-        pos = _SKIP.match(buf, pos).end()
-        if pos >= len(buf):
-            if eof:
-                return
-            more()
-            continue
-        try:
-            obj, end = raw_decode(buf, pos)
-        except (ValueError, RecursionError):  # JSONDecodeError, or absurdly deep nesting
-            if not eof and len(buf) - pos < max_obj:
-                more()
-                continue
-            start_line = line_at(pos)
-            nxt = None
-            for m in _START.finditer(buf, pos + 1):
-                try:
-                    cand, _ = raw_decode(buf, m.start())
-                except (ValueError, RecursionError):
-                    continue
-                if type(cand) is dict and any(k in cand for k in _RESULT_KEYS):
-                    nxt = m.start()
-                    break
-            if nxt is None and not eof:
-                keep = buf.rfind("{", pos + 1)
-                nxt = keep if keep > pos else len(buf)
-            elif nxt is None:
-                nxt = len(buf)
-            yield False, start_line, buf[pos:nxt]
-            pos = nxt
-            continue
-        yield True, line_at(pos), obj
-        pos = end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +116,8 @@ class _Converter:
         return None
 
     def run(self, chunks):
-        st = _State()
-        blocks = _decompressed(chunks, st)
+        st = StreamState()
+        blocks = decompressed(chunks, st)
         first = b""
         for block in blocks:  # up to the first non-blank block (blank ones still count lines)
             first += block
@@ -266,7 +129,7 @@ class _Converter:
             try:
                 orjson.loads(head.split(b"\n", 1)[0])
             except orjson.JSONDecodeError:
-                stream = b"\n" in head or len(head) < READ_BYTES
+                stream = b"\n" in head or len(head) < streams.READ_BYTES
         if stream:
             yield from self._run_stream(first, blocks, st)
         else:
@@ -282,7 +145,7 @@ class _Converter:
 
         done, counts = 0, self.batch.counts
         bad = None  # held back one step: a bad tail of a damaged file is the damage itself
-        for ok, line, x in _stream_values(gen()):
+        for ok, line, x in json_values(gen()):
             if bad is not None:
                 self.reject(bad[0], "malformed_json", bad[1])
                 bad = None
@@ -383,32 +246,10 @@ def iter_tables(source, source_address: str = "auto", on_reject=None, on_progres
     if name is None:
         name = source if isinstance(source, str) else getattr(source, "name", "<stream>")
     conv = _Converter(str(name), source_address, on_reject, on_progress)
-    with _open_chunks(source) as chunks:
+    with open_chunks(source) as chunks:
         yield from conv.run(chunks)
     if report is not None:
         report.update(_file_counts(conv.batch))
-
-
-class _open_chunks:
-    def __init__(self, source):
-        self.source, self.fh = source, None
-
-    def __enter__(self):
-        src = self.source
-        if isinstance(src, str | os.PathLike):
-            if str(src) == "-":
-                fh = sys.stdin.buffer
-            else:
-                fh = self.fh = open(src, "rb")  # noqa: SIM115 - closed in __exit__
-        elif hasattr(src, "read"):
-            fh = src
-        else:
-            return iter(src)
-        return iter(lambda: fh.read(READ_BYTES), b"")
-
-    def __exit__(self, *exc):
-        if self.fh is not None:
-            self.fh.close()
 
 
 def _file_counts(batch: _Batch) -> dict:
@@ -554,7 +395,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
     source = path
     if digest is not None:
         def hashed():
-            for b in iter(lambda: sys.stdin.buffer.read(READ_BYTES), b""):
+            for b in iter(lambda: sys.stdin.buffer.read(streams.READ_BYTES), b""):
                 digest.update(b)
                 yield b
         source = hashed()
@@ -676,6 +517,6 @@ def _gather_rejects(report: IngestReport, path: Path) -> None:
             rej = out.parent / "_rejects" / (out.name[: -len(".parquet")] + ".jsonl")
             if rej.exists():
                 with open(rej, "rb") as src:
-                    while b := src.read(READ_BYTES):
+                    while b := src.read(streams.READ_BYTES):
                         fh.write(b)
     os.replace(tmp, path)

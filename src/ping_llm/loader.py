@@ -63,7 +63,8 @@ import pyarrow.parquet as pq
 
 from ping_llm import tokens
 from ping_llm.errors import InputError
-from ping_llm.prepare import Row, base_lengths, decode_record, load_card, time_lengths
+from ping_llm.prepare import load_card
+from ping_llm.rows import Row, base_lengths, decode_record, time_lengths
 
 MODES = ("full", "none", "partial")
 MIN_MEASUREMENT_TOKENS = 12  # IPv4, failed, no timestamp: START + 5 + 5 + FAILED
@@ -533,6 +534,68 @@ class Loader:
     def __del__(self, _suppress=contextlib.suppress):  # bound early: at interpreter shutdown
         with _suppress(Exception):  # module globals may already be gone
             self.close()
+
+
+class CurriculumLoader:
+    """Sequence-length warmup: `switch_after` batches from `short`, then batches of `make_full()`.
+
+    Why: trained from scratch on full 1024-token contexts, a small model is slow to learn to read
+    the current measurement's own addresses (attention starts spread over ~T keys, so the signal
+    towards the few tokens that matter is ~T times weaker) and settles for the source's context
+    statistics. A quarter-length context first (same tokens per batch: 4x the rows) learns the
+    address -> RTT structure several times faster; the full contexts then add in-context use.
+    Measured on the menog sample, 4 CPU minutes: test_time median abs error 11.7 ms at 256
+    tokens vs 39 ms at 1024 (docs/results.md).
+
+    Follows the loader contract; its state records which phase it is in. The full-length loader
+    starts at its own batch 0 at the switch, in an uninterrupted run and after a resume alike.
+    """
+
+    def __init__(self, short, make_full, switch_after: int):
+        if switch_after < 0:
+            raise InputError(f"switch_after must be >= 0, got {switch_after}")
+        self.short, self._make_full, self.switch_after = short, make_full, int(switch_after)
+        self.full = None
+        self.served = 0  # batches returned so far, both phases
+
+    def _active(self):
+        if self.served < self.switch_after:
+            return self.short
+        if self.full is None:
+            self.full = self._make_full()
+            if self.short is not None and hasattr(self.short, "close"):
+                self.short.close()
+            self.short = None
+        return self.full
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._active())
+        self.served += 1
+        return batch
+
+    def get_state(self) -> dict:
+        phase = "short" if self.served < self.switch_after else "full"
+        return {"format": "ping-llm-curriculum/1", "served": self.served,
+                "switch_after": self.switch_after, "phase": phase,
+                "state": self._active().get_state()}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("format") != "ping-llm-curriculum/1":
+            raise InputError("loader state is not a sequence-length curriculum state (was the "
+                             "run started with another seq_len_warmup?)")
+        if state["switch_after"] != self.switch_after:
+            raise InputError(f"curriculum switches after {state['switch_after']} batches in the "
+                             f"state, {self.switch_after} here")
+        self.served = int(state["served"])
+        self._active().set_state(state["state"])
+
+    def close(self) -> None:
+        for ld in (self.short, self.full):
+            if ld is not None and hasattr(ld, "close"):
+                ld.close()
 
 
 def build_loader(data_dir, split, batch_size, seq_len, seed, rank, world_size, **kwargs) -> Loader:

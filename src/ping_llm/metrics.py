@@ -137,12 +137,8 @@ def crps_pmf(grid, pmf, obs) -> np.ndarray:
     return out
 
 
-def crps_samples(samples, obs) -> np.ndarray:
-    """CRPS (ms) of the empirical distribution of each row's samples (N, S), per row.
-
-    Ragged sample sets are passed NaN-padded: NaNs are ignored; every row needs >= 1 sample.
-    This is the exact CRPS of the empirical CDF (the "energy" form with 1/S weights).
-    """
+def _samples(samples, obs):
+    """Validated NaN-padded sample sets (N, S) -> (samples, obs (N,), valid mask, counts (N,))."""
     s = np.asarray(samples, dtype=np.float64)
     if s.ndim != 2:
         raise InputError(f"samples must be (N, S), got shape {s.shape}")
@@ -151,6 +147,16 @@ def crps_samples(samples, obs) -> np.ndarray:
     n = valid.sum(axis=1)
     if np.any(n == 0):
         raise InputError("every row needs at least one finite sample")
+    return s, y, valid, n
+
+
+def crps_samples(samples, obs) -> np.ndarray:
+    """CRPS (ms) of the empirical distribution of each row's samples (N, S), per row.
+
+    Ragged sample sets are passed NaN-padded: NaNs are ignored; every row needs >= 1 sample.
+    This is the exact CRPS of the empirical CDF (the "energy" form with 1/S weights).
+    """
+    s, y, valid, n = _samples(samples, obs)
     x = np.sort(np.where(valid, s, np.inf), axis=1)  # NaN padding sorts last, weight 0 below
     w = np.sort(valid, axis=1)[:, ::-1] / n[:, None]  # first n[i] entries get weight 1/n[i]
     x = np.where(w > 0, x, 0.0)
@@ -250,14 +256,7 @@ def pit_pmf(grid, pmf, obs, rng: np.random.Generator | None = None) -> np.ndarra
 def pit_samples(samples, obs, rng: np.random.Generator | None = None) -> np.ndarray:
     """PIT of obs under each row's empirical distribution (NaN-padded (N, S)), same tie rule as
     `pit_pmf`."""
-    s = np.asarray(samples, dtype=np.float64)
-    if s.ndim != 2:
-        raise InputError(f"samples must be (N, S), got shape {s.shape}")
-    y = _obs(obs, s.shape[0])
-    valid = np.isfinite(s)
-    n = valid.sum(axis=1)
-    if np.any(n == 0):
-        raise InputError("every row needs at least one finite sample")
+    s, y, valid, n = _samples(samples, obs)
     below = np.sum(valid & (s < y[:, None]), axis=1) / n
     at = np.sum(valid & (s == y[:, None]), axis=1) / n
     v = rng.random(len(y)) if rng is not None else 0.5

@@ -47,7 +47,6 @@ tuples).
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -59,6 +58,14 @@ import torch
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, KVCache
+from ping_llm.targets import (
+    Query,
+    as_measurement,
+    as_query,
+    parse_target,
+    parse_time,
+    time_tokens,
+)
 
 if TYPE_CHECKING:  # answer types of the methods implemented in ping_llm.generate
     from ping_llm.generate import Destination, Score
@@ -192,170 +199,6 @@ class Ranked:
             "p_below": self.p_below,
             "quantiles": {str(q): float(self.dist.quantile(q)) for q in (0.05, 0.5, 0.95)},
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# input parsing
-
-
-@dataclass(frozen=True)
-class Target:
-    """An address or a CIDR prefix: 16 packed bytes (IPv4 in the first 4), version, prefix bits."""
-
-    packed: bytes
-    version: int
-    prefix: int
-
-    @property
-    def nbytes(self) -> int:
-        return 4 if self.version == 4 else 16
-
-    @property
-    def is_full(self) -> bool:
-        return self.prefix == 8 * self.nbytes
-
-    @property
-    def n_completions(self) -> int:
-        return 2 ** (8 * self.nbytes - self.prefix)
-
-    def items(self) -> list:
-        """Per address byte: its token, or (lo, hi) inclusive byte range when not fully known."""
-        out: list = []
-        for i in range(self.nbytes):
-            fixed = min(max(self.prefix - 8 * i, 0), 8)
-            b = self.packed[i]
-            if fixed == 8:
-                out.append(tk.BYTE0 + b)
-            else:
-                mask = (0xFF << (8 - fixed)) & 0xFF
-                out.append((b & mask, (b & mask) | (~mask & 0xFF)))
-        return out
-
-    def __str__(self) -> str:
-        addr = tk.format_address(self.packed, self.version)
-        return addr if self.is_full else f"{addr}/{self.prefix}"
-
-
-def parse_target(text) -> Target:
-    """'192.0.2.1', '10.1.2.0/24', '2001:db8::/48' -> Target (host bits of a prefix are cleared)."""
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"expected an IP address or CIDR prefix, got {text!r}")
-    addr, _, plen = text.strip().partition("/")
-    packed, version = tk.parse_address(addr)
-    bits = 32 if version == 4 else 128
-    if plen == "":
-        prefix = bits
-    else:
-        try:
-            prefix = int(plen)
-        except ValueError:
-            raise InputError(f"bad prefix length in {text!r}") from None
-        if not 0 <= prefix <= bits:
-            raise InputError(
-                f"prefix length /{prefix} in {text!r} is longer than an IPv{version} address "
-                f"({bits} bits)"
-                if prefix > bits
-                else f"prefix length in {text!r} must be >= 0"
-            )
-    raw = bytearray(packed)
-    for i in range(16):  # clear host bits
-        keep = min(max(prefix - 8 * i, 0), 8)
-        raw[i] &= (0xFF << (8 - keep)) & 0xFF
-    return Target(bytes(raw), version, prefix)
-
-
-def parse_time(t) -> int | None:
-    """None, epoch seconds (int or digit string) or ISO 8601 (naive = UTC) -> epoch seconds."""
-    if t is None:
-        return None
-    if isinstance(t, datetime.datetime):
-        dt = t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
-        value = int(dt.timestamp())
-    elif isinstance(t, bool):
-        raise InputError(f"time must be epoch seconds or ISO 8601, got {t!r}")
-    elif isinstance(t, int | np.integer) or (isinstance(t, float) and t.is_integer()):
-        value = int(t)
-    elif isinstance(t, str) and t.strip().lstrip("-").isdigit():
-        value = int(t.strip())
-    elif isinstance(t, str):
-        try:
-            dt = datetime.datetime.fromisoformat(t.strip())
-        except ValueError:
-            raise InputError(f"time {t!r} is neither epoch seconds nor ISO 8601") from None
-        return parse_time(dt)
-    else:
-        raise InputError(f"time must be epoch seconds or ISO 8601, got {t!r}")
-    if not 0 <= value < 2**63:
-        raise InputError(f"time {t!r} is outside 1970 .. 2**63 s")
-    return value
-
-
-def as_measurement(x) -> tk.Measurement:
-    """tokens.Measurement, a dict {src, dst, rtt_ms (or rtt; None/negative = failed), time}, or a
-    tuple (src, dst, rtt_ms[, time]) -> a validated Measurement (full addresses only)."""
-    if isinstance(x, tk.Measurement):
-        src, dst, rtt, time = x.src, x.dst, x.rtt_ms, x.time
-    elif isinstance(x, dict):
-        unknown = set(x) - {"src", "dst", "rtt_ms", "rtt", "time"}
-        if unknown or "src" not in x or "dst" not in x:
-            raise InputError(f"a measurement needs keys src, dst, rtt_ms [, time]; got {sorted(x)}")
-        src, dst, time = x["src"], x["dst"], x.get("time")
-        rtt = x.get("rtt_ms", x.get("rtt"))
-    elif isinstance(x, list | tuple) and len(x) in (3, 4):
-        src, dst, rtt = x[:3]
-        time = x[3] if len(x) == 4 else None
-    else:
-        raise InputError(f"not a measurement: {x!r}")
-    if rtt is None or (isinstance(rtt, str) and rtt.strip().lower() in ("failed", "*")):
-        rtt = -1.0
-    try:
-        rtt = float(rtt)
-    except (TypeError, ValueError):
-        raise InputError(f"rtt_ms must be a number (negative = failed), got {rtt!r}") from None
-    if not math.isfinite(rtt):
-        raise InputError(f"rtt_ms must be finite, got {rtt!r}")
-    s, d = parse_target(src), parse_target(dst)
-    if not (s.is_full and d.is_full):
-        raise InputError(f"a measurement needs full addresses, not prefixes: {src} -> {dst}")
-    if s.version != d.version:
-        raise InputError(f"mixed address families in a measurement: {src} -> {dst}")
-    return tk.Measurement(str(s), str(d), rtt if rtt >= 0 else -1.0, parse_time(time))
-
-
-@dataclass
-class Query:
-    """One RTT question; `context` (if any) replaces the context shared by a `rtt_many` call."""
-
-    src: str
-    dst: str
-    time: object = None
-    context: list | None = None
-    seed: int = 0  # Monte Carlo seed for large partial addresses
-
-
-def _as_query(q) -> Query:
-    if isinstance(q, Query):
-        return q
-    if isinstance(q, dict):
-        unknown = set(q) - {"src", "dst", "time", "context", "seed"}
-        if unknown or "src" not in q or "dst" not in q:
-            raise InputError(
-                f"a query needs keys src, dst [, time, context, seed]; got {sorted(q)}"
-            )
-        return Query(**q)
-    if isinstance(q, list | tuple) and len(q) in (2, 3):
-        return Query(*q)
-    raise InputError(f"not a query: {q!r} (expected (src, dst[, time]), a dict or a Query)")
-
-
-def _time_tokens(t: int, prev: int | None) -> list[int]:
-    """The time block of a measurement at t after a timestamped one at prev (tokens.py rules)."""
-    d = None if prev is None else t - prev
-    if d is not None and 0 <= d < tk.DELTA1_LIMIT:
-        return [tk.TIMESTAMP_DELTA1, tk.BYTE0 + d]
-    if d is not None and 0 <= d < tk.DELTA4_LIMIT:
-        return [tk.TIMESTAMP_DELTA4] + [tk.BYTE0 + b for b in d.to_bytes(4, "big")]
-    return [tk.TIMESTAMP_ABS] + [tk.BYTE0 + b for b in t.to_bytes(8, "big")]
 
 
 @dataclass
@@ -520,7 +363,7 @@ class Engine:
         seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if v4 else tk.SRC_IPV6]
         seq += src.items() + [tk.DST_IPV4 if v4 else tk.DST_IPV6] + dst.items()
         if time is not None:
-            seq += _time_tokens(time, ctx.last_time)
+            seq += time_tokens(time, ctx.last_time)
         self._check_len(len(seq) + 2, f"the query {q.src} -> {q.dst}")
         h = next((i for i, x in enumerate(seq) if isinstance(x, tuple)), len(seq))
         return _Plan(
@@ -533,7 +376,7 @@ class Engine:
 
     def check(self, query) -> None:
         """Validate one RTT query (Query, dict or tuple) without running the model."""
-        self._plan(_as_query(query), self.context(None))
+        self._plan(as_query(query), self.context(None))
 
     def query_tokens(self, src, dst, time=None, context=None) -> list[int]:
         """The token prefix of an RTT query on full addresses (what the model reads)."""
@@ -631,7 +474,7 @@ class Engine:
         """Many RTT questions at once, answers in order. Each query: Query, dict or (src, dst[,
         time]); `context` is shared by the queries that do not bring their own."""
         shared = self.context(context)
-        plans = [self._plan(_as_query(q), shared) for q in queries]  # validate everything first
+        plans = [self._plan(as_query(q), shared) for q in queries]  # validate everything first
         out: list[RTTDistribution | None] = [None] * len(plans)
         buckets = defaultdict(list)
         for i, p in enumerate(plans):

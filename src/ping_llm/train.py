@@ -45,11 +45,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import math
-import os
-import signal
 import statistics
-import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,37 +53,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from ping_llm.errors import InputError
-
-# Peak dense (no 2:4 sparsity) bf16 tensor-core FLOP/s per device, from the vendors' datasheets.
-# Matched in order as a substring of torch.cuda.get_device_name(), so specific names come first.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GH200", 989e12),  # Grace Hopper: the H100 SXM part
-    ("H200", 989e12),  # same tensor cores as H100 SXM, more/faster memory
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("B200", 2250e12),
-    ("A100", 312e12),  # SXM4 and PCIe, 40 and 80 GB
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("MI300X", 1307e12),
-    ("MI250X", 383e12),
-]
-
-
-def peak_flops_for(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of one device from PEAK_BF16_FLOPS; None for CPUs and unknown GPUs."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
-
+from ping_llm.runtime import Dist, StopFlag, all_gather, log0, peak_flops_for, progress_bar, setup
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -116,6 +84,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmdown_frac: float = 0.2  # last fraction of steps: linear decay to 0
+    # Sequence-length warmup (loader.CurriculumLoader): the first seq_warmup_frac of the steps
+    # train on contexts of seq_warmup_len tokens (same tokens per batch), then full length.
+    seq_warmup_frac: float = 0.0
+    seq_warmup_len: int = 256
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
     eval_every: int = 100  # steps; 0 = never (except none at all)
     eval_batches: int = 8  # global micro-batches in the fixed held-out set
@@ -152,6 +124,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.seq_warmup_frac, int | float) and 0 <= self.seq_warmup_frac < 1):
+            raise InputError(f"seq_warmup_frac must be in [0, 1), got {self.seq_warmup_frac!r}")
+        positive_int("seq_warmup_len")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise InputError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -188,7 +163,8 @@ class TrainConfig:
 
 
 # Fields that must not change when resuming: they fix the weights' shapes or the data order.
-RESUME_FIXED = ("preset", "model", "device_batch_size", "seed")
+RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac",
+                "seq_warmup_len")
 
 
 def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
@@ -293,7 +269,7 @@ class SyntheticLoader:
 
 
 # ------------------------------------------------------------------------------------------------
-# errors, distributed set-up, signals
+# errors
 
 
 class TrainingDiverged(RuntimeError):
@@ -302,84 +278,6 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, step: int, checkpoint_step: int | None):
         super().__init__(message)
         self.step, self.checkpoint_step = step, checkpoint_step
-
-
-@dataclass
-class _Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def _setup(cfg: TrainConfig) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        want = f"cuda:{local_rank}"
-    device = torch.device(want)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("device cuda requested but torch sees no CUDA device")
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    if world > 1 and dist.get_world_size() != world:
-        raise InputError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()}")
-    return _Dist(rank, local_rank, world, device, owns)
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes the step, checkpoints and exits.
-
-    A second SIGINT raises KeyboardInterrupt at once (the checkpoint on disk stays the last
-    complete one). Handlers are only installed from the main thread and restored afterwards.
-    """
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-def _all_gather(obj, d: _Dist) -> list:
-    if d.world_size == 1:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _log(d: _Dist, msg: str) -> None:
-    if d.master:
-        tqdm.write(msg, file=sys.stdout)  # plays well with the progress bar on stderr
-        sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,24 +295,33 @@ def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
     return total // per_step
 
 
-def _build_data_loaders(cfg: TrainConfig, seq_len: int, d: _Dist):
+def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, d: Dist):
     if cfg.data_dir is None:
         raise InputError("no data: give data_dir (a prepared dataset) or pass loader=")
     data = Path(cfg.data_dir)
     if not (data / "card.json").is_file():
         raise InputError(f"{data} is not a prepared dataset (no card.json); run `ping-llm prepare`")
-    from ping_llm.loader import build_loader
+    from ping_llm.loader import CurriculumLoader, build_loader
 
-    def make(split, **kw):
+    def make(split, batch_size=cfg.device_batch_size, length=seq_len, **kw):
         return build_loader(
-            str(data), split, cfg.device_batch_size, seq_len, cfg.seed, d.rank, d.world_size, **kw
+            str(data), split, batch_size, length, cfg.seed, d.rank, d.world_size, **kw
         )
 
     # The held-out set is read once (a few batches): no worker processes for it.
-    return make("train"), make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
+    held_out = make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
+    if cfg.seq_warmup_frac == 0:
+        return make("train"), held_out
+    short = cfg.seq_warmup_len
+    if short >= seq_len or seq_len % short:
+        raise InputError(f"seq_warmup_len {short} must divide the model's sequence_len {seq_len} "
+                         "and be shorter")
+    switch = round(cfg.seq_warmup_frac * cfg.steps) * accum  # micro-batches of this rank
+    rows = cfg.device_batch_size * (seq_len // short)  # same tokens per micro-batch
+    return CurriculumLoader(make("train", rows, short), lambda: make("train"), switch), held_out
 
 
-def _eval_set(eval_loader, cfg: TrainConfig, d: _Dist) -> list:
+def _eval_set(eval_loader, cfg: TrainConfig, d: Dist) -> list:
     """This rank's share of the fixed held-out set: global micro-batches r, r+W, ... < n."""
     n_local = len(range(d.rank, cfg.eval_batches, d.world_size))
     batches = []
@@ -427,7 +334,7 @@ def _eval_set(eval_loader, cfg: TrainConfig, d: _Dist) -> list:
 
 
 @torch.no_grad()
-def _evaluate(model, batches, device, autocast, d: _Dist) -> tuple[float, int]:
+def _evaluate(model, batches, device, autocast, d: Dist) -> tuple[float, int]:
     """Token-weighted mean loss over the held-out set, all ranks together."""
     was_training = model.training
     model.eval()
@@ -445,7 +352,7 @@ def _evaluate(model, batches, device, autocast, d: _Dist) -> tuple[float, int]:
     return (total / count if count else float("nan")), int(count)
 
 
-def _check_resume(ckpt, cfg: TrainConfig, d: _Dist) -> None:
+def _check_resume(ckpt, cfg: TrainConfig, d: Dist) -> None:
     old = ckpt.config["train"]
     bad = [k for k in RESUME_FIXED if old.get(k) != getattr(cfg, k)]
     if bad:
@@ -459,7 +366,7 @@ def _check_resume(ckpt, cfg: TrainConfig, d: _Dist) -> None:
     changed = [k for k in old if k not in ("resume", "stop_at", "time_limit_s")
                and old.get(k) != getattr(cfg, k, None)]
     if changed:
-        _log(d, f"resume: changed settings {', '.join(changed)} (the run no longer replays "
+        log0(d, f"resume: changed settings {', '.join(changed)} (the run no longer replays "
                 "exactly an uninterrupted one if these affect optimisation)")
 
 
@@ -475,7 +382,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
     from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
 
     cfg = config
-    d = _setup(cfg)
+    d = setup(cfg.device)
     wb = None
     try:
         gpt_config = cfg.gpt_config()
@@ -507,10 +414,12 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                 ckpt = ckpt_mod.load_checkpoint(found)
                 _check_resume(ckpt, cfg, d)
             elif cfg.resume:
-                _log(d, f"resume: no checkpoint in {run_dir}, starting a new run")
+                log0(d, f"resume: no checkpoint in {run_dir}, starting a new run")
 
         if loader is None:
-            loader, eval_loader = _build_data_loaders(cfg, T, d)
+            loader, eval_loader = _build_data_loaders(cfg, T, accum, d)
+        elif cfg.seq_warmup_frac:
+            raise InputError("seq_warmup_frac needs loaders built from data_dir, not loader=")
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
@@ -531,7 +440,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             ckpt_mod.restore_rng_state(ckpt.rng_states[d.rank])
             start_step = ckpt.step
             trainer.update(ckpt.meta.get("trainer", {}))
-            _log(d, f"resumed from {ckpt.path} at step {start_step}")
+            log0(d, f"resumed from {ckpt.path} at step {start_step}")
         else:
             torch.manual_seed(_mix_seed(cfg.seed, "rank", d.rank))
         del ckpt  # the CPU copies of weights and optimizer state
@@ -562,13 +471,13 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
         flops_per_token = raw.estimate_flops_per_token()
         peak = cfg.peak_flops or peak_flops_for(d.device)
         tokens_per_step = accum * cfg.device_batch_size * T * d.world_size
-        _log(d, f"model {cfg.preset} {gpt_config.to_dict()} | {n_params:,} params | "
+        log0(d, f"model {cfg.preset} {gpt_config.to_dict()} | {n_params:,} params | "
                 f"{flops_per_token / 1e6:.1f} MFLOP/token")
-        _log(d, f"device {d.device} x{d.world_size} | bf16 {use_bf16} | compile {cfg.compile} | "
+        log0(d, f"device {d.device} x{d.world_size} | bf16 {use_bf16} | compile {cfg.compile} | "
                 f"batch {cfg.device_batch_size}x{T} x accum {accum} x world {d.world_size} = "
                 f"{tokens_per_step:,} tokens/step | steps {start_step}->{cfg.steps}")
         if peak is None:
-            _log(d, f"MFU: no peak FLOP/s known for {d.device}; pass peak_flops to get one")
+            log0(d, f"MFU: no peak FLOP/s known for {d.device}; pass peak_flops to get one")
 
         if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:  # on every rank
             raise InputError("wandb is not installed: pip install 'ping-llm[wandb]'")
@@ -601,8 +510,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             nonlocal last_saved
             if run_dir is None:
                 return
-            loader_states = _all_gather(loader.get_state(), d)
-            rng_states = _all_gather(ckpt_mod.capture_rng_state(), d)
+            loader_states = all_gather(loader.get_state(), d)
+            rng_states = all_gather(ckpt_mod.capture_rng_state(), d)
             if d.master:
                 ckpt_mod.save_checkpoint(
                     run_dir, model_state=raw.state_dict(), config=full_config,
@@ -624,7 +533,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             t0 = time.perf_counter()
             last_eval, count = _evaluate(eval_model, eval_batches, d.device, autocast, d)
             record({"kind": "eval", "step": step, "eval_loss": last_eval, "eval_tokens": count})
-            _log(d, f"step {step:6d} | eval loss {last_eval:.4f} ({count:,} tokens, "
+            log0(d, f"step {step:6d} | eval loss {last_eval:.4f} ({count:,} tokens, "
                     f"{time.perf_counter() - t0:.1f}s)")
 
         model.train()
@@ -632,8 +541,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             maybe_eval(0)
         step, stopped, last_loss = start_step, None, None
         step_times, t_start = [], time.perf_counter()
-        with _StopFlag() as flag:
-            progress = _progress(d, cfg.steps, start_step)
+        with StopFlag() as flag:
+            progress = progress_bar(d, cfg.steps, start_step)
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=d.device)
@@ -705,7 +614,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                             "tokens_per_s": tps, "mfu": mfu, "dt_s": dt,
                             "tokens_seen": trainer["tokens_seen"]})
                     mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                    _log(d, f"step {step:6d}/{cfg.steps} | loss {loss_f:.4f} | lr x{mult:.3f} | "
+                    log0(d, f"step {step:6d}/{cfg.steps} | loss {loss_f:.4f} | lr x{mult:.3f} | "
                             f"grad {norm_f:.3f} | {tps:,.0f} tok/s | mfu {mfu_s} | "
                             f"{dt * 1e3:.0f}ms")
                 maybe_eval(step)
@@ -717,7 +626,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                         or (cfg.save_every and step % cfg.save_every == 0)):
                     save(step)
                 if stopped:
-                    _log(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
+                    log0(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
                             f"{run_dir}; continue with --resume")
                     break
             progress.close()
@@ -755,9 +664,3 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             wb.finish()
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _progress(d: _Dist, total: int, initial: int):
-    """tqdm bar on stderr for rank 0 when stderr is a terminal; a no-op otherwise."""
-    return tqdm(total=total, initial=initial, file=sys.stderr, disable=None if d.master else True,
-                leave=False, dynamic_ncols=True, unit="step")

@@ -1,0 +1,109 @@
+"""The leak check of the evaluation (SPEC §7): a model may only be scored on data it never saw.
+
+Rules. The run must record the fingerprint of its train split (prepare's sha256 over the split's
+content); it must equal this dataset card's train fingerprint, and may
+not equal any test split's. The splits' content is then checked for exact shared measurements
+(event_time, src, dst, rtt) against train (prepare guarantees none; external sets may have
+some: refused). `allow_foreign_run` accepts a run trained on another dataset only if that
+dataset is still on disk with the recorded fingerprint and none of its train measurements is
+in the evaluated sets (checked on content). Any failure raises InputError (CLI exit 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ping_llm.errors import InputError
+
+_KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
+
+
+def recorded_train_fingerprint(run_config: dict) -> str | None:
+    """The train-split fingerprint a run recorded: a `train_fingerprint` key anywhere in its
+    config, or `fingerprint` under a `train` entry of a recorded card's `splits`."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                in_card = key == "fingerprint" and path[-2:] == ("splits", "train")
+                if isinstance(value, str) and (key == "train_fingerprint" or in_card):
+                    found.append(value)
+                else:
+                    walk(value, path + (key,))
+
+    walk(run_config, ())
+    if len(set(found)) > 1:
+        raise InputError(f"the run records several train fingerprints {sorted(set(found))}")
+    return found[0] if found else None
+
+
+def content_overlap(a: pa.Table, b: pa.Table) -> int:
+    """Rows of `a` whose (event_time, src, dst, rtt) also occurs in `b` (exact match)."""
+    if a.num_rows == 0 or b.num_rows == 0:
+        return 0
+    left = a.select(list(_KEYS)).append_column("_n", pa.array(np.ones(a.num_rows, np.int8)))
+    right = b.select(list(_KEYS)).group_by(list(_KEYS)).aggregate([])
+    return left.join(right, list(_KEYS), join_type="inner").num_rows
+
+
+def check_leak(card: dict, run_config: dict, train: pa.Table, test_sets: dict, *,
+               external: bool = False, allow_foreign_run: bool = False) -> dict:
+    """Refuse (InputError) a run whose training data may overlap the evaluated sets (name ->
+    canonical table); returns what was checked. The rules are in the module docstring."""
+    card_fp = card["splits"]["train"]["fingerprint"]
+    run_fp = recorded_train_fingerprint(run_config)
+    test_fps = {s: v["fingerprint"] for s, v in card["splits"].items()
+                if s != "train" and v.get("measurements")}
+    info = {"dataset_train_fingerprint": card_fp, "run_train_fingerprint": run_fp,
+            "test_fingerprints": test_fps, "mode": "fingerprint", "overlap": {}}
+    hit = [s for s, fp in test_fps.items() if fp == run_fp]
+    if hit:
+        raise InputError(f"leak: the run was trained on the {hit[0]} split of this dataset "
+                         f"(fingerprint {run_fp}); refusing to evaluate on it")
+    if run_fp != card_fp:
+        why = ("the run records no train-split fingerprint (config.json), so nothing proves it "
+               "never saw the test measurements" if run_fp is None else
+               f"the run was trained on a different dataset (train fingerprint {run_fp}, this "
+               f"dataset's is {card_fp})")
+        if not allow_foreign_run:
+            raise InputError(f"leak check: {why}. Evaluate it on the dataset it was trained on, "
+                             "or pass --allow-foreign-run to check overlap on content")
+        foreign = _foreign_train(run_config, run_fp, why)
+        info["mode"] = "content (foreign run)"
+        info["foreign_train_measurements"] = foreign.num_rows
+        for name, tbl in test_sets.items():
+            n = content_overlap(tbl, foreign)
+            info["overlap"][f"{name} vs run train"] = n
+            if n:
+                raise InputError(f"leak: {n} measurements of {name} are in the train split the "
+                                 "run was trained on; refusing to evaluate on them")
+    for name, tbl in test_sets.items():
+        n = content_overlap(tbl, train)
+        info["overlap"][f"{name} vs dataset train"] = n
+        if n:
+            what = "the external set" if external else f"split {name}"
+            raise InputError(f"leak: {n} measurements of {what} are also in this dataset's train "
+                             "split (the model trained on them); remove them first")
+    return info
+
+
+def _foreign_train(run_config: dict, run_fp, why: str) -> pa.Table:
+    from ping_llm.prepare import load_card
+    from ping_llm.schema import read_canonical
+
+    data_dir = (run_config.get("train") or {}).get("data_dir")
+    if run_fp is None or not data_dir:
+        raise InputError(f"leak check: {why}, and the run does not say where its training data "
+                         "is, so overlap cannot be checked: refusing")
+    try:
+        card = load_card(data_dir)
+    except InputError as e:
+        raise InputError(f"leak check: {why}; its dataset {data_dir} is unreadable ({e})") from None
+    if card["splits"]["train"]["fingerprint"] != run_fp:
+        raise InputError(f"leak check: {why}; {data_dir} no longer holds the train split the run "
+                         "was trained on (fingerprint differs): refusing")
+    return read_canonical(Path(data_dir) / card["splits"]["train"]["parquet"])

@@ -1,0 +1,192 @@
+"""scoring: how per-query predictions become the report's numbers, on hand-made cases; the
+teacher-forced scorer against the query engine on a random (far from uniform) model.
+
+The metric formulas themselves are tested in test_metrics.py."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ping_llm import metrics as M
+from ping_llm import scoring as S
+from ping_llm import tokens as tk
+
+MODEL = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=256)
+
+
+def test_summarize_scores_rtt_on_replies_and_failure_on_all_rows():
+    obs = np.array([10.0, 20.0, np.nan, 40.0])
+    failed = np.array([False, False, True, False])
+    rows = dict(median=np.array([12.0, 20.0, 99.0, 30.0]),
+                crps=np.array([1.0, 2.0, 1000.0, 3.0]),  # the failed row's value must not count
+                in50=np.array([1.0, 0.0, np.nan, 1.0]),
+                p_failed=np.array([0.1, 0.2, 0.9, 0.3]),
+                logp=np.array([-1.0, -2.0, -3.0, -6.0]))
+    s = S.summarize(obs, failed, rows)
+    assert (s["n"], s["n_success"], s["n_failed"]) == (4, 3, 1)
+    # absolute errors 2, 0, 10; relative 0.2, 0, 0.25
+    assert s["mae_ms"] == pytest.approx(4.0)
+    assert s["median_ae_ms"] == pytest.approx(2.0)
+    assert s["rel_p50"] == pytest.approx(0.2)
+    assert s["rel_p90"] == pytest.approx(0.2 + 0.8 * 0.05)  # linear interpolation
+    assert s["crps_ms"] == pytest.approx(2.0)
+    assert s["coverage_50"] == pytest.approx(2 / 3)
+    assert s["roc_auc"] == pytest.approx(1.0)  # the failed row has the highest P(failed)
+    assert s["pr_auc"] == pytest.approx(1.0)
+    assert s["brier"] == pytest.approx((0.01 + 0.04 + 0.01 + 0.09) / 4)
+    assert s["logp_result"] == pytest.approx(-3.0)
+    # a selection, and rows without an answer (NaN median: e.g. no truth) are left out
+    rows["median"][0] = np.nan
+    s2 = S.summarize(obs, failed, rows, np.array([True, True, True, False]))
+    assert (s2["n"], s2["n_success"]) == (2, 1)
+    assert s2["mae_ms"] == pytest.approx(0.0)
+
+
+def test_distribution_metrics_on_a_four_point_grid():
+    grid = np.array([10.0, 20.0, 30.0, 40.0])  # exact RTT codes, so snapping keeps them
+    pmf = np.array([[0.1, 0.4, 0.4, 0.1], [0.1, 0.4, 0.4, 0.1]])
+    obs = np.array([20.0, np.nan])
+    m = S.distribution_metrics(grid, pmf, obs, np.random.default_rng(0))
+    np.testing.assert_allclose(m["q"][0], [10, 20, 20, 30, 40])  # levels .05 .25 .5 .75 .95
+    # E|X - 20| = 7, E|X - X'| / 2 = 4.3 by hand
+    assert m["crps"][0] == pytest.approx(2.7)
+    assert m["crps_cens"][0] == pytest.approx(2.7)
+    assert 0.1 <= m["pit"][0] <= 0.5  # P(X < 20) = 0.1, P(X <= 20) = 0.5
+    assert m["in50"][0] == 1 and m["in90"][0] == 1
+    assert np.isnan(m["crps"][1]) and np.isnan(m["pit"][1])
+    assert m["p_tail"][0] == 0
+
+
+def test_censored_crps_caps_far_tail_mass_at_10_s():
+    grid = np.array([10.0, 1e6])
+    pmf = np.array([[0.5, 0.5]])
+    m = S.distribution_metrics(grid, pmf, np.array([10.0]), np.random.default_rng(0))
+    # CRPS = E|X - y| - E|X - X'| / 2 = 0.5 d - 0.25 d with d the distance of the two atoms
+    assert m["crps"][0] == pytest.approx(0.25 * (1e6 - 10))
+    assert m["crps_cens"][0] == pytest.approx(0.25 * (S.CENSOR_MS - 10))
+    assert m["p_tail"][0] == pytest.approx(0.5)
+
+
+def test_spread_coarse_spreads_only_unrefined_bins():
+    pmf = np.zeros((1, len(S.CANON)))
+    pmf[0, 5 * 256 + 0x80] = 0.25  # a coarse bin: all its mass on the centre code
+    pmf[0, 7 * 256:8 * 256] = 0.75 / 256  # a refined bin
+    out = S.spread_coarse(pmf)
+    np.testing.assert_allclose(out[0, 5 * 256:6 * 256], 0.25 / 256)
+    np.testing.assert_allclose(out[0, 7 * 256:8 * 256], 0.75 / 256)
+    assert out.sum() == pytest.approx(1.0)
+
+
+def test_breakdowns_split_rows_by_label():
+    obs = np.array([10.0, 20.0, 30.0, 40.0])
+    failed = np.zeros(4, bool)
+    methods = {"m": {"median": np.array([11.0, 22.0, 33.0, 44.0])}}
+    groups = {"ip_version": np.array(["IPv4", "IPv6", "IPv4", "IPv6"], dtype=object)}
+    b = S.breakdowns(groups, obs, failed, methods)["ip_version"]
+    assert b["IPv4"]["m"]["mae_ms"] == pytest.approx(2.0)  # errors 1, 3
+    assert b["IPv6"]["m"]["mae_ms"] == pytest.approx(3.0)  # errors 2, 4
+
+
+def test_baselines_are_reported_covered_only_and_with_fallback():
+    from ping_llm.baselines import GlobalMedian, Observations, PairHistory
+
+    train = Observations(["a", "a", "a", "c"], ["b", "b", "b", "d"], [10.0, 12.0, 14.0, 100.0])
+    fitted = {"global_median": GlobalMedian().fit(train), "pair_median": PairHistory().fit(train)}
+    src, dst = np.array(["a", "e"]), np.array(["b", "f"])
+    obs, failed = np.array([11.0, 50.0]), np.zeros(2, bool)
+    rows = S.baseline_predictions(fitted, src, dst, obs, failed)
+    s = S.baseline_summary(rows["pair_median"], obs, failed)
+    assert s["coverage"] == 0.5
+    assert s["covered"]["n"] == 1 and s["covered"]["mae_ms"] == pytest.approx(1.0)  # 12 vs 11
+    # the uncovered pair falls back to the global median of 10, 12, 14, 100 = 13
+    assert s["fallback"]["mae_ms"] == pytest.approx((1.0 + 37.0) / 2)
+    assert rows["pair_median"]["crps"][0] == pytest.approx(
+        M.crps_quantiles(S.BASELINE_LADDER,
+                            fitted["pair_median"].predict_quantiles(["a"], ["b"],
+                                                                    S.BASELINE_LADDER), [11.0])[0])
+
+
+def test_kl_of_the_truth_against_itself_is_zero():
+    pmf = np.zeros((2, len(S.CANON)))
+    pmf[0, 300:556] = 1 / 256
+    pmf[1, 1000:1512] = 1 / 512
+    pf = np.array([0.1, 0.0])
+    for v in S.kl_to_truth(pf, pmf, pf, pmf).values():
+        np.testing.assert_allclose(v, 0.0, atol=1e-6)  # the 1e-12 floor, renormalised
+    shifted = np.roll(pmf, 256, axis=1)
+    assert np.all(S.kl_to_truth(pf, pmf, pf, shifted)["kl_rtt"] > 1.0)
+
+
+def _random_model():
+    from ping_llm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # far from the (near-uniform) init, so the test has teeth
+    return model.eval()
+
+
+def test_teacher_forced_scores_match_the_query_engine():
+    from ping_llm.query import Engine
+
+    model = _random_model()
+    engine = Engine(model, byte2_mass=1.0)  # every byte1 bin refined: exact code probabilities
+    ctx = [tk.Measurement("192.0.2.1", "198.51.100.7", 23.5, 1_700_000_000),
+           tk.Measurement("192.0.2.1", "198.51.100.9", -1.0, 1_700_000_100)]
+    queries = [tk.Measurement("192.0.2.1", "203.0.113.5", 41.25, 1_700_000_160),
+               tk.Measurement("192.0.2.1", "203.0.113.5", -1.0, 1_700_000_999),
+               tk.Measurement("2001:db8::1", "2001:db8:5::3", 180.0, None)]
+    for context in (ctx, []):
+        for m in queries:
+            if context and ":" in m.src:
+                continue
+            seq = tk.encode_reference(context + [m])
+            mine = S.score_queries(model, [seq], [len(tk.encode_reference(context))], "cpu")[0]
+            ref = engine.score(m, context=context)
+            assert set(mine["fields"]) == set(ref.fields)
+            for f, v in ref.fields.items():
+                assert mine["fields"][f] == pytest.approx(v, abs=1e-5)
+            assert mine["result"] == pytest.approx(ref.result_conditional, abs=1e-5)
+            if context:
+                assert mine["tokens"]["start"] == pytest.approx(ref.start, abs=1e-5)
+            # and the result's log P is that of the engine's exact distribution
+            d = engine.rtt(m.src, m.dst, m.time, context=context)
+            if m.rtt_ms < 0:
+                p = d.p_failed
+            else:
+                code = int(tk.rtt_to_code(m.rtt_ms))
+                p = (1 - d.p_failed) * d.probs[np.searchsorted(d.codes, code)]
+            assert mine["result"] == pytest.approx(math.log(p), abs=1e-4)
+
+
+def test_batched_scoring_with_right_padding_equals_one_by_one():
+    model = _random_model()
+    ms = [tk.Measurement("192.0.2.1", "203.0.113.5", 41.25, 1_700_000_160),
+          tk.Measurement("2001:db8::1", "2001:db8:5::3", -1.0, None),
+          tk.Measurement("192.0.2.1", "203.0.113.9", 7.0, None)]
+    ctx = [tk.Measurement("192.0.2.1", "198.51.100.7", 23.5, 1_700_000_000)]
+    seqs = [tk.encode_reference([m]) for m in ms] + [tk.encode_reference(ctx + [ms[2]])]
+    starts = [0, 0, 0, len(tk.encode_reference(ctx))]
+    assert len({len(x) for x in seqs}) == 4  # every length differs: one padded batch
+    together = S.score_queries(model, seqs, starts, "cpu")
+    for seq, st, got in zip(seqs, starts, together, strict=True):
+        alone = S.score_queries(model, [seq], [st], "cpu")[0]
+        assert got["tokens"].keys() == alone["tokens"].keys()
+        for key, v in alone["tokens"].items():
+            assert got["tokens"][key] == pytest.approx(v, abs=1e-5)
+        assert got["result"] == pytest.approx(alone["result"], abs=1e-5)
+
+
+def test_field_blocks_follow_the_role_tokens():
+    m = tk.Measurement("192.0.2.1", "203.0.113.5", 41.25, 1_700_000_160)
+    toks = tk.encode_reference([m])
+    blocks = S.field_blocks(toks, 0)
+    assert [b[0] for b in blocks] == ["src", "dst", "time", "result"]
+    assert [b[2] - b[1] for b in blocks] == [5, 5, 9, 3]
+    assert blocks[-1][2] == len(toks)

@@ -1,0 +1,94 @@
+"""targets: what callers may ask about (addresses, CIDR prefixes, times, measurements, queries)
+and the clear errors for everything else."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from ping_llm import tokens as tk
+from ping_llm.errors import InputError
+from ping_llm.targets import (
+    Query,
+    as_measurement,
+    as_query,
+    parse_target,
+    parse_time,
+    time_tokens,
+)
+
+
+def test_a_full_address_is_a_target_with_every_byte_fixed():
+    t = parse_target("192.0.2.1")
+    assert (t.version, t.prefix, t.nbytes, t.is_full, t.n_completions) == (4, 32, 4, True, 1)
+    assert t.items() == [tk.BYTE0 + b for b in (192, 0, 2, 1)]
+    assert str(t) == "192.0.2.1"
+
+
+def test_a_prefix_clears_host_bits_and_leaves_byte_ranges_as_holes():
+    t = parse_target("10.1.2.99/20")
+    assert str(t) == "10.1.0.0/20"
+    assert t.n_completions == 2**12
+    assert t.items() == [tk.BYTE0 + 10, tk.BYTE0 + 1, (0, 15), (0, 255)]
+    v6 = parse_target("2001:db8:abcd::1/48")
+    assert (v6.version, v6.nbytes, str(v6)) == (6, 16, "2001:db8:abcd::/48")
+    assert v6.items()[6] == (0, 255) and v6.items()[5] == tk.BYTE0 + 0xCD
+    assert parse_target("0.0.0.0/0").n_completions == 2**32
+
+
+@pytest.mark.parametrize("bad", ["", "  ", "not-an-ip", "10.0.0.0/33", "10.0.0.0/-1",
+                                 "10.0.0.0/x", "2001:db8::/129", None, 42])
+def test_bad_targets_are_refused_with_the_text_in_the_message(bad):
+    with pytest.raises(InputError):
+        parse_target(bad)
+
+
+def test_times_are_epoch_seconds_or_iso_8601_with_naive_meaning_utc():
+    assert parse_time(None) is None
+    assert parse_time(1_700_000_000) == parse_time("1700000000") == 1_700_000_000
+    assert parse_time(1_700_000_000.0) == 1_700_000_000
+    assert parse_time("2023-11-14T22:13:20") == 1_700_000_000
+    assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000
+    assert parse_time(datetime.datetime(2023, 11, 14, 22, 13, 20)) == 1_700_000_000
+    for bad in ("yesterday", True, 1.5, -1, [1]):
+        with pytest.raises(InputError):
+            parse_time(bad)
+
+
+def test_measurements_come_as_records_dicts_or_tuples_and_failures_are_negative():
+    want = tk.Measurement("192.0.2.1", "198.51.100.7", 23.5, 1_700_000_000)
+    assert as_measurement(want) == want
+    assert as_measurement({"src": "192.0.2.1", "dst": "198.51.100.7", "rtt_ms": 23.5,
+                           "time": "2023-11-14T22:13:20"}) == want
+    assert as_measurement(("192.0.2.1", "198.51.100.7", 23.5, 1_700_000_000)) == want
+    for failed in (None, "*", "failed", -3):
+        assert as_measurement(("192.0.2.1", "198.51.100.7", failed)).rtt_ms == -1.0
+    for bad in (("192.0.2.1", "198.51.100.0/24", 1.0), ("192.0.2.1", "2001:db8::1", 1.0),
+                ("192.0.2.1", "198.51.100.7", float("nan")), {"src": "192.0.2.1"},
+                {"src": "192.0.2.1", "dst": "198.51.100.7", "rtt": 1, "ttl": 3}, "x"):
+        with pytest.raises(InputError):
+            as_measurement(bad)
+
+
+def test_queries_come_as_records_dicts_or_tuples():
+    q = Query("192.0.2.1", "198.51.100.0/24", 5)
+    assert as_query(q) is q
+    assert as_query(("192.0.2.1", "198.51.100.0/24", 5)) == q
+    assert as_query({"src": "192.0.2.1", "dst": "198.51.100.0/24", "time": 5}) == q
+    for bad in (("192.0.2.1",), {"src": "a", "dst": "b", "rtt": 1}, 7):
+        with pytest.raises(InputError):
+            as_query(bad)
+
+
+def test_time_blocks_follow_the_token_language_delta_rules():
+    t = 1_700_000_000
+    assert time_tokens(t, None)[0] == tk.TIMESTAMP_ABS
+    assert time_tokens(t, t - 255) == [tk.TIMESTAMP_DELTA1, tk.BYTE0 + 255]
+    assert time_tokens(t, t - 256)[0] == tk.TIMESTAMP_DELTA4
+    assert time_tokens(t, t + 1)[0] == tk.TIMESTAMP_ABS  # back in time: absolute again
+    for prev in (None, t - 3, t - 70_000, t + 5):
+        toks = time_tokens(t, prev)
+        ms = [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, prev)] if prev else []
+        ref = tk.encode_reference(ms + [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, t)])
+        assert ref[-len(toks) - 3:-3] == toks  # the reference encoder's time block, RTT after
