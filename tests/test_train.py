@@ -364,7 +364,7 @@ def test_seq_warmup_trains_short_contexts_first_and_resumes_exactly_across_the_s
     model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
     base = dict(data_dir=str(prepared), model=model, steps=6, device_batch_size=2,
                 total_batch_tokens=512, eval_every=0, seq_warmup_frac=0.5, seq_warmup_len=64)
-    train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    assert train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))["seq_warmup_steps"] == 3
     states = ck.load_checkpoint(tmp_path / "straight").loader_states
     assert states[0]["phase"] == "full" and states[0]["served"] == 12  # 6 steps x 2 micro
     assert states[0]["state"]["seq_len"] == 128 and states[0]["state"]["batches"] == 6
@@ -379,6 +379,24 @@ def test_seq_warmup_trains_short_contexts_first_and_resumes_exactly_across_the_s
         _assert_same_weights(tmp_path / "straight", run, exact=True)
     with pytest.raises(InputError, match="divide"):
         train(TrainConfig(out_dir=str(tmp_path / "bad"), **{**base, "seq_warmup_len": 96}))
+    # off where the model's context is not longer than the warmup's
+    s = train(TrainConfig(out_dir=str(tmp_path / "off"), **{**base, "seq_warmup_len": 128}))
+    assert s["seq_warmup_steps"] == 0
+
+
+def test_runs_recorded_before_seq_warmup_existed_resume_without_it(tmp_path):
+    run = tmp_path / "old"
+    _run(run, stop_at=4, seq_warmup_frac=0.0)
+    for p in (run / "config.json", run / "checkpoint" / "config.json"):
+        if p.exists():  # what a run written before the field existed looks like
+            cfg = json.loads(p.read_text())
+            for key in ("seq_warmup_frac", "seq_warmup_len"):
+                cfg["train"].pop(key)
+            p.write_text(json.dumps(cfg))
+    cfg = config_for_run(run, resume=True)
+    assert cfg.seq_warmup_frac == 0.0
+    s = train(cfg, loader=SyntheticLoader(B, T), eval_loader=SyntheticLoader(B, T, split="val"))
+    assert (s["start_step"], s["completed"]) == (4, True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -208,7 +208,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear lr warmup steps (0)")
     p.add_argument("--warmdown-frac", type=float, help="last fraction of steps, lr -> 0 (0.2)")
     p.add_argument("--seq-warmup-frac", type=float, metavar="FRAC",
-                   help="first fraction of steps on short contexts, then full length (0)")
+                   help="first fraction of steps on short contexts, then full length; 0 = "
+                        "off (0.5)")
     p.add_argument("--seq-warmup-len", type=int, metavar="TOKENS",
                    help="length of those short contexts; divides sequence_len (256)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")

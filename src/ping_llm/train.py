@@ -1,7 +1,8 @@
 """The training loop: one code path for 1 CPU, 1 GPU, N GPUs and N nodes (torchrun / DDP).
 
 `train(TrainConfig(...))` builds the GPT (`ping_llm.model`), its optimisers (`ping_llm.optim`:
-Muon + AdamW, warmup–stable–decay), the data loaders, and runs nanochat's loop: gradient
+Muon + AdamW, warmup–stable–decay), the data loaders (by default the first half of the steps on
+256-token contexts: `loader.CurriculumLoader`), and runs nanochat's loop: gradient
 accumulation to a global batch given in tokens, bf16 autocast on CUDA, optional torch.compile,
 gradient clipping, eval loss on a fixed held-out set, metrics to stdout / metrics.jsonl / wandb,
 and self-describing, atomic, exactly resumable checkpoints (`ping_llm.checkpoint`).
@@ -84,9 +85,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmdown_frac: float = 0.2  # last fraction of steps: linear decay to 0
-    # Sequence-length warmup (loader.CurriculumLoader): the first seq_warmup_frac of the steps
-    # train on contexts of seq_warmup_len tokens (same tokens per batch), then full length.
-    seq_warmup_frac: float = 0.0
+    # Sequence-length warmup (loader.CurriculumLoader, docs/results.md): the first
+    # seq_warmup_frac of the steps train on contexts of seq_warmup_len tokens (same tokens per
+    # batch), then full-length ones. Off when the model's context is not longer; loaders passed
+    # to train() are used as they are.
+    seq_warmup_frac: float = 0.5
     seq_warmup_len: int = 256
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
     eval_every: int = 100  # steps; 0 = never (except none at all)
@@ -165,6 +168,8 @@ class TrainConfig:
 # Fields that must not change when resuming: they fix the weights' shapes or the data order.
 RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac",
                 "seq_warmup_len")
+# What runs recorded before a field existed trained with (so they resume as they were).
+LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256}
 
 
 def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
@@ -175,7 +180,7 @@ def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
     base: dict = {}
     ckpt = find_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        base = dict(read_config(ckpt)["train"])
+        base = {**LEGACY_DEFAULTS, **read_config(ckpt)["train"]}
         base = {k: v for k, v in base.items() if k not in ("stop_at", "time_limit_s")}
     given = {k: v for k, v in overrides.items() if v is not None}
     if "model" in given:  # --model KEY=VALUE changes one field of the model, not all of them
@@ -310,15 +315,26 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, d: Dist):
 
     # The held-out set is read once (a few batches): no worker processes for it.
     held_out = make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
-    if cfg.seq_warmup_frac == 0:
+    warmup = seq_warmup_steps(cfg, seq_len)
+    if warmup == 0:
         return make("train"), held_out
     short = cfg.seq_warmup_len
-    if short >= seq_len or seq_len % short:
-        raise InputError(f"seq_warmup_len {short} must divide the model's sequence_len {seq_len} "
-                         "and be shorter")
-    switch = round(cfg.seq_warmup_frac * cfg.steps) * accum  # micro-batches of this rank
     rows = cfg.device_batch_size * (seq_len // short)  # same tokens per micro-batch
-    return CurriculumLoader(make("train", rows, short), lambda: make("train"), switch), held_out
+    log0(d, f"sequence-length warmup: steps 1..{warmup} on {short}-token contexts "
+            f"({rows} rows per micro-batch), then {seq_len}")
+    curriculum = CurriculumLoader(make("train", rows, short), lambda: make("train"),
+                                  warmup * accum)
+    return curriculum, held_out
+
+
+def seq_warmup_steps(cfg: TrainConfig, seq_len: int) -> int:
+    """Optimiser steps on short contexts: 0 when off or when the model's context is not longer."""
+    if cfg.seq_warmup_frac == 0 or cfg.seq_warmup_len >= seq_len:
+        return 0
+    if seq_len % cfg.seq_warmup_len:
+        raise InputError(f"seq_warmup_len {cfg.seq_warmup_len} must divide the model's "
+                         f"sequence_len {seq_len} (or turn the warmup off: seq_warmup_frac 0)")
+    return round(cfg.seq_warmup_frac * cfg.steps)
 
 
 def _eval_set(eval_loader, cfg: TrainConfig, d: Dist) -> list:
@@ -353,7 +369,7 @@ def _evaluate(model, batches, device, autocast, d: Dist) -> tuple[float, int]:
 
 
 def _check_resume(ckpt, cfg: TrainConfig, d: Dist) -> None:
-    old = ckpt.config["train"]
+    old = {**LEGACY_DEFAULTS, **ckpt.config["train"]}
     bad = [k for k in RESUME_FIXED if old.get(k) != getattr(cfg, k)]
     if bad:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in bad)
@@ -416,10 +432,10 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             elif cfg.resume:
                 log0(d, f"resume: no checkpoint in {run_dir}, starting a new run")
 
+        warmup = 0
         if loader is None:
+            warmup = seq_warmup_steps(cfg, T)
             loader, eval_loader = _build_data_loaders(cfg, T, accum, d)
-        elif cfg.seq_warmup_frac:
-            raise InputError("seq_warmup_frac needs loaders built from data_dir, not loader=")
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
@@ -645,6 +661,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             "tokens_seen": trainer["tokens_seen"],
             "tokens_per_step": tokens_per_step,
             "grad_accum_steps": accum,
+            "seq_warmup_steps": warmup,
             "world_size": d.world_size,
             "device": str(d.device),
             "bf16": use_bf16,
