@@ -21,6 +21,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def canonical_table():
+    """Build a small canonical table: canonical_table([(src, dst, rtt_ms, epoch_s), ...])."""
+    import pyarrow as pa
+
+    def make(rows):
+        src, dst, rtt, t = zip(*rows, strict=True)
+        return pa.table({"event_time": pa.array(t, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
+                         "src_addr": list(src), "dst_addr": list(dst),
+                         "ip_version": pa.array([4] * len(rows), pa.int8()),
+                         "rtt": pa.array(rtt, pa.float64())})
+
+    return make
+
+
 @dataclass(frozen=True)
 class TrainedRun:
     run_dir: Path  # checkpoint directory (config.json, model.safetensors, meta.json, ...)

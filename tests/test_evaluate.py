@@ -82,16 +82,8 @@ def test_subsample_is_seeded_per_set_and_sorted():
     assert np.array_equal(ev.subsample(50, None, 0, "x"), np.arange(50))
 
 
-def _table(rows):
-    src, dst, rtt, t = zip(*rows, strict=True)
-    return pa.table({"event_time": pa.array(t, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
-                     "src_addr": list(src), "dst_addr": list(dst),
-                     "ip_version": pa.array([4] * len(rows), pa.int8()),
-                     "rtt": pa.array(rtt, pa.float64())})
-
-
-def test_context_is_the_most_recent_measurements_strictly_before_the_query():
-    pool = ev.ContextPool(_table([
+def test_context_is_the_most_recent_measurements_strictly_before_the_query(canonical_table):
+    pool = ev.ContextPool(canonical_table([
         ("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.2", 11.0, 50),
         ("1.0.0.1", "2.0.0.3", -1.0, 300), ("1.0.0.2", "2.0.0.1", 9.0, 1),
         ("1.0.0.1", "2.0.0.4", 12.0, 200)]))

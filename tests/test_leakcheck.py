@@ -3,25 +3,16 @@ leaky runs end to end is tested in test_evaluate.py.)"""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
 from ping_llm import leakcheck as L
 from ping_llm.errors import InputError
 
 
-def _table(rows):
-    src, dst, rtt, t = zip(*rows, strict=True)
-    return pa.table({"event_time": pa.array(t, pa.int64()).cast(pa.timestamp("s", tz="UTC")),
-                     "src_addr": list(src), "dst_addr": list(dst),
-                     "ip_version": pa.array([4] * len(rows), pa.int8()),
-                     "rtt": pa.array(rtt, pa.float64())})
-
-
-def test_content_overlap_counts_exact_measurements():
-    a = _table([("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.1", 10.5, 100),
+def test_content_overlap_counts_exact_measurements(canonical_table):
+    a = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.1", 10.5, 100),
                 ("1.0.0.1", "2.0.0.1", -1.0, 200)])
-    b = _table([("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.1", -1.0, 200),
+    b = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.1", -1.0, 200),
                 ("1.0.0.1", "2.0.0.1", -1.0, 200)])
     assert L.content_overlap(a, b) == 2
     assert L.content_overlap(a, b.slice(0, 0)) == 0
