@@ -22,13 +22,7 @@ from ping_llm.train import SyntheticLoader, TrainConfig, train
 MODEL = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core box, 2 threads contending are ~4x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(run_dir, steps=3, **kw):

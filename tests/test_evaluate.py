@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from ping_llm import evaluate as ev
 from ping_llm import tokens as tk
@@ -27,12 +26,7 @@ from ping_llm.errors import InputError
 FAST = dict(max_queries=16, contexts=(0, 2), n_examples=1, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record_fingerprint(run_dir: Path, fingerprint: str | None) -> None:

@@ -300,7 +300,7 @@ def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
     return total // per_step
 
 
-def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, d: Dist):
+def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int, d: Dist):
     if cfg.data_dir is None:
         raise InputError("no data: give data_dir (a prepared dataset) or pass loader=")
     data = Path(cfg.data_dir)
@@ -315,7 +315,6 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, d: Dist):
 
     # The held-out set is read once (a few batches): no worker processes for it.
     held_out = make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
-    warmup = seq_warmup_steps(cfg, seq_len)
     if warmup == 0:
         return make("train"), held_out
     short = cfg.seq_warmup_len
@@ -435,7 +434,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
         warmup = 0
         if loader is None:
             warmup = seq_warmup_steps(cfg, T)
-            loader, eval_loader = _build_data_loaders(cfg, T, accum, d)
+            loader, eval_loader = _build_data_loaders(cfg, T, accum, warmup, d)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(cfg.seed)
