@@ -1,6 +1,7 @@
-"""Baselines on small known inputs (hand-made series, prefixes, low-rank matrices) and on real data
-(Seattle all-pairs matrix, a slice of the MENOG RIPE Atlas pings). Serf's Vivaldi checks are in
-test_vivaldi.py, the Observations input in test_observations.py."""
+"""Baselines on small known inputs (hand-made series, prefixes, low-rank matrices, in-context
+fold-in, source offset and failure rates) and on real data (Seattle all-pairs matrix, a slice of
+the MENOG RIPE Atlas pings). Serf's Vivaldi checks (in context too) are in test_vivaldi.py, the
+Observations input in test_observations.py."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ import pytest
 
 from ping_llm import metrics as M
 from ping_llm.baselines import (
-    DMFSGD,
-    BiasedMF,
     DestinationMedian,
     GlobalMedian,
     PairHistory,
     PrefixNeighbour,
+    SourceFailureRate,
+    SourceOffset,
     make_baselines,
     with_fallback,
 )
 from ping_llm.errors import InputError
-from ping_llm.observations import Observations
+from ping_llm.factorise import DMFSGD, BiasedMF
+from ping_llm.observations import Observations, SourceContext
 from ping_llm.vivaldi import Vivaldi
 
 # ----------------------------------------------------------------------------- history
@@ -166,6 +168,151 @@ def test_matrix_models_cover_only_seen_sources_and_destinations():
         np.testing.assert_array_equal(cov, [True, False, False])
         p = m.predict(["b", "c"], ["d", "a"])
         assert np.isfinite(p[0]) and p[0] > 0 and np.isnan(p[1])
+
+
+def test_dmfsgd_predicts_a_sub_millisecond_pair_below_1_ms():
+    # two LANs (0.3 ms inside, 40 ms across); two intra-LAN pairs held out. Non-negative factors
+    # of log(rtt) cannot go below exp(0) = 1 ms; of log1p(rtt) (the default) they can
+    rng = np.random.default_rng(0)
+    n = 20
+    site = np.arange(n) >= 10
+    X = np.where(site[:, None] == site[None], 0.3, 40.0) * rng.uniform(0.9, 1.1, (n, n))
+    np.fill_diagonal(X, np.nan)
+    held = np.zeros((n, n), dtype=bool)
+    held[0, 1] = held[12, 15] = True
+    train, names = _matrix_obs(X, np.isfinite(X) & ~held)
+    q = names[[0, 12, 0]], names[[1, 15, 12]]
+    p = DMFSGD().fit(train).predict(*q)
+    assert (p[:2] < 1.0).all() and (p[:2] > 0).all() and 30 < p[2] < 50, p
+    assert (DMFSGD(target="log").fit(train).predict(*q)[:2] >= 1.0 - 1e-12).all()
+
+
+def _fold_in_queries(X, names, cold, n_warm, k):
+    """Each cold row: k context entries to random warm columns, queries to 8 other ones."""
+    qs, qd, ctxs, y = [], [], [], []
+    for c in cold:
+        perm = np.random.default_rng(int(c)).permutation(n_warm)
+        ctx = SourceContext(names[perm[:k]], X[c, perm[:k]])
+        for q in perm[-8:]:
+            qs.append(names[c])
+            qd.append(names[q])
+            ctxs.append(ctx)
+            y.append(X[c, q])
+    return qs, qd, ctxs, np.array(y)
+
+
+FOLD_MODELS = {  # planted matrix kind, model; both recover their noiseless matrix when fitted
+    "dmfsgd": ("nonneg", lambda: DMFSGD(rank=3, loss="l2", lam=1e-3, lr=0.01, epochs=2000,
+                                        batch_size=64, target="linear")),
+    "biased_mf": ("biased", lambda: BiasedMF(rank=3, lam=1e-6, iters=50, target="linear")),
+}
+
+
+def _planted(kind, n=40):
+    rng = np.random.default_rng(0)
+    if kind == "nonneg":
+        return 10 * rng.uniform(0.5, 1.5, (n, 3)) @ rng.uniform(0.5, 1.5, (n, 3)).T
+    return (100 + rng.normal(0, 5, n)[:, None] + rng.normal(0, 5, n)[None, :]
+            + rng.normal(0, 1, (n, 3)) @ rng.normal(0, 1, (n, 3)).T)
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_MODELS))
+def test_mf_fold_in_error_shrinks_with_k_and_matches_a_fit_with_the_row(name):
+    kind, make = FOLD_MODELS[name]
+    X = _planted(kind)
+    n, cold = len(X), np.arange(32, 40)
+    seen = np.random.default_rng(1).random((n, n)) < 0.6
+    seen[cold] = False
+    train, names = _matrix_obs(X, seen)
+    m = make().fit(train)
+    err = {}
+    for k in (0, 1, 2, 8):
+        qs, qd, ctxs, y = _fold_in_queries(X, names, cold, 32, k)
+        p = m.predict_in_context(qs, qd, ctxs)
+        if k == 0:  # a cold source without context cannot be answered
+            assert np.isnan(p).all()
+            continue
+        err[k] = np.median(np.abs(p / y - 1))
+    # measured (k = 1, 2, 8): dmfsgd 6.8e-2, 2.3e-2, 7e-5; biased_mf 1.8e-2, 1.5e-2, 6e-6
+    assert err[8] < err[2] < err[1] and err[8] < 1e-3, err
+    # the same k = 8 entries given to the fit instead: predictions of the row's other entries
+    # agree (the fit also moves the destination side a little; measured max 3e-4 / 2e-5)
+    qs, qd, ctxs, y = _fold_in_queries(X, names, cold, 32, 8)
+    with_row = seen.copy()
+    for c, ctx in zip(qs[::8], ctxs[::8], strict=True):
+        with_row[int(c[1:]), [int(d[1:]) for d in ctx.dst]] = True
+    full = make().fit(_matrix_obs(X, with_row)[0]).predict(qs, qd)
+    fold = m.predict_in_context(qs, qd, ctxs)
+    assert np.max(np.abs(fold / full - 1)) < 5e-3
+
+
+@pytest.mark.parametrize("make", [DMFSGD, BiasedMF])
+def test_mf_in_context_keeps_a_train_source_and_refits_it_with_context(make):
+    X = _planted("nonneg", 20)
+    train, names = _matrix_obs(X, np.random.default_rng(2).random((20, 20)) < 0.5)
+    m = make(rank=3).fit(train)
+    empty = SourceContext([], [])
+    np.testing.assert_array_equal(m.predict_in_context(names[:5], names[5:10], [empty] * 5),
+                                  m.predict(names[:5], names[5:10]))
+    # failed pings, unknown destinations and an unseen query destination: not used / NaN
+    junk = SourceContext(["nowhere", "h3"], [10.0, -1.0])
+    p = m.predict_in_context(["h0", "cold", "h0"], ["h1", "h1", "nowhere"], [junk] * 3)
+    assert p[0] == m.predict(["h0"], ["h1"])[0] and np.isnan(p[1:]).all()
+    ctx = SourceContext(names[10:16], X[0, 10:16])
+    p = m.predict_in_context(["h0"], ["h1"], [ctx])[0]
+    assert np.isfinite(p) and p != m.predict(["h0"], ["h1"])[0]
+    again = make(rank=3).fit(train).predict_in_context(["h0"], ["h1"], [ctx])[0]
+    assert p == again
+
+
+def test_in_context_needs_one_source_context_per_query():
+    m = SourceOffset().fit(SERIES)
+    with pytest.raises(InputError, match="one SourceContext per query"):
+        m.predict_in_context(["a", "a"], ["b", "c"], [SourceContext(["b"], [1.0])])
+    with pytest.raises(InputError, match="SourceContext"):
+        m.predict_in_context(["a"], ["b"], [(["b"], [1.0])])
+
+
+# ----------------------------------------------------------------------------- source context
+
+
+def test_source_offset_scales_the_destination_median_by_the_context_ratio_by_hand():
+    # dst medians: b 25, c 150. Context of x: b at 50 (ratio 2), c at 600 (4), a failure, and an
+    # unknown destination: exp(median(log 2, log 4)) = sqrt(8)
+    m = SourceOffset().fit(SERIES)
+    ctx = SourceContext(["b", "c", "b", "nowhere"], [50.0, 600.0, -1.0, 5.0])
+    empty = SourceContext([], [])
+    p = m.predict_in_context(["x", "x", "x", "y"], ["b", "c", "a", "c"], [ctx] * 3 + [empty])
+    np.testing.assert_allclose(p, [25 * 8 ** 0.5, 150 * 8 ** 0.5, np.nan, 150])
+    d = DestinationMedian().fit(SERIES)
+    q = (["x", "x", "a"], ["b", "c", "a"])
+    np.testing.assert_array_equal(m.predict(*q), d.predict(*q))
+    np.testing.assert_array_equal(m.coverage(*q), d.coverage(*q))
+
+
+def test_source_failure_rate_from_train_and_from_context_by_hand():
+    # train: source a 1 failure in 7 (global 1/7), prior 1; b was never a source
+    m = SourceFailureRate().fit(SERIES)
+    g = 1 / 7
+    assert m.p_failed_only
+    np.testing.assert_array_equal(m.coverage(["a", "b"], ["b", "a"]), [True, False])
+    np.testing.assert_allclose(m.predict(["a", "b"], ["b", "a"]), [35.0, np.nan])
+    np.testing.assert_allclose(m.predict_p_failed(["a", "b"], ["b", "a"]),
+                               [(1 + g) / 8, np.nan])
+    ctx = SourceContext(["b", "c", "d"], [-1.0, 5.0, -1.0])
+    p = m.p_failed_in_context(["x", "x", "a", "y"], ["b"] * 4,
+                              [ctx, ctx, ctx, SourceContext([], [])])
+    np.testing.assert_allclose(p, [(2 + g) / 4, (2 + g) / 4, (3 + g) / 11, g])
+
+
+def test_make_baselines_registers_the_source_context_baselines():
+    b = make_baselines()
+    assert isinstance(b["source_offset"], SourceOffset)
+    assert isinstance(b["source_failure_rate"], SourceFailureRate)
+    using_context = {k for k, v in b.items() if hasattr(v, "predict_in_context")}
+    assert using_context == {"vivaldi", "dmfsgd", "biased_mf", "source_offset", "geo"}
+    assert {k for k, v in b.items() if getattr(v, "p_failed_only", False)} == {
+        "source_failure_rate"}
 
 
 # ----------------------------------------------------------------------------- real data

@@ -93,6 +93,19 @@ def test_context_is_the_most_recent_measurements_strictly_before_the_query(canon
     assert len(pool.context(lo[0], p[0], 3, one + 5)) == 1
 
 
+def test_a_cold_context_is_the_sources_pings_to_other_destinations(canonical_table):
+    rows = [("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.2", 11.0, 150),
+            ("1.0.0.1", "2.0.0.1", 10.5, 200), ("1.0.0.1", "2.0.0.3", 12.0, 250)]
+    own = ev.ContextPool(canonical_table(rows), other_destinations=True)
+    lo, p = own.before(np.array(["1.0.0.1"], dtype=object), np.array([300]))
+    # a query to 2.0.0.1 never sees that pair's own history, only the other destinations
+    assert [(m.dst, m.time) for m in own.context(lo[0], p[0], 4, 10_000, "2.0.0.1")] == [
+        ("2.0.0.2", 150), ("2.0.0.3", 250)]
+    assert [m.time for m in own.context(lo[0], p[0], 1, 10_000, "2.0.0.1")] == [250]
+    train = ev.ContextPool(canonical_table(rows))  # from train the pair's history is fair game
+    assert len(train.context(lo[0], p[0], 4, 10_000, "2.0.0.1")) == 4
+
+
 # ----------------------------------------------------------------------------------------------
 # the model scorer against the query engine
 
@@ -212,9 +225,22 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
             assert m["covered"]["n"] == round(m["coverage"] * split["n_evaluated"])
         assert {"ip_version", "pair_seen_in_train", "source_seen_in_train"} == set(
             split["breakdowns"])
-    if "test_probe" in results["splits"]:  # held-out sources are unseen by construction
-        cells = results["splits"]["test_probe"]["breakdowns"]["source_seen_in_train"]
-        assert set(cells) == {"0"}
+    assert results["leak_check"]["split_invariants"]["violations"] == {}
+    assert results["baselines"]["geo_db"]["name"] == "GeoLite2-City"
+    assert "test_probe" in results["splits"]
+    probe = results["splits"]["test_probe"]  # held-out probes are unseen by construction
+    assert set(probe["breakdowns"]["source_seen_in_train"]) == {"0"}
+    # cold sources: every baseline that reads a context got the same k = 2 as the model
+    for b in ("vivaldi", "dmfsgd", "biased_mf", "source_offset", "geo", "source_failure_rate"):
+        m = probe["methods"][f"{b} k=2"]
+        assert m["kind"] == "baseline" and m["context"] == 2 and m["point_only"]
+        assert m["fallback"]["n"] == probe["n_evaluated"]
+    # a P(failed)-only method shows no RTT numbers
+    assert "median_ae_ms" not in probe["methods"]["source_failure_rate"]["fallback"]
+    assert "roc_auc" in probe["methods"]["source_failure_rate k=2"]["fallback"]
+    for name in ("test_time", "test_pair"):  # warm sources: no k rows for baselines
+        assert not [n for n in results["splits"].get(name, {}).get("methods", {})
+                    if " k=" in n and not n.startswith("model")]
 
 
 def test_eval_numbers_recompute_from_the_per_query_predictions(results):
@@ -296,6 +322,31 @@ def test_eval_on_an_external_set_reports_what_train_has_seen(trained_run):
     assert ext["n_evaluated"] == 8
 
 
+def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
+    """The transfer / drift protocol: a new set whose sources bring their own earlier pings."""
+    import pyarrow.compute as pc
+
+    from ping_llm.schema import read_canonical
+
+    test_time = trained_run.data_dir / "splits" / "test_time.parquet"
+    t = read_canonical(test_time)["event_time"].cast(pa.int64())
+    mid = int((pc.min(t).as_py() + pc.max(t).as_py()) // 2)
+    res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, test_paths=[test_time],
+                      max_queries=8, contexts=(0, 2), n_examples=0, progress=False,
+                      context_from="test", test_since=mid)
+    ext = res["splits"]["external"]
+    assert ext["n_total"] == int(pc.sum(pc.greater_equal(t, mid)).as_py())
+    assert ext["context_pool"].startswith("own earlier external")
+    assert res["settings"]["context_from"] == "test"
+    assert "vivaldi k=2" in ext["methods"] and "source_offset k=2" in ext["methods"]
+    with pytest.raises(InputError, match="inside --since"):
+        ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, test_paths=[test_time],
+                    contexts=(0,), progress=False, test_since=2**40)
+    with pytest.raises(InputError, match="context_from"):
+        ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, contexts=(0,),
+                    progress=False, context_from="val")
+
+
 def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = cli_main(["eval", "--data", str(trained_run.data_dir), "--run", str(trained_run.run_dir),
@@ -307,3 +358,10 @@ def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsy
     assert all((out / f).is_file() for f in ("report.html", "summary.md", "metrics.json"))
     assert cli_main(["eval", "--data", str(trained_run.data_dir), "--run",
                      str(trained_run.run_dir), "--out", str(out), "--contexts", "0,x"]) == 2
+    # defaults are chosen on val, never on the test splits
+    rc = cli_main(["eval", "--data", str(trained_run.data_dir), "--run", str(trained_run.run_dir),
+                   "--out", str(tmp_path / "val"), "--splits", "val", "--max-queries", "4",
+                   "--contexts", "0", "--examples", "0", "--no-progress", "--json"])
+    assert rc == 0 and list(json.loads(capsys.readouterr().out)["splits"]) == ["val"]
+    assert cli_main(["eval", "--data", str(trained_run.data_dir), "--run",
+                     str(trained_run.run_dir), "--out", str(out), "--splits", "train"]) == 2

@@ -28,3 +28,31 @@ def test_recorded_fingerprint_is_found_in_either_layout():
     with pytest.raises(InputError):
         L.recorded_train_fingerprint({"a": {"train_fingerprint": "x"},
                                        "b": {"train_fingerprint": "y"}})
+
+
+def test_split_invariants_key_on_the_probe_not_its_address(canonical_table):
+    import pyarrow as pa
+
+    def with_probe(rows, prb):
+        t = canonical_table(rows)
+        return t.append_column("prb_id", pa.array(prb, pa.int64()))
+
+    # probe 7 renumbers from 1.0.0.1 (train) to 1.0.0.9 (test_probe): a leak under a new address
+    train = with_probe([("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.2", "2.0.0.2", 11.0, 100)],
+                       [7, 8])
+    test_probe = with_probe([("1.0.0.9", "2.0.0.1", 10.2, 500)], [7])
+    test_pair = with_probe([("1.0.0.5", "2.0.0.2", 12.0, 300)], [8])  # probe 8 -> 2.0.0.2 again
+    inv = L.split_invariants({"train": train, "test_probe": test_probe, "test_pair": test_pair})
+    assert inv["violations"] == {"test_probe probes in train": 1,
+                                 "test_pair (probe, dst) pairs in train": 1}
+    # without prb_id the address is the probe: then the same rows hold no probe leak
+    inv = L.split_invariants({"train": train.drop_columns(["prb_id"]),
+                              "test_probe": test_probe.drop_columns(["prb_id"])})
+    assert inv["violations"] == {}
+    # a shared NAT address is a leak of cold start even across probes; exact rows are counted
+    other = with_probe([("1.0.0.2", "2.0.0.9", 30.0, 900), ("1.0.0.1", "2.0.0.1", 10.0, 100)],
+                       [9, 9])
+    inv = L.split_invariants({"train": train, "test_probe": other})
+    assert inv["checked"]["test_probe probes in train"] == 0
+    assert inv["violations"] == {"test_probe source addresses in train": 2,
+                                 "test_probe measurements in train": 1}

@@ -46,50 +46,139 @@ def _keys(t: pa.Table, *cols) -> set:
     return set(zip(*(t[c].to_pylist() for c in cols), strict=True))
 
 
+def _probe(t: pa.Table) -> list:
+    """The probe identity prepare splits on: prb_id where present, else the source address."""
+    return [s if p is None else f"prb:{p}"
+            for p, s in zip(t["prb_id"].to_pylist(), t["src_addr"].to_pylist(), strict=True)]
+
+
+def _units(t: pa.Table) -> dict:
+    """probe -> its unit: probes linked by a shared source address, named by the smallest key."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    probes, p_ix = np.unique(np.array(_probe(t)), return_inverse=True)
+    _, a_ix = np.unique(t["src_addr"].to_numpy(zero_copy_only=False), return_inverse=True)
+    n = len(probes)
+    graph = coo_matrix((np.ones(len(p_ix)), (p_ix, n + a_ix)), shape=(n + a_ix.max() + 1,) * 2)
+    _, label = connected_components(graph, directed=False)
+    first = {}
+    for p, lab in zip(probes, label[:n], strict=True):  # probes sorted: first = smallest
+        first.setdefault(lab, p)
+    return {p: first[lab] for p, lab in zip(probes, label[:n], strict=True)}
+
+
+def _probe_dst(t: pa.Table) -> set:
+    return set(zip(_probe(t), t["dst_addr"].to_pylist(), strict=True))
+
+
 @pytest.mark.parametrize("name", REAL)
 def test_no_test_measurement_held_out_probe_or_pair_leaks_into_train(prepared, canonical, name):
     ds = prepared[name]
     card = prepare.load_card(ds)
     sp = card["split_params"]
     train = _split_table(ds, "train")
-    tests = {s: _split_table(ds, s) for s in ("test_time", "test_probe", "test_pair")}
+    tests = {s: _split_table(ds, s) for s in ("test_time", "test_probe", "test_pair", "val")}
     for s, t in tests.items():
         assert t.num_rows > 0, f"{name}: {s} is empty"
     # every input measurement is in exactly one split
     everything = schema.read_canonical(canonical[name])
     assert sum(t.num_rows for t in tests.values()) + train.num_rows == everything.num_rows
-    cut = sp["time_cut_epoch_s"]
+    cut, vcut = sp["time_cut_epoch_s"], sp["val_time_cut_epoch_s"]
     train_t = train["event_time"].cast(pa.int64())
     # no test measurement in train: their (time, src, dst) keys are disjoint
     train_keys = _keys(train, "event_time", "src_addr", "dst_addr")
     for s, t in tests.items():
         assert not train_keys & _keys(t, "event_time", "src_addr", "dst_addr"), s
-    train_src, train_dst = set(train["src_addr"].to_pylist()), set(train["dst_addr"].to_pylist())
-    train_pairs = _keys(train, "src_addr", "dst_addr")
-    # test_time: after the cut, sources seen in train; train ends before the cut
-    tt = tests["test_time"]
+    train_probes, train_dst = set(_probe(train)), set(train["dst_addr"].to_pylist())
+    train_pairs = _probe_dst(train)
+    # train ends before val's time slice, which ends before test_time
     assert pc.min(train_t).as_py() >= card["time_range"]["first_epoch_s"]
-    assert pc.max(train_t).as_py() < cut <= pc.min(tt["event_time"].cast(pa.int64())).as_py()
-    assert set(tt["src_addr"].to_pylist()) <= train_src
-    # test_probe: held-out sources never in train; each is hashed out or appears only late
+    assert pc.max(train_t).as_py() < vcut < cut
+    # test_time: after the cut, probes seen in train (under whatever address they used then)
+    tt = tests["test_time"]
+    assert cut <= pc.min(tt["event_time"].cast(pa.int64())).as_py()
+    assert set(_probe(tt)) <= train_probes
+    # test_probe: whole probes never in train; each is hashed out or has no train-period row
     tp = tests["test_probe"]
-    probe_src = set(tp["src_addr"].to_pylist())
-    assert not probe_src & train_src
-    held = {s for s in probe_src if prepare.u01(card["seed"], "src", s) < sp["probe_fraction"]}
-    first = tp.group_by("src_addr").aggregate([("event_time", "min")])
-    late = {
-        s
-        for s, t in zip(first["src_addr"].to_pylist(), first["event_time_min"].cast(pa.int64())
-                        .to_pylist(), strict=True)
-        if t >= cut
-    }
-    assert held | late == probe_src
-    assert not {s for s in train_src if prepare.u01(card["seed"], "src", s) < sp["probe_fraction"]}
-    # test_pair: held-out pairs never in train, both endpoints seen in train, hashed out
-    pairs = _keys(tests["test_pair"], "src_addr", "dst_addr")
-    assert not pairs & train_pairs
-    assert {s for s, _ in pairs} <= train_src and {d for _, d in pairs} <= train_dst
-    assert all(prepare.u01(card["seed"], "pair", s, d) < sp["pair_fraction"] for s, d in pairs)
+    held_probes = set(_probe(tp))
+    assert not held_probes & train_probes
+    unit = _units(everything)
+    hashed = {p for p in held_probes
+              if prepare.u01(card["seed"], "probe", unit[p]) < sp["probe_fraction"]}
+    first = {}
+    for p, t in zip(_probe(tp), tp["event_time"].cast(pa.int64()).to_pylist(), strict=True):
+        first[p] = min(first.get(p, t), t)
+    assert hashed | {p for p, t in first.items() if t >= vcut} == held_probes
+    assert not {p for p in train_probes
+                if prepare.u01(card["seed"], "probe", unit[p]) < sp["probe_fraction"]}
+    assert not set(tp["src_addr"].to_pylist()) & set(train["src_addr"].to_pylist())
+    # test_pair: held-out (probe, dst) pairs never in train, both ends in train, hashed out
+    pairs = _probe_dst(tests["test_pair"])
+    assert pairs and not pairs & train_pairs
+    assert {p for p, _ in pairs} <= train_probes and {d for _, d in pairs} <= train_dst
+    assert all(prepare.u01(card["seed"], "pair", unit[p], d) < sp["pair_fraction"]
+               for p, d in pairs)
+    # val: its own hash interval of pairs, or the time slice [vcut, cut); probes in train
+    val = tests["val"]
+    assert set(_probe(val)) <= train_probes
+    vt = val["event_time"].cast(pa.int64()).to_pylist()
+    for (p, d), t in zip(zip(_probe(val), val["dst_addr"].to_pylist(), strict=True), vt,
+                         strict=True):
+        u = prepare.u01(card["seed"], "pair", unit[p], d)
+        assert t < cut and (vcut <= t or sp["pair_fraction"] <= u < sp["pair_fraction"]
+                            + sp["val_pair_fraction"])
+    assert card["invariants"]["violations"] == {}
+
+
+def test_a_renumbering_nat_probe_leaks_through_address_keyed_splits_but_not_probe_keyed(tmp_path):
+    """The synthetic world renumbers NAT'd home probes every few days (public `from` changes,
+    prb_id stays). Splitting by source address puts one probe on both sides; by probe, never."""
+    from ping_llm import synth, synth_atlas
+    from ping_llm.leakcheck import split_invariants
+
+    raw = tmp_path / "world.jsonl"
+    synth_atlas.generate(synth.SynthConfig(seed=3, probes=40, days=4, renumber_frac=0.9), raw,
+                         progress=False)
+    ingest.ingest([raw], tmp_path / "canon", progress=False)
+    table = schema.read_canonical(tmp_path / "canon")
+    probes_per_addr = {}
+    for p, s in zip(_probe(table), table["src_addr"].to_pylist(), strict=True):
+        probes_per_addr.setdefault(p, set()).add(s)
+    assert sum(len(a) > 1 for a in probes_per_addr.values()) >= 5  # probes that renumbered
+
+    # the old rule: hold out source *addresses*
+    src = table["src_addr"].to_pylist()
+    held = np.array([prepare.u01(0, "src", s) < 0.3 for s in src])
+    old = {"train": table.filter(pa.array(~held)), "test_probe": table.filter(pa.array(held))}
+    assert split_invariants(old)["violations"]["test_probe probes in train"] > 0
+
+    card = prepare.prepare([tmp_path / "canon"], tmp_path / "ds",
+                           prepare.PrepareConfig(probe_fraction=0.3, row_splits=("train",)),
+                           progress=False)
+    assert card["invariants"]["violations"] == {}
+    assert card["invariants"]["checked"]["test_probe probes in train"] == 0
+    new = {s: _split_table(tmp_path / "ds", s) for s in prepare.SPLITS}
+    assert new["test_probe"].num_rows > 0 and new["test_pair"].num_rows > 0
+    assert split_invariants(new)["violations"] == {}
+    # every address a held-out probe used is outside train
+    renumbered = {p for p in _probe(new["test_probe"]) if len(probes_per_addr[p]) > 1}
+    assert renumbered, "no renumbering probe was held out: pick another seed"
+    train_src = set(new["train"]["src_addr"].to_pylist())
+    assert not set().union(*(probes_per_addr[p] for p in renumbered)) & train_src
+
+
+def test_since_until_keep_a_time_window(canonical, tmp_path):
+    src = canonical["ripe_atlas_builtin_v4v6_2019"]
+    everything = schema.read_canonical(src)["event_time"].cast(pa.int64())
+    lo, hi = (int(np.quantile(everything.to_numpy(), q)) for q in (0.2, 0.6))
+    card = prepare.prepare([src], tmp_path / "w", prepare.PrepareConfig(since=lo, until=hi,
+                           row_splits=("train",)), progress=False)
+    inside = int(((everything.to_numpy() >= lo) & (everything.to_numpy() < hi)).sum())
+    assert card["counts"]["measurements"] == inside
+    assert card["time_range"]["first_epoch_s"] >= lo and card["time_range"]["last_epoch_s"] < hi
+    with pytest.raises(InputError, match="since"):
+        prepare.PrepareConfig(since=hi, until=lo)
 
 
 def test_splits_are_deterministic_per_seed(canonical, tmp_path):
@@ -250,7 +339,7 @@ def test_cli_prepare_stats_reports_padding_below_5_percent_on_menog(canonical, t
                    "--stats-batches", "40", "--no-progress", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["card"]["splits"]["train"]["measurements"] > 300_000
+    assert out["card"]["splits"]["train"]["measurements"] > 250_000
     for split, st in out["stats"].items():
         assert st["padding_fraction"] < 0.05, split
         assert st["sequences"] > 0

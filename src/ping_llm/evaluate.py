@@ -5,16 +5,22 @@ dataset it was trained on (or on external canonical Parquet, `test_paths`) and w
 (`ping_llm.report`). What happens, in order:
 
 1. Leak check (`ping_llm.leakcheck.check_leak`): the run must have been trained on this
-   dataset's train split (recorded fingerprint), and no evaluated measurement may be in it.
+   dataset's train split (recorded fingerprint), no evaluated measurement may be in it, and the
+   split invariants (no test_probe probe, no test_pair (probe, dst) in train) hold on the data.
 2. Queries. Each split is subsampled uniformly without replacement to `max_queries` rows with
    numpy default_rng([seed, crc32(split name)]) (kept in row order); failed pings stay in (they
    score P(failed)). RTT metrics use the successful rows.
 3. Context. For k in `contexts`, the k most recent measurements of the query's source strictly
-   before the query time, time-ordered, from train. test_probe sources have no train
+   before the query time, time-ordered, from train. test_probe probes have no train
    measurements by construction (cold start), so their context is their own earlier test_probe
-   measurements (never the query, never anything the model trained on). Fewer than k are used
-   when fewer exist; contexts that would not fit the model's window are cut to the most recent
-   that fit. The mean context size actually used is recorded per k.
+   measurements to *other* destinations (what a new node knows about itself; never the query,
+   never the pair's own history, never anything the model trained on); `context_from="test"`
+   does the same for test_time / test_pair / an external set (a new campaign whose sources the
+   model has not seen). Fewer than k are used when fewer exist; contexts that would not fit the
+   model's window are cut to the most recent that fit. The mean context size actually used is
+   recorded per k. The baselines that can read a context (`predict_in_context`: Vivaldi updates
+   of the new node, MF fold-in, source offset, geo + residual, per-source failure rate) get
+   exactly the same k measurements for cold-context sets, reported as "<baseline> k=K".
 4. Model. Per query, the engine's exact RTT distribution (`query.Engine.rtt_many`, with the query
    timestamp) gives P(failed) and the pmf over the 33,792 canonical RTT codes given a reply; the
    median is the point prediction. A teacher-forced forward over context + query (fields in the
@@ -51,6 +57,7 @@ import pyarrow.compute as pc
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.leakcheck import check_leak
+from ping_llm.observations import SourceContext
 from ping_llm.scoring import (
     BASELINE_LADDER,
     BLOCK,
@@ -63,6 +70,7 @@ from ping_llm.scoring import (
     baseline_predictions,
     baseline_summary,
     breakdowns,
+    context_baseline_predictions,
     dense_pmf,
     distribution_metrics,
     finite_mean,
@@ -77,7 +85,7 @@ from ping_llm.scoring import (
 )
 
 EVAL_SPLITS = ("test_time", "test_pair", "test_probe")
-CONTEXTS = (0, 1, 4, 16)
+CONTEXTS = (0, 1, 4, 16, 64)  # 64 is cut to what fits the model's window (context_mean says)
 MAX_QUERIES = 500
 BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
 PAIR_SEEN = ((0, 0, "0"), (1, 9, "1-9"), (10, 99, "10-99"), (100, None, "100+"))
@@ -135,15 +143,20 @@ def subsample(n: int, max_queries: int | None, seed: int, name: str) -> np.ndarr
 
 
 class ContextPool:
-    """Measurements to draw in-context examples from, sorted by (source, time)."""
+    """Measurements to draw in-context examples from, sorted by (source, time).
 
-    def __init__(self, table: pa.Table):
+    other_destinations: a query's context skips the query's own destination, so the context is
+    what a new node knows about itself (its pings elsewhere), never the pair's own history; used
+    for pools of the evaluated set itself (test_probe, `context_from="test"`)."""
+
+    def __init__(self, table: pa.Table, other_destinations: bool = False):
         a = _table_arrays(table)
         order = np.lexsort((a["time"], a["src"].astype(str)))
         self.src = a["src"][order].astype(str)
         self.dst, self.rtt, self.time = a["dst"][order], a["rtt"][order], a["time"][order]
         self.sources, self.first = np.unique(self.src, return_index=True)
         self.last = np.r_[self.first[1:], len(self.src)]
+        self.other_destinations = other_destinations
 
     def before(self, src: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per query: (lo, p) with rows [lo, p) the source's measurements strictly before t."""
@@ -156,9 +169,15 @@ class ContextPool:
                       for lo_, hi_, tq in zip(lo, hi, t, strict=True)], dtype=np.int64)
         return lo, np.where(hit, p, lo)
 
-    def context(self, lo: int, p: int, k: int, budget: int) -> list:
-        """The k most recent measurements in [lo, p), time-ordered, cut to `budget` tokens."""
-        rows = range(max(lo, p - k), p)
+    def context(self, lo: int, p: int, k: int, budget: int, dst: str | None = None) -> list:
+        """The k most recent measurements in [lo, p) (to destinations other than `dst` when the
+        pool is `other_destinations`), time-ordered, cut to `budget` tokens."""
+        if k == 0:
+            return []
+        rows = np.arange(max(lo, p - k), p)
+        if self.other_destinations and dst is not None:
+            rows = np.arange(lo, p)
+            rows = rows[self.dst[lo:p] != dst][-k:]
         ms = [tk.Measurement(self.src[r], self.dst[r], float(self.rtt[r]), int(self.time[r]))
               for r in rows]
         while ms and len(tk.encode_reference(ms)) > budget:
@@ -297,7 +316,7 @@ def _examples(engine, name, table, q_all: Queries, pool, truth_world, kmax, budg
               "failed_frac": float(q_all.failed[rows].mean()), "model": {}, "truth": None}
         lo, p = pool.before(q_all.src[pick], q_all.time[pick])
         for k in sorted({0, kmax}):
-            qs = [Query(s, d, int(q_all.time[i]), context=pool.context(lo[j], p[j], k, budget))
+            qs = [Query(s, d, int(q_all.time[i]), context=pool.context(lo[j], p[j], k, budget, d))
                   for j, i in enumerate(pick)]
             pf, pmf = dense_pmf(engine.rtt_many(qs))
             p_b1 = pmf.reshape(len(pmf), -1, 256).sum(2).mean(0)
@@ -360,10 +379,11 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     lo, p = pool.before(q.src, q.time)
     bar = tqdm(total=len(q) * len(contexts), desc=f"eval {name}", unit="q", file=sys.stderr,
                disable=not progress)
-    per_method, prev = {}, None
+    per_method, prev, contexts_by_k = {}, None, {}
     ok = ~failed
     for k in contexts:
-        ctxs = [pool.context(lo[i], p[i], k, budget) for i in range(len(q))]
+        ctxs = [pool.context(lo[i], p[i], k, budget, str(q.dst[i])) for i in range(len(q))]
+        contexts_by_k[k] = ctxs
         n_ctx = np.array([len(c) for c in ctxs])
         t1 = time.perf_counter()
         if prev is not None and np.array_equal(n_ctx, prev[0]):
@@ -403,8 +423,18 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
 
     t1 = time.perf_counter()
     bp = baseline_predictions(fitted, q.src.astype(str), q.dst.astype(str), obs, failed)
+    if pool.other_destinations:  # a cold context: the baselines that can read it get the same k
+        for k, ctxs in contexts_by_k.items():
+            if k == 0:
+                continue
+            sc = [SourceContext([m.dst for m in c], [m.rtt_ms for m in c]) for c in ctxs]
+            for bname, row in context_baseline_predictions(
+                    fitted, q.src.astype(str), q.dst.astype(str), sc, obs, failed, bp).items():
+                bp[f"{bname} k={k}"] = row
     for bname, row in bp.items():
         res["methods"][bname] = baseline_summary(row, obs, failed)
+        if " k=" in bname:
+            res["methods"][bname]["context"] = int(bname.rsplit("=", 1)[1])
         per_method[bname] = row
         plot["methods"][bname] = {"median": row["median"], "p_failed": row.get("p_failed"),
                                   "covered": row["covered"]}
@@ -455,11 +485,19 @@ def _check_args(max_queries, contexts, seed) -> tuple:
 def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MAX_QUERIES,
              contexts=CONTEXTS, seed: int = 0, device: str = "cpu", world=None,
              allow_foreign_run: bool = False, n_examples: int = 3, byte2_mass: float = BYTE2_MASS,
-             progress: bool = True) -> dict:
+             context_from: str = "train", geo_db=None, test_since: int | None = None,
+             test_until: int | None = None, splits=EVAL_SPLITS, progress: bool = True) -> dict:
     """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the
     canonical Parquet `test_paths` instead) and, with `out_dir`, write the report there
     (`report.write_report`). world: a synthetic world (synth.World or its .world.json path);
-    found from the dataset's provenance when None. Returns the results (plain numbers, plus
+    found from the dataset's provenance when None. context_from: where a query's k context
+    measurements come from for test_time / test_pair / an external set: "train" (the source's most
+    recent train measurements before the query) or "test" (its own earlier measurements in the
+    evaluated set, to other destinations: a new campaign whose sources are unknown); test_probe
+    always uses its own. geo_db: the MaxMind database of the geolocation baseline (default: the
+    packaged GeoLite2-City). test_since / test_until (epoch s): keep only that time window of the
+    external set (the drift protocol). splits: the dataset's splits to score; ("val",) is how
+    defaults are chosen without looking at the test splits. Returns the results (plain numbers, plus
     `plot_data` with per-query arrays)."""
     from ping_llm import __version__
     from ping_llm.checkpoint import find_checkpoint, read_config, read_meta
@@ -470,6 +508,8 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
 
     t_start = time.perf_counter()
     max_queries, contexts = _check_args(max_queries, contexts, seed)
+    if context_from not in ("train", "test"):
+        raise InputError(f"context_from must be 'train' or 'test', got {context_from!r}")
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     card = load_card(data_dir)
     run_config = read_config(run_dir)
@@ -482,14 +522,24 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         paths = [test_paths] if isinstance(test_paths, str | Path) else list(test_paths)
         if not paths:
             raise InputError("test_paths is empty")
-        sets = {"external": read_canonical(paths)}
-        if sets["external"].num_rows == 0:
-            raise InputError(f"no measurements in {[str(p) for p in paths]}")
+        ext = read_canonical(paths)
+        if test_since is not None or test_until is not None:
+            t = ext["event_time"].cast(pa.int64()).to_numpy()
+            keep = ((t >= (test_since if test_since is not None else t.min()))
+                    & (t < (test_until if test_until is not None else t.max() + 1)))
+            ext = ext.filter(pa.array(keep))
+        sets = {"external": ext}
+        if ext.num_rows == 0:
+            raise InputError(f"no measurements in {[str(p) for p in paths]}"
+                             + (" inside --since/--until" if test_since or test_until else ""))
     else:
-        sets = {s: read_canonical(data_dir / card["splits"][s]["parquet"]) for s in EVAL_SPLITS
+        bad = [s for s in splits if s not in (*EVAL_SPLITS, "val")]
+        if bad or not splits:
+            raise InputError(f"splits must be among {[*EVAL_SPLITS, 'val']}, got {list(splits)}")
+        sets = {s: read_canonical(data_dir / card["splits"][s]["parquet"]) for s in splits
                 if card["splits"].get(s, {}).get("measurements")}
         if not sets:
-            raise InputError(f"{data_dir} has no non-empty test split")
+            raise InputError(f"{data_dir} has no non-empty split among {list(splits)}")
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     leak = check_leak(card, run_config, train, sets, external=external,
@@ -509,7 +559,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         world = World.load(world_file)
 
     t0 = time.perf_counter()
-    fitted, fit_secs = fit_baselines(train, progress)
+    fitted, fit_secs = fit_baselines(train, progress, geo_db)
     timings["baselines_fit_s"] = round(time.perf_counter() - t0, 2)
     if not 0.5 <= byte2_mass <= 1.0:
         raise InputError(f"byte2_mass must be in [0.5, 1], got {byte2_mass}")
@@ -529,27 +579,31 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
                 "preset": (run_config.get("train") or {}).get("preset"),
                 "trainer": meta.get("trainer")},
         "settings": {"max_queries": max_queries, "contexts": list(contexts), "seed": seed,
+                     "context_from": context_from, "splits": list(sets),
                      "device": str(device), "levels": list(LEVELS), "pit_bins": PIT_BINS,
                      "byte2_mass": byte2_mass, "censor_ms": CENSOR_MS,
                      "baseline_crps_levels": len(BASELINE_LADDER),
-                     "test_paths": [str(p) for p in paths] if external else None},
+                     "test_paths": [str(p) for p in paths] if external else None,
+                     "test_window": [test_since, test_until] if external else None},
         "leak_check": leak,
         "synthetic": None if world is None else {
             "world_file": None if world_file is None else str(world_file),
             "fingerprint": world.fingerprint()},
         "synthetic_note": world_note,
-        "baselines": {"fit_seconds": fit_secs, "train_measurements": train.num_rows},
+        "baselines": {"fit_seconds": fit_secs, "train_measurements": train.num_rows,
+                      "geo_db": fitted["geo"].db.describe()},
         "splits": {}, "plot_data": {},
     }
     for name, table in sets.items():
         if external:
             results.setdefault("external", {})["seen_in_train"] = _seen_fractions(table, train)
-        pool = ContextPool(table) if name == "test_probe" else train_pool
+        own = name == "test_probe" or context_from == "test"
+        pool = ContextPool(table, other_destinations=True) if own else train_pool
         res, plot = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,
                               pool=pool, contexts=contexts, max_queries=max_queries, seed=seed,
                               world=world, n_examples=n_examples, progress=progress)
-        res["context_pool"] = ("own earlier test_probe measurements (source unseen in train)"
-                               if name == "test_probe" else "train")
+        res["context_pool"] = (f"own earlier {name} measurements to other destinations"
+                               if own else "train")
         results["splits"][name] = res
         results["plot_data"][name] = plot
         timings[f"{name}_s"] = res["seconds"]

@@ -1,8 +1,14 @@
-"""The leak check of the evaluation (SPEC §7): a model may only be scored on data it never saw.
+"""The leak check of the evaluation: a model may only be scored on data it never saw.
 
-Rules. The run must record the fingerprint of its train split (prepare's sha256 over the split's
-content); it must equal this dataset card's train fingerprint, and may
-not equal any test split's. The splits' content is then checked for exact shared measurements
+Split invariants (`split_invariants`, run by prepare on the splits it writes and by eval on the
+splits it reads): no test_probe probe in train under any address, and no test_probe source
+address in train under another probe; no test_pair (probe,
+destination) pair in train; no test or val measurement in train. A probe is its prb_id where the
+table has one, else its source address (the key prepare splits on).
+
+Rules for a run. The run must record the fingerprint of its train split (prepare's sha256 over
+the split's content); it must equal this dataset card's train fingerprint, and may not equal any
+test split's. The splits' content is then checked for exact shared measurements
 (event_time, src, dst, rtt) against train (prepare guarantees none; external sets may have
 some: refused). `allow_foreign_run` accepts a run trained on another dataset only if that
 dataset is still on disk with the recorded fingerprint and none of its train measurements is
@@ -19,6 +25,54 @@ import pyarrow as pa
 from ping_llm.errors import InputError
 
 _KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
+
+
+_PROBE = "COALESCE('prb:' || prb_id::VARCHAR, src_addr)"
+
+
+def split_invariants(splits: dict) -> dict:
+    """Check the split invariants on the data. splits: name -> canonical Arrow table or Parquet
+    path, with at least "train". Returns {"checked": {invariant: count}, "violations": {...
+    the nonzero ones}, "test_time_probes_not_in_train": n (a property of the rules, not a leak)}."""
+    import duckdb
+
+    con = duckdb.connect()
+    for name, x in splits.items():
+        if isinstance(x, str | Path):
+            path = str(x).replace("'", "''")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+        else:
+            if "prb_id" not in x.column_names:  # no probe ids: the source address is the probe
+                x = x.append_column("prb_id", pa.nulls(x.num_rows, pa.int64()))
+            con.register(name, x)
+
+    def one(q: str) -> int:
+        return int(con.execute(q).fetchone()[0])
+
+    train_probes = f"(SELECT DISTINCT {_PROBE} AS probe FROM train)"
+    checked = {}
+    if "test_probe" in splits:
+        checked["test_probe probes in train"] = one(
+            f"SELECT count(DISTINCT {_PROBE}) FROM test_probe WHERE {_PROBE} IN {train_probes}")
+        checked["test_probe source addresses in train"] = one(
+            "SELECT count(DISTINCT src_addr) FROM test_probe "
+            "WHERE src_addr IN (SELECT DISTINCT src_addr FROM train)")
+    if "test_pair" in splits:
+        checked["test_pair (probe, dst) pairs in train"] = one(
+            f"""SELECT count(*) FROM (SELECT DISTINCT {_PROBE} AS probe, dst_addr FROM test_pair)
+            p JOIN (SELECT DISTINCT {_PROBE} AS probe, dst_addr FROM train) t
+            USING (probe, dst_addr)""")
+    for name in splits:
+        if name != "train":
+            checked[f"{name} measurements in train"] = one(
+                f"""SELECT count(*) FROM {name} a SEMI JOIN train b ON a.event_time = b.event_time
+                AND a.src_addr = b.src_addr AND a.dst_addr = b.dst_addr AND a.rtt = b.rtt""")
+    out = {"checked": checked, "violations": {k: v for k, v in checked.items() if v}}
+    if "test_time" in splits:
+        out["test_time_probes_not_in_train"] = one(
+            f"SELECT count(DISTINCT {_PROBE}) FROM test_time WHERE {_PROBE} NOT IN {train_probes}")
+    con.close()
+    return out
 
 
 def recorded_train_fingerprint(run_config: dict) -> str | None:
@@ -88,6 +142,13 @@ def check_leak(card: dict, run_config: dict, train: pa.Table, test_sets: dict, *
             what = "the external set" if external else f"split {name}"
             raise InputError(f"leak: {n} measurements of {what} are also in this dataset's train "
                              "split (the model trained on them); remove them first")
+    if not external:  # the dataset's own splits: their invariants, checked again on the data
+        inv = split_invariants({"train": train, **test_sets})
+        info["split_invariants"] = inv
+        if inv["violations"]:
+            what = ", ".join(f"{n} {k}" for k, n in inv["violations"].items())
+            raise InputError(f"leak: the dataset's splits break the split invariants ({what}); "
+                             "prepare it again with this version")
     return info
 
 

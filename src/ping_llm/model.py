@@ -377,7 +377,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        logits = self.lm_head(x).float()  # (B, T, V) fp32 even under bf16 autocast
+        logits = self.lm_head(x)  # (B, T, V)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # fp32 under bf16 autocast; a float64 model stays float64
         cap = self.config.softcap
         logits = cap * torch.tanh(logits / cap)
         if targets is None:

@@ -94,6 +94,49 @@ class Observations:
         return self._node_index[1][len(self):]
 
 
+@dataclass(frozen=True, eq=False)
+class SourceContext:
+    """The k measurements a query's source brings as context (the same k the model is given):
+    dst address strings and rtt ms (< 0 = failed), oldest first. Baselines that can use them
+    implement `predict_in_context(src, dst, contexts)` -> (N,) medians (NaN where they cannot
+    answer) and may implement `p_failed_in_context(src, dst, contexts)` -> (N,) P(failed)."""
+
+    dst: np.ndarray
+    rtt: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "dst", as_str_array(self.dst, "dst"))
+        object.__setattr__(self, "rtt", np.asarray(self.rtt, dtype=np.float64).reshape(-1))
+        if len(self.dst) != len(self.rtt):
+            raise InputError("context dst and rtt must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.rtt)
+
+
+def group_contexts(src, contexts) -> tuple[np.ndarray, np.ndarray, list]:
+    """Check the `predict_in_context` arguments ((N,) sources, N SourceContexts) and group the
+    queries that share a source and an identical context, so a baseline folds each in once.
+    -> (src as str array, group id per query (N,), [(source, SourceContext)] per group)."""
+    src = as_str_array(src, "src")
+    contexts = list(contexts)
+    if len(contexts) != len(src):
+        raise InputError(f"need one SourceContext per query: {len(contexts)} for {len(src)}")
+    index: dict = {}
+    gid = np.empty(len(src), dtype=np.int64)
+    reps: list = []
+    for n, (s, c) in enumerate(zip(src.tolist(), contexts, strict=True)):
+        if not isinstance(c, SourceContext):
+            raise InputError(f"contexts must be SourceContext objects, got {type(c).__name__}")
+        key = (s, c.dst.tobytes(), c.rtt.tobytes())
+        g = index.get(key)
+        if g is None:
+            g = index[key] = len(reps)
+            reps.append((s, c))
+        gid[n] = g
+    return src, gid, reps
+
+
 def lookup(nodes: np.ndarray, query) -> np.ndarray:
     """Index of each query string in the sorted `nodes`, -1 where absent."""
     q = as_str_array(query, "query")

@@ -88,40 +88,45 @@ def fig_error_cdfs(name: str, plot: dict) -> str:
 
 
 def fig_context(results: dict) -> str:
+    """The in-context curve: per evaluated set, median abs error and censored CRPS against the
+    number of context measurements k, for the model and for every baseline that read the same k
+    (k = 0: its plain prediction); the best plain baseline dashed."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    splits = list(results["splits"].items())
+    fig, axes = plt.subplots(2, max(len(splits), 1), figsize=(4.4 * max(len(splits), 1), 6.4),
+                             squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for i, (name, split) in enumerate(results["splits"].items()):
-        ms = [m for m in split["methods"].values() if m.get("kind") == "model"]
-        if not ms:
-            continue
-        ks = [m["context"] for m in ms]
-        x = np.arange(len(ks))
-        c = cmap(i)
-        axes[0].plot(x, [m["median_ae_ms"] for m in ms], "o-", color=c, label=f"model {name}")
-        axes[1].plot(x, [m["crps_cens_ms"] for m in ms], "o-", color=c, label=f"model {name}")
-        axes[2].plot(x, [m["logp_result"] for m in ms], "o-", color=c, label=name)
-        base = {n: m["fallback"] for n, m in split["methods"].items()
-                if m.get("kind") == "baseline"}
-        for key, ax in (("median_ae_ms", axes[0]), ("crps_cens_ms", axes[1])):
-            best = min(base, key=lambda n, key=key: _finite_or_inf(base[n].get(key)),
+    for col, (name, split) in enumerate(splits):
+        methods = split["methods"]
+        curves = {"model": sorted((m["context"], m) for m in methods.values()
+                                  if m.get("kind") == "model")}
+        for label, m in methods.items():
+            if m.get("kind") == "baseline" and " k=" in label and not m.get("p_failed_only"):
+                base = label.rsplit(" k=", 1)[0]
+                curves.setdefault(base, [(0, methods[base])]).append((m["context"], m))
+        ks = sorted({k for c in curves.values() for k, _ in c})
+        pos = {k: i for i, k in enumerate(ks)}
+        plain = {n: m["fallback"] for n, m in methods.items()
+                 if m.get("kind") == "baseline" and " k=" not in n and not m.get("p_failed_only")}
+        for row, key in enumerate(("median_ae_ms", "crps_cens_ms")):
+            ax = axes[row, col]
+            for i, (cname, pts) in enumerate(curves.items()):
+                pts = sorted(pts, key=lambda p: p[0])
+                ys = [m.get("fallback", m).get(key) for _, m in pts]
+                ax.plot([pos[k] for k, _ in pts], [np.nan if y is None else y for y in ys],
+                        "o-" if cname == "model" else ".--", color="C0" if cname == "model"
+                        else cmap((i + 1) % 10), lw=2 if cname == "model" else 1, label=cname)
+            best = min(plain, key=lambda n, key=key: _finite_or_inf(plain[n].get(key)),
                        default=None)
-            if best is not None and math.isfinite(_finite_or_inf(base[best].get(key))):
-                ax.axhline(base[best][key], color=c, ls="--", lw=1,
-                           label=f"best baseline {name} ({best})")
-        for ax in axes:
-            ax.set_xticks(x, [str(k) for k in ks])
-    axes[0].set(yscale="log", xlabel="context measurements k", ylabel="median abs error (ms)",
-                title="point error vs context")
-    axes[1].set(yscale="log", xlabel="context measurements k",
-                ylabel="mean CRPS, censored at 10 s (ms)",
-                title="CRPS vs context (dashed: best baseline)")
-    axes[2].set(xlabel="context measurements k", ylabel="mean log P(observed result) (nats)",
-                title="likelihood vs context")
-    for ax in axes[:2]:
-        _log_ticks(ax.yaxis)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+            if best is not None and math.isfinite(_finite_or_inf(plain[best].get(key))):
+                ax.axhline(plain[best][key], color="grey", ls=":", lw=1,
+                           label=f"best plain baseline ({best})")
+            ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+            ax.set(yscale="log", xlabel="context measurements k",
+                   ylabel="median abs error (ms)" if row == 0 else "CRPS, censored at 10 s (ms)",
+                   title=name if row == 0 else None)
+            _log_ticks(ax.yaxis)
+            ax.legend(loc="best")
     fig.tight_layout()
     return _png(fig)
 

@@ -6,18 +6,32 @@ split as canonical Parquet, groups the measurements of each split by probe into 
 records (ArrayRecord shards, read by `ping_llm.loader` through grain) and describes it all in
 `card.json`.
 
-Splits (deterministic: a hash of (seed, key), so the same input and seed give the same splits):
-  test_probe  sources (src_addr) whose hash u(seed, "src", src) < probe_fraction, plus sources
-              that only appear after the time cut: never seen in train (cold start).
+Splits (deterministic: a hash of (seed, key), so the same input and seed give the same splits).
+Every rule is keyed on the *probe* (prb_id where the table has it, else the source address; the
+card counts which): NAT'd probes change public address, and an address key would let one probe
+sit in train under one address and in a test split under another. Probes that share a source
+address (several probes behind one NAT) are linked into one unit (connected components of the
+probe-address graph, named by the smallest probe key) and the unit is what is hashed and held
+out, so a held-out probe's addresses are not in train under another probe either.
+  test_probe  probes with u(seed, "probe", probe) < probe_fraction, under every address they
+              used, plus probes with no measurement before the val/time cuts: never in train
+              under any address (cold start).
   test_time   measurements at or after the time cut t_min + (1 - time_fraction) (t_max - t_min)
-              whose source is in train.
-  test_pair   (src, dst) pairs with u(seed, "pair", src, dst) < pair_fraction, before the cut,
-              whose source and destination both still occur in train; never in train.
-  train       the rest. Held-out pairs whose endpoints would otherwise be unseen go back to
-              train (that only adds endpoints to train, so the remaining held-out pairs stay valid).
+              of probes that are in train, whatever address they used then.
+  test_pair   (probe, dst) pairs with u(seed, "pair", probe, dst) < pair_fraction, before the
+              time cut, whose probe and destination both keep train measurements; never in train.
+  val         what training's periodic eval, early stopping, calibration and every choice of
+              defaults use, built like test_pair and test_time and disjoint from both: pairs with
+              pair_fraction <= u(seed, "pair", probe, dst) < pair_fraction + val_pair_fraction
+              (before the cut), and the val_time_fraction of the time range just before the
+              time cut (so train ends before val, and val before test_time).
+  train       the rest. Drawn pairs whose endpoints would otherwise be unseen go back to train
+              (that only adds to train, so the remaining held-out pairs stay valid).
 u(seed, *keys) = the first 52 bits of md5("seed|key|...") / 2**52, so anyone can recompute it.
-Splits are keyed by source *address*, because that is what the model sees; a probe (prb_id) that
-changed address can therefore have rows in train and in test_probe, under different addresses.
+The invariants (no test_probe probe in train, no test_pair (probe, dst) in train, no test or val
+measurement in train) are then checked on the written splits (`leakcheck.split_invariants`),
+recorded in the card, and checked again by `ping-llm eval`. `since`/`until` keep only the
+measurements inside a time window (e.g. the first weeks of a campaign, for the drift protocol).
 
 Rows: the measurements of one probe (prb_id when present, else the source address), in time
 order, capped at `max_record_bytes` (8 MB) with larger probes split into consecutive chunks; one
@@ -53,19 +67,24 @@ import pyarrow.parquet as pq
 
 from ping_llm import schema, tokens
 from ping_llm.errors import InputError
+from ping_llm.leakcheck import split_invariants
 from ping_llm.rows import RECORD_MAGIC, RECORD_VERSION, RowWriter
 
 FORMAT = "ping-llm-dataset"
-FORMAT_VERSION = 1
-SPLITS = ("train", "test_time", "test_probe", "test_pair")
+FORMAT_VERSION = 2  # 2: splits keyed on the probe, a val split, invariants in the card
+SPLITS = ("train", "test_time", "test_probe", "test_pair", "val")
+TEST_SPLITS = ("test_time", "test_pair", "test_probe")
 
 
 SPLIT_RULES = {
-    "train": "everything not in a test split",
-    "test_time": "event_time >= time_cut, source seen in train",
-    "test_probe": "u(seed,'src',src) < probe_fraction, or source only seen after time_cut",
-    "test_pair": "u(seed,'pair',src,dst) < pair_fraction, before time_cut, src and dst seen "
-    "in train",
+    "train": "everything not in a test or val split",
+    "test_time": "event_time >= time_cut, probe in train (under any address)",
+    "test_probe": "u(seed,'probe',probe) < probe_fraction, or probe with no measurement before "
+    "the val/time cuts: never in train under any address",
+    "test_pair": "u(seed,'pair',probe,dst) < pair_fraction, before time_cut, probe and dst in "
+    "train",
+    "val": "pair_fraction <= u(seed,'pair',probe,dst) < pair_fraction + val_pair_fraction before "
+    "time_cut, or val_time_cut <= event_time < time_cut; probe in train",
 }
 
 
@@ -77,6 +96,10 @@ class PrepareConfig:
     time_fraction: float = 0.1
     probe_fraction: float = 0.1
     pair_fraction: float = 0.05
+    val_time_fraction: float = 0.05  # of the time range, just before the time cut
+    val_pair_fraction: float = 0.05  # of (probe, dst) pairs
+    since: int | None = None  # epoch s: keep only measurements at or after it
+    until: int | None = None  # epoch s: keep only measurements before it
     max_record_bytes: int = 8 << 20
     shard_bytes: int = 256 << 20
     rtt_column: str = "rtt"  # e.g. "rtt_avg" for the author's files with several RTT columns
@@ -87,10 +110,17 @@ class PrepareConfig:
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("time_fraction", "probe_fraction", "pair_fraction"):
+        for name in ("time_fraction", "probe_fraction", "pair_fraction", "val_time_fraction",
+                     "val_pair_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0 <= v < 1):
                 raise InputError(f"{name} must be in [0, 1), got {v!r}")
+        if self.time_fraction + self.val_time_fraction >= 1:
+            raise InputError("time_fraction + val_time_fraction must be < 1")
+        if self.pair_fraction + self.val_pair_fraction >= 1:
+            raise InputError("pair_fraction + val_pair_fraction must be < 1")
+        if None not in (self.since, self.until) and self.since >= self.until:
+            raise InputError(f"since ({self.since}) must be before until ({self.until})")
         if self.max_record_bytes < 4096:
             raise InputError(f"max_record_bytes must be >= 4096, got {self.max_record_bytes}")
         if self.shard_bytes < self.max_record_bytes:
@@ -220,8 +250,41 @@ def u01(*keys) -> float:
     return int(h[:13], 16) / 2**52
 
 
+def _probe_units(con) -> int:
+    """Add column `unit` to m0: probes linked by a shared source address (two probes behind one
+    NAT, seen under the same public address) form one unit, named by its smallest probe key.
+    Splits hold out units, so a held-out probe's address is never a train probe's address
+    either. Returns how many probes share their unit with another."""
+    t = con.sql("SELECT DISTINCT probe, src FROM m0 ORDER BY probe, src").fetchall()
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = parent[x]
+        return x
+
+    for probe, src in t:  # connected components of the probe-address graph
+        a, b = find(probe), find("addr:" + src)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[str, list[str]] = {}
+    for probe in sorted({p for p, _ in t}):
+        groups.setdefault(find(probe), []).append(probe)
+    unit = {p: ps[0] for ps in groups.values() for p in ps}
+    con.register("units_in", pa.table({"probe": list(unit), "unit": list(unit.values())}))
+    con.execute("CREATE TABLE units AS SELECT * FROM units_in")
+    con.unregister("units_in")
+    con.execute("ALTER TABLE m0 ADD COLUMN unit VARCHAR")
+    con.execute("UPDATE m0 SET unit = units.unit FROM units WHERE m0.probe = units.probe")
+    con.execute("DROP TABLE units")
+    return sum(len(ps) for ps in groups.values() if len(ps) > 1)
+
+
 def _split(con, cfg: PrepareConfig) -> dict:
-    """Table `m`: valid measurements with address ids, probe key and split id."""
+    """Table `m`: valid measurements with address ids, probe key and split id (rules: the module
+    docstring). Everything is keyed on the probe, never on its address: a NAT'd probe that
+    renumbers keeps one identity, so none of its addresses can carry it across a split."""
     con.execute(
         """CREATE TABLE m0 AS
         SELECT r.t, s.canon AS src, d.canon AS dst, r.v, r.rtt, r.prb_id, r.msm_id, r.size,
@@ -230,68 +293,93 @@ def _split(con, cfg: PrepareConfig) -> dict:
         FROM raw r JOIN addr s ON r.src = s.a AND r.v = s.v JOIN addr d ON r.dst = d.a AND r.v = d.v
         """
     )
+    units = _probe_units(con)
+    outside = 0
+    if cfg.since is not None or cfg.until is not None:
+        lo = -(2**62) if cfg.since is None else int(cfg.since)
+        hi = 2**62 if cfg.until is None else int(cfg.until)
+        outside = con.execute("DELETE FROM m0 WHERE t < $lo OR t >= $hi",
+                              {"lo": lo, "hi": hi}).fetchone()[0]
     n = con.execute("SELECT count(*), min(t), max(t) FROM m0").fetchone()
     if n[0] == 0:
-        raise InputError("no valid measurements in the input")
+        raise InputError("no valid measurements in the input"
+                         + (" inside --since/--until" if outside else ""))
     t_min, t_max = int(n[1]), int(n[2])
     t_cut = t_min + int(np.ceil((1 - cfg.time_fraction) * (t_max - t_min)))
     if cfg.time_fraction == 0:
         t_cut = t_max + 1
+    t_vcut = t_cut - int(np.ceil(cfg.val_time_fraction * (t_max - t_min)))
     seed = str(cfg.seed)
     con.execute(
-        f"""CREATE TABLE hs AS SELECT src FROM (SELECT DISTINCT src FROM m0)
-        WHERE {_U01.format("$seed || '|src|' || src")} < $f""",
+        f"""CREATE TABLE hs AS SELECT unit FROM (SELECT DISTINCT unit FROM m0)
+        WHERE {_U01.format("$seed || '|probe|' || unit")} < $f""",
         {"seed": seed, "f": cfg.probe_fraction},
     )
+    # (probe, dst) pairs drawn for test_pair, else for val (one uniform draw, two intervals)
     con.execute(
-        f"""CREATE TABLE hp AS SELECT src, dst FROM (SELECT DISTINCT src, dst FROM m0)
-        WHERE {_U01.format("$seed || '|pair|' || src || '|' || dst")} < $f""",
-        {"seed": seed, "f": cfg.pair_fraction},
+        f"""CREATE TABLE hp AS SELECT unit, dst, (CASE WHEN u < $fp THEN 3 ELSE 4 END) AS kind
+        FROM (SELECT unit, dst, {_U01.format("$seed || '|pair|' || unit || '|' || dst")} AS u
+              FROM (SELECT DISTINCT unit, dst FROM m0))
+        WHERE u < $fp + $fv""",
+        {"seed": seed, "fp": cfg.pair_fraction, "fv": cfg.val_pair_fraction},
     )
     con.execute(
-        """CREATE TABLE m1 AS SELECT m0.*, hs.src IS NOT NULL AS held_src,
-               hp.src IS NOT NULL AS held_pair, m0.t >= $cut AS late
-        FROM m0 LEFT JOIN hs ON m0.src = hs.src LEFT JOIN hp ON m0.src = hp.src AND m0.dst = hp.dst
-        """,
-        {"cut": t_cut},
+        """CREATE TABLE m1 AS SELECT m0.*, hs.unit IS NOT NULL AS held_probe,
+               COALESCE(hp.kind, 0) AS pair_kind, m0.t >= $cut AS late,
+               m0.t >= $vcut AND m0.t < $cut AS vlate
+        FROM m0 LEFT JOIN hs ON m0.unit = hs.unit
+                LEFT JOIN hp ON m0.unit = hp.unit AND m0.dst = hp.dst""",
+        {"cut": t_cut, "vcut": t_vcut},
     )
-    base = "NOT held_src AND NOT late AND NOT held_pair"
+    # A drawn pair is held out only if its probe and its destination keep train measurements
+    # without it; the others go back to train (that only adds to train, so every held-out pair
+    # stays valid).
+    base = "NOT held_probe AND NOT late AND NOT vlate AND pair_kind = 0"
     con.execute(
-        f"""CREATE TABLE qp AS SELECT src, dst FROM hp
-        WHERE src IN (SELECT DISTINCT src FROM m1 WHERE {base})
+        f"""CREATE TABLE qp AS SELECT unit, dst, kind FROM hp
+        WHERE unit IN (SELECT DISTINCT unit FROM m1 WHERE {base})
           AND dst IN (SELECT DISTINCT dst FROM m1 WHERE {base})"""
     )
     con.execute(
-        """CREATE TABLE m2 AS SELECT m1.*, qp.src IS NOT NULL AS q_pair
-        FROM m1 LEFT JOIN qp ON m1.src = qp.src AND m1.dst = qp.dst"""
+        """CREATE TABLE m2 AS SELECT m1.*, COALESCE(qp.kind, 0) AS q_kind
+        FROM m1 LEFT JOIN qp ON m1.unit = qp.unit AND m1.dst = qp.dst"""
     )
-    con.execute(
-        "CREATE TABLE st AS SELECT DISTINCT src FROM m2 "
-        "WHERE NOT held_src AND NOT late AND NOT q_pair"
-    )
+    con.execute("CREATE TABLE st AS SELECT DISTINCT unit FROM m2 "
+                "WHERE NOT held_probe AND NOT late AND NOT vlate AND q_kind = 0")
+    # precedence: held-out probe > after the cut > held-out pair > val pair > val time > train;
+    # a probe that has no train measurement at all is cold start wherever its rows fall.
     con.execute(
         """CREATE TABLE m AS
-        SELECT t, m2.src, dst, v, rtt, prb_id, msm_id, size, src_id, dst_id, probe,
-            (CASE WHEN held_src THEN 2
-                  WHEN late THEN (CASE WHEN st.src IS NOT NULL THEN 1 ELSE 2 END)
-                  WHEN q_pair THEN 3
+        SELECT t, m2.src, dst, v, rtt, prb_id, msm_id, size, src_id, dst_id, m2.probe,
+            (CASE WHEN held_probe OR st.unit IS NULL THEN 2
+                  WHEN late THEN 1
+                  WHEN q_kind = 3 THEN 3
+                  WHEN q_kind = 4 OR vlate THEN 4
                   ELSE 0 END)::TINYINT AS split,
-            held_src
-        FROM m2 LEFT JOIN st ON m2.src = st.src"""
+            held_probe
+        FROM m2 LEFT JOIN st ON m2.unit = st.unit"""
     )
     for tmp in ("m0", "m1", "m2", "qp", "st"):
         con.execute(f"DROP TABLE {tmp}")
     late_only = con.execute(
-        "SELECT count(*), count(DISTINCT src) FROM m WHERE split = 2 AND NOT held_src"
+        "SELECT count(*), count(DISTINCT probe) FROM m WHERE split = 2 AND NOT held_probe"
     ).fetchone()
+    key = con.execute("SELECT count(*) FILTER (WHERE prb_id IS NOT NULL), "
+                      "count(*) FILTER (WHERE prb_id IS NULL) FROM m").fetchone()
     return {
+        "outside_time_window": int(outside),
+        "probes_sharing_an_address": units,
         "time_cut": t_cut,
+        "val_time_cut": t_vcut,
         "t_min": t_min,
         "t_max": t_max,
-        "held_out_sources": con.execute("SELECT count(*) FROM hs").fetchone()[0],
-        "held_out_pairs_drawn": con.execute("SELECT count(*) FROM hp").fetchone()[0],
-        "late_only_sources": int(late_only[1]),
-        "late_only_measurements": int(late_only[0]),
+        "probe_key": {"prb_id": int(key[0]), "source_address": int(key[1])},
+        "held_out_probes": con.execute("SELECT count(*) FROM hs").fetchone()[0],
+        "held_out_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 3")
+        .fetchone()[0],
+        "val_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 4").fetchone()[0],
+        "unseen_probes": int(late_only[1]),
+        "unseen_probe_measurements": int(late_only[0]),
     }
 
 
@@ -480,6 +568,9 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 }
         bar.close()
         con.close()
+        invariants = split_invariants({n: work / "splits" / f"{n}.parquet" for n in SPLITS})
+        if invariants["violations"]:  # a bug in the rules above, never the user's input
+            raise RuntimeError(f"prepare produced leaking splits: {invariants['violations']}")
         o = [int(x or 0) for x in overall]
         card = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -488,7 +579,8 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
             "seed": cfg.seed, "config": {**asdict(cfg), "row_splits": list(cfg.row_splits)},
             "counts": {
                 "input_rows": staged, "measurements": int(n_valid),
-                "dropped_bad_address": int(staged - n_valid),
+                "dropped_bad_address": int(staged - n_valid - params["outside_time_window"]),
+                "outside_time_window": params["outside_time_window"],
                 "bad_address_values": bad["bad_addresses"],
                 "bad_address_examples": bad["examples"], "sources": o[0], "destinations": o[1],
                 "pairs": o[2], "probes": o[3], "failed": o[6],
@@ -498,14 +590,23 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
             "ip_versions": {"4": o[4], "6": o[5]},
             "split_params": {
                 "seed": cfg.seed,
+                "probe_key": "prb_id where present, else the source address",
+                "probe_key_rows": params["probe_key"],
                 "hash": "u(seed, *keys) = int(md5('|'.join([seed, *keys])).hexdigest()[:13], 16)"
-                " / 2**52; keys: ('src', src_addr) or ('pair', src_addr, dst_addr)",
+                " / 2**52; keys: ('probe', probe) or ('pair', probe, dst_addr); probe = "
+                "'prb:<prb_id>' or the canonical source address",
                 "time_fraction": cfg.time_fraction, "probe_fraction": cfg.probe_fraction,
-                "pair_fraction": cfg.pair_fraction, "time_cut_epoch_s": params["time_cut"],
-                "time_cut": _iso(params["time_cut"]),
-                **{k: int(params[k]) for k in ("held_out_sources", "held_out_pairs_drawn",
-                                               "late_only_sources", "late_only_measurements")},
+                "pair_fraction": cfg.pair_fraction, "val_time_fraction": cfg.val_time_fraction,
+                "val_pair_fraction": cfg.val_pair_fraction,
+                "since": _iso(cfg.since), "until": _iso(cfg.until),
+                "time_cut_epoch_s": params["time_cut"], "time_cut": _iso(params["time_cut"]),
+                "val_time_cut_epoch_s": params["val_time_cut"],
+                "val_time_cut": _iso(params["val_time_cut"]),
+                **{k: int(params[k]) for k in (
+                    "probes_sharing_an_address", "held_out_probes", "held_out_pairs_drawn",
+                    "val_pairs_drawn", "unseen_probes", "unseen_probe_measurements")},
             },
+            "invariants": invariants,
             "splits": {name: splits[name] for name in SPLITS},
             "rows": rows_section, "tokens": token_section,
             "seconds": round(time.perf_counter() - t_start, 2),

@@ -35,6 +35,8 @@ CENSOR_MS = 10_000.0  # censored CRPS: forecasts and observations are min(x, 10 
 LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # median and the central 50% / 90% intervals
 BASELINE_LADDER = tuple((np.arange(40) + 0.5) / 40)  # quantile levels for baselines' CRPS
 PIT_BINS = 10
+# what a P(failed)-only row keeps
+FAILURE_KEYS = ("n", "n_success", "n_failed", "roc_auc", "pr_auc", "brier", "failed_rate")
 BLOCK = 64  # queries per dense (BLOCK, 33792) pmf block
 SCORE_BATCH_TOKENS = 16384  # tokens per teacher-forced scoring forward
 CANON = np.flatnonzero(np.isfinite(tk.RTT_GRID_MS))  # the 132 x 256 canonical codes, ascending
@@ -297,14 +299,14 @@ def breakdowns(groups: dict, obs, failed, methods: dict) -> dict:
     return out
 
 
-def fit_baselines(train: pa.Table, progress: bool = True) -> tuple[dict, dict]:
-    """make_baselines() fitted on the train table -> (fitted, seconds per baseline)."""
+def fit_baselines(train: pa.Table, progress: bool = True, geo_db=None) -> tuple[dict, dict]:
+    """make_baselines(geo_db) fitted on the train table -> (fitted, seconds per baseline)."""
     from ping_llm.baselines import make_baselines
     from ping_llm.observations import Observations
 
     obs = Observations.from_table(train)
     fitted, secs = {}, {}
-    for name, b in make_baselines().items():
+    for name, b in make_baselines(geo_db).items():
         t0 = time.perf_counter()
         fitted[name] = b.fit(obs)
         secs[name] = round(time.perf_counter() - t0, 3)
@@ -344,16 +346,57 @@ def baseline_predictions(fitted: dict, src, dst, obs, failed) -> dict:
         if hasattr(b, "predict_p_failed"):
             pf = np.where(cov, b.predict_p_failed(src, dst), np.nan)
             row["p_failed"] = np.where(np.isnan(pf), g.p_failed, pf)
+        if getattr(b, "p_failed_only", False):  # its RTT columns are the global median's
+            row["p_failed_only"] = True
+        out[name] = row
+    return out
+
+
+def context_baseline_predictions(fitted: dict, src, dst, contexts: list, obs, failed,
+                                 plain: dict) -> dict:
+    """name -> per-query arrays of the baselines that read a context (`predict_in_context`,
+    `p_failed_in_context`), given the same k context measurements (`observations.SourceContext`
+    per query) as the model. Medians are point forecasts (CRPS = absolute error); where a baseline
+    cannot answer from the context it falls back to its plain row (`plain`, from
+    `baseline_predictions`), which itself falls back to the global median."""
+    ok = ~np.asarray(failed, dtype=bool)
+    y = np.where(ok, obs, 0.0)
+    out = {}
+    for name, b in fitted.items():
+        reads_rtt, reads_fail = hasattr(b, "predict_in_context"), hasattr(b, "p_failed_in_context")
+        if not (reads_rtt or reads_fail):
+            continue
+        base = plain[name]
+        row = {"covered": base["covered"], "median": base["median"], "point_only": True,
+               "p_failed_only": base.get("p_failed_only", False)}
+        if reads_rtt:
+            m = np.asarray(b.predict_in_context(src, dst, contexts), dtype=np.float64)
+            use = np.isfinite(m)
+            row["median"] = np.where(use, m, base["median"])
+            row["covered"] = base["covered"] | use
+        row["crps"] = np.where(ok, np.abs(row["median"] - y), np.nan)
+        row["crps_cens"] = np.where(ok, np.abs(np.minimum(row["median"], CENSOR_MS)
+                                               - np.minimum(y, CENSOR_MS)), np.nan)
+        if reads_fail:
+            pf = np.asarray(b.p_failed_in_context(src, dst, contexts), dtype=np.float64)
+            row["p_failed"] = np.where(np.isnan(pf), base.get("p_failed", np.nan), pf)
+        elif "p_failed" in base:
+            row["p_failed"] = base["p_failed"]
         out[name] = row
     return out
 
 
 def baseline_summary(row: dict, obs, failed) -> dict:
     """A baseline's metrics on all queries with the global-median fallback (top level, and again
-    under "fallback") and on the queries it covers ("covered")."""
+    under "fallback") and on the queries it covers ("covered"). A failure-only predictor
+    (`p_failed_only`) keeps just its failure metrics: its RTT numbers would be the fallback's."""
     cov = row["covered"]
-    fallback = summarize(obs, failed, row)
+    fallback, covered = summarize(obs, failed, row), summarize(obs, failed, row, cov)
+    if row.get("p_failed_only"):
+        fallback, covered = ({k: v for k, v in x.items() if k in FAILURE_KEYS}
+                             for x in (fallback, covered))
     return {**fallback, "kind": "baseline",  # top level: all queries, like the other methods
             "coverage": float(cov.mean()) if len(cov) else float("nan"),
             "point_only": bool(row.get("point_only", False)),
-            "covered": summarize(obs, failed, row, cov), "fallback": fallback}
+            "p_failed_only": bool(row.get("p_failed_only", False)),
+            "covered": covered, "fallback": fallback}

@@ -94,7 +94,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
     eval_every: int = 100  # steps; 0 = never (except none at all)
     eval_batches: int = 8  # global micro-batches in the fixed held-out set
-    eval_split: str = "test_time"
+    eval_split: str = "val"  # the split for choosing; test splits are for reporting only
     save_every: int = 250  # steps; 0 = only at the end and on SIGINT/SIGTERM
     log_every: int = 10
     seed: int = 0
