@@ -365,3 +365,9 @@ def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsy
     assert rc == 0 and list(json.loads(capsys.readouterr().out)["splits"]) == ["val"]
     assert cli_main(["eval", "--data", str(trained_run.data_dir), "--run",
                      str(trained_run.run_dir), "--out", str(out), "--splits", "train"]) == 2
+    # the plain-text summary names every method, failure-only ones by their ROC-AUC
+    rc = cli_main(["eval", "--data", str(trained_run.data_dir), "--run", str(trained_run.run_dir),
+                   "--out", str(tmp_path / "txt"), "--splits", "test_probe", "--max-queries", "4",
+                   "--contexts", "0,1", "--examples", "0", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "source_failure_rate k=1" in text and "vivaldi k=1" in text

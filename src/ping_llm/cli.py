@@ -511,7 +511,10 @@ def _cmd_eval(args) -> int:
         print(f"{name}: {split['n_evaluated']} of {split['n_total']} measurements")
         for method, m in split["methods"].items():
             m = m.get("fallback", m)
-            print(f"  {method:<18} median abs error {m['median_ae_ms']:9.3f} ms  rel p50 "
+            if "median_ae_ms" not in m:  # a P(failed)-only method
+                print(f"  {method:<24} ROC-AUC of P(failed) {m.get('roc_auc', float('nan')):.3f}")
+                continue
+            print(f"  {method:<24} median abs error {m['median_ae_ms']:9.3f} ms  rel p50 "
                   f"{m['rel_p50']:.3f}  CRPS<=10s {m.get('crps_cens_ms') or float('nan'):9.3f} ms")
     print(f"report: {res['files']['html']} ({res['timings']['total_s']:.0f} s)")
     return EXIT_OK
@@ -537,7 +540,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-from", choices=("train", "test"), default="train",
                    help="context of test_time/test_pair/--test queries: the source's train "
                    "measurements, or its own earlier ones in the evaluated set to other "
-                   "destinations (a new campaign); test_probe always uses its own (train)")
+                   "destinations (a new campaign); test_probe always uses its own (default: "
+                   "train)")
     p.add_argument("--since", metavar="TIME",
                    help="--test: keep only measurements at or after TIME (epoch s or ISO 8601)")
     p.add_argument("--until", metavar="TIME",

@@ -378,6 +378,7 @@ def context_baseline_predictions(fitted: dict, src, dst, contexts: list, obs, fa
         row["crps_cens"] = np.where(ok, np.abs(np.minimum(row["median"], CENSOR_MS)
                                                - np.minimum(y, CENSOR_MS)), np.nan)
         if reads_fail:
+            row["covered"] = row["covered"] | np.array([len(c) > 0 for c in contexts], bool)
             pf = np.asarray(b.p_failed_in_context(src, dst, contexts), dtype=np.float64)
             row["p_failed"] = np.where(np.isnan(pf), base.get("p_failed", np.nan), pf)
         elif "p_failed" in base:
