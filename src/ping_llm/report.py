@@ -181,6 +181,21 @@ def _header_md(results: dict) -> list[str]:
     if results.get("synthetic"):
         lines.append(f"- synthetic world: `{results['synthetic']['world_file']}` (fingerprint "
                      f"{results['synthetic']['fingerprint']}): KL and the truth row are exact")
+    inv = results["leak_check"].get("split_invariants")
+    if inv:
+        lines.append("- split invariants on the data: " + ", ".join(
+            f"{k} {v}" for k, v in inv["checked"].items()))
+    if s.get("test_paths"):
+        lo, hi = s.get("test_window") or (None, None)
+        window = "" if lo is None and hi is None else f", time window [{lo}, {hi}) epoch s"
+        lines.append(f"- external set: `{', '.join(s['test_paths'])}`{window}; context from "
+                     f"{s.get('context_from', 'train')}")
+    geo = (results.get("baselines") or {}).get("geo_db")
+    if geo:
+        lines.append(f"- geolocation baseline: {geo['name']} built {geo['build_date']} "
+                     f"(sha256 `{geo['sha256'][:16]}…`)" + (
+                         f", {geo['licence']}. {geo['attribution']}" if geo.get("licence")
+                         else ""))
     if results.get("external"):
         seen = results["external"]["seen_in_train"]
         lines.append("- external set seen in train: " + ", ".join(
@@ -240,6 +255,14 @@ DEFINITIONS = """## Definitions
   query's timestamp.
 - KL(true || model) (synthetic data): over the RTT codes given a reply, over the byte1 bins, and
   over {failed} + codes, in nats, against the generator's exact law.
+- Baselines and their departures from the papers: Vivaldi is Serf's variant (height, adjustment,
+  gravity, latency filter; fitted by replaying train in time order), not Dabek et al.'s plain
+  update; DMFSGD (Liao et al. 2013) factorises log(1 + RTT) with non-negative factors in a
+  centralised batched simulation of the node updates (the paper: RTT itself, decentralised);
+  biased MF (Koren et al. 2009) is alternating ridge on per-pair medians of log RTT, without time
+  effects; geo fits the train split's own distance-to-RTT curve (median per distance bin) rather
+  than Htrae's coordinates; source offset and the per-source failure rate are our own simple
+  references. Point-only baselines have CRPS = absolute error and no intervals.
 """
 
 
