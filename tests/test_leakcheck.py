@@ -45,6 +45,10 @@ def test_split_invariants_key_on_the_probe_not_its_address(canonical_table):
     inv = L.split_invariants({"train": train, "test_probe": test_probe, "test_pair": test_pair})
     assert inv["violations"] == {"test_probe probes in train": 1,
                                  "test_pair (probe, dst) pairs in train": 1}
+    # val is what defaults are chosen on: held-out probes and pairs must stay out of it too
+    inv = L.split_invariants({"train": train.slice(1), "val": train.slice(0, 1),
+                              "test_probe": test_probe})
+    assert inv["violations"] == {"test_probe probes in val": 1}
     # without prb_id the address is the probe: then the same rows hold no probe leak
     inv = L.split_invariants({"train": train.drop_columns(["prb_id"]),
                               "test_probe": test_probe.drop_columns(["prb_id"])})

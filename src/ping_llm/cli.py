@@ -488,6 +488,9 @@ def _cmd_eval(args) -> int:
 
     if (args.since or args.until) and not args.test:
         raise InputError("--since/--until select a time window of the --test set; give --test")
+    if args.test and args.splits != _EVAL_SPLITS_DEFAULT:
+        raise InputError("--splits chooses the dataset's splits; with --test the external set "
+                         "is evaluated instead")
     try:
         contexts = [int(x) for x in args.contexts.split(",") if x.strip() != ""]
     except ValueError:
@@ -520,6 +523,9 @@ def _cmd_eval(args) -> int:
     return EXIT_OK
 
 
+_EVAL_SPLITS_DEFAULT = "test_time,test_pair,test_probe"
+
+
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="DATASET_DIR",
                    help="the prepared dataset the run was trained on")
@@ -529,7 +535,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", nargs="+", metavar="PARQUET",
                    help="evaluate on these canonical Parquet files/dirs instead of the test "
                    "splits (train still fits the baselines and gives context)")
-    p.add_argument("--splits", default="test_time,test_pair,test_probe", metavar="S,S,...",
+    p.add_argument("--splits", default=_EVAL_SPLITS_DEFAULT, metavar="S,S,...",
                    help="dataset splits to score; val chooses defaults without touching the "
                    "test splits (test_time,test_pair,test_probe)")
     p.add_argument("--max-queries", type=int, default=500, metavar="N",

@@ -433,11 +433,15 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
                 bp[f"{bname} k={k}"] = row
     for bname, row in bp.items():
         res["methods"][bname] = baseline_summary(row, obs, failed)
-        if " k=" in bname:
+        in_context = " k=" in bname
+        if in_context:
             res["methods"][bname]["context"] = int(bname.rsplit("=", 1)[1])
-        per_method[bname] = row
-        plot["methods"][bname] = {"median": row["median"], "p_failed": row.get("p_failed"),
-                                  "covered": row["covered"]}
+        rtt_free = row.get("p_failed_only", False)  # its medians are the global median's
+        if not (in_context or rtt_free):  # the breakdowns compare the plain methods
+            per_method[bname] = row
+        plot["methods"][bname] = {
+            "median": np.full(len(q), np.nan) if rtt_free else row["median"],
+            "p_failed": row.get("p_failed"), "covered": row["covered"], "context": in_context}
     res["baseline_predict_seconds"] = round(time.perf_counter() - t1, 2)
 
     pair_counts, src_counts = train_counts
@@ -505,6 +509,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     from ping_llm.query import Engine
     from ping_llm.schema import read_canonical
     from ping_llm.synth import World
+    from ping_llm.targets import parse_time
 
     t_start = time.perf_counter()
     max_queries, contexts = _check_args(max_queries, contexts, seed)
@@ -523,16 +528,20 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         if not paths:
             raise InputError("test_paths is empty")
         ext = read_canonical(paths)
-        if test_since is not None or test_until is not None:
+        window = test_since is not None or test_until is not None
+        if window and ext.num_rows:
             t = ext["event_time"].cast(pa.int64()).to_numpy()
-            keep = ((t >= (test_since if test_since is not None else t.min()))
-                    & (t < (test_until if test_until is not None else t.max() + 1)))
-            ext = ext.filter(pa.array(keep))
+            lo = t.min() if test_since is None else parse_time(test_since)
+            hi = t.max() + 1 if test_until is None else parse_time(test_until)
+            ext = ext.filter(pa.array((t >= lo) & (t < hi)))
         sets = {"external": ext}
         if ext.num_rows == 0:
             raise InputError(f"no measurements in {[str(p) for p in paths]}"
-                             + (" inside --since/--until" if test_since or test_until else ""))
+                             + (" inside --since/--until" if window else ""))
     else:
+        if test_since is not None or test_until is not None:
+            raise InputError("test_since / test_until select a window of an external set "
+                             "(test_paths); give test_paths")
         bad = [s for s in splits if s not in (*EVAL_SPLITS, "val")]
         if bad or not splits:
             raise InputError(f"splits must be among {[*EVAL_SPLITS, 'val']}, got {list(splits)}")

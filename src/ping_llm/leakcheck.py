@@ -1,10 +1,10 @@
 """The leak check of the evaluation: a model may only be scored on data it never saw.
 
 Split invariants (`split_invariants`, run by prepare on the splits it writes and by eval on the
-splits it reads): no test_probe probe in train under any address, and no test_probe source
-address in train under another probe; no test_pair (probe,
-destination) pair in train; no test or val measurement in train. A probe is its prb_id where the
-table has one, else its source address (the key prepare splits on).
+splits it reads): no test_probe probe in train (or val) under any address, and no test_probe
+source address there under another probe; no test_pair (probe, destination) pair in train or
+val; no test or val measurement in train. A probe is its prb_id where the table has one, else
+its source address (the key prepare splits on).
 
 Rules for a run. The run must record the fingerprint of its train split (prepare's sha256 over
 the split's content); it must equal this dataset card's train fingerprint, and may not equal any
@@ -30,13 +30,18 @@ _KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
 _PROBE = "COALESCE('prb:' || prb_id::VARCHAR, src_addr)"
 
 
-def split_invariants(splits: dict) -> dict:
+def split_invariants(splits: dict, memory_limit: str | None = None, temp_dir=None) -> dict:
     """Check the split invariants on the data. splits: name -> canonical Arrow table or Parquet
     path, with at least "train". Returns {"checked": {invariant: count}, "violations": {...
-    the nonzero ones}, "test_time_probes_not_in_train": n (a property of the rules, not a leak)}."""
+    the nonzero ones}, "test_time_probes_not_in_train": n (a property of the rules, not a leak)}.
+    memory_limit / temp_dir: DuckDB's, so prepare's bound on memory holds here too."""
     import duckdb
 
     con = duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    if temp_dir:
+        con.execute(f"SET temp_directory = '{str(temp_dir).replace(chr(39), chr(39) * 2)}'")
     for name, x in splits.items():
         if isinstance(x, str | Path):
             path = str(x).replace("'", "''")
@@ -51,17 +56,20 @@ def split_invariants(splits: dict) -> dict:
 
     train_probes = f"(SELECT DISTINCT {_PROBE} AS probe FROM train)"
     checked = {}
-    if "test_probe" in splits:
-        checked["test_probe probes in train"] = one(
-            f"SELECT count(DISTINCT {_PROBE}) FROM test_probe WHERE {_PROBE} IN {train_probes}")
-        checked["test_probe source addresses in train"] = one(
-            "SELECT count(DISTINCT src_addr) FROM test_probe "
-            "WHERE src_addr IN (SELECT DISTINCT src_addr FROM train)")
-    if "test_pair" in splits:
-        checked["test_pair (probe, dst) pairs in train"] = one(
-            f"""SELECT count(*) FROM (SELECT DISTINCT {_PROBE} AS probe, dst_addr FROM test_pair)
-            p JOIN (SELECT DISTINCT {_PROBE} AS probe, dst_addr FROM train) t
-            USING (probe, dst_addr)""")
+    # cold start and held-out pairs must stay out of train, and out of val (what is chosen on)
+    for other in [x for x in ("train", "val") if x in splits]:
+        if "test_probe" in splits:
+            checked[f"test_probe probes in {other}"] = one(
+                f"SELECT count(DISTINCT {_PROBE}) FROM test_probe WHERE {_PROBE} IN "
+                f"(SELECT DISTINCT {_PROBE} FROM {other})")
+            checked[f"test_probe source addresses in {other}"] = one(
+                "SELECT count(DISTINCT src_addr) FROM test_probe "
+                f"WHERE src_addr IN (SELECT DISTINCT src_addr FROM {other})")
+        if "test_pair" in splits:
+            checked[f"test_pair (probe, dst) pairs in {other}"] = one(
+                f"""SELECT count(*) FROM (SELECT DISTINCT {_PROBE} AS probe, dst_addr
+                FROM test_pair) p JOIN (SELECT DISTINCT {_PROBE} AS probe, dst_addr FROM {other})
+                t USING (probe, dst_addr)""")
     for name in splits:
         if name != "train":
             checked[f"{name} measurements in train"] = one(

@@ -66,7 +66,7 @@ def fig_error_cdfs(name: str, plot: dict) -> str:
     plt = _plt()
     ok = ~plot["failed"]
     y = plot["obs"][ok]
-    names = list(plot["methods"])
+    names = [n for n, m in plot["methods"].items() if not m.get("context")]  # k rows: fig_context
     sty = _styles(names)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for n in names:

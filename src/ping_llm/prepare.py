@@ -13,21 +13,23 @@ sit in train under one address and in a test split under another. Probes that sh
 address (several probes behind one NAT) are linked into one unit (connected components of the
 probe-address graph, named by the smallest probe key) and the unit is what is hashed and held
 out, so a held-out probe's addresses are not in train under another probe either.
-  test_probe  probes with u(seed, "probe", probe) < probe_fraction, under every address they
-              used, plus probes with no measurement before the val/time cuts: never in train
+  test_probe  units with u(seed, "probe", unit) < probe_fraction, under every address they
+              used, plus units with no measurement before the val/time cuts: never in train
               under any address (cold start).
   test_time   measurements at or after the time cut t_min + (1 - time_fraction) (t_max - t_min)
               of probes that are in train, whatever address they used then.
-  test_pair   (probe, dst) pairs with u(seed, "pair", probe, dst) < pair_fraction, before the
-              time cut, whose probe and destination both keep train measurements; never in train.
+  test_pair   (unit, dst) pairs with u(seed, "pair", unit, dst) < pair_fraction, before the
+              time cut, whose unit and destination both keep train measurements; never in train.
   val         what training's periodic eval, early stopping, calibration and every choice of
               defaults use, built like test_pair and test_time and disjoint from both: pairs with
-              pair_fraction <= u(seed, "pair", probe, dst) < pair_fraction + val_pair_fraction
+              pair_fraction <= u(seed, "pair", unit, dst) < pair_fraction + val_pair_fraction
               (before the cut), and the val_time_fraction of the time range just before the
               time cut (so train ends before val, and val before test_time).
   train       the rest. Drawn pairs whose endpoints would otherwise be unseen go back to train
               (that only adds to train, so the remaining held-out pairs stay valid).
-u(seed, *keys) = the first 52 bits of md5("seed|key|...") / 2**52, so anyone can recompute it.
+u(seed, *keys) = the first 52 bits of md5("seed|key|...") / 2**52, so anyone can recompute it
+(a unit is a probe key 'prb:<prb_id>' or a canonical source address; for the few probes that
+share an address it is the smallest key of their unit).
 The invariants (no test_probe probe in train, no test_pair (probe, dst) in train, no test or val
 measurement in train) are then checked on the written splits (`leakcheck.split_invariants`),
 recorded in the card, and checked again by `ping-llm eval`. `since`/`until` keep only the
@@ -78,13 +80,13 @@ TEST_SPLITS = ("test_time", "test_pair", "test_probe")
 
 SPLIT_RULES = {
     "train": "everything not in a test or val split",
-    "test_time": "event_time >= time_cut, probe in train (under any address)",
-    "test_probe": "u(seed,'probe',probe) < probe_fraction, or probe with no measurement before "
+    "test_time": "event_time >= time_cut, unit in train (under any address)",
+    "test_probe": "u(seed,'probe',unit) < probe_fraction, or unit with no measurement before "
     "the val/time cuts: never in train under any address",
-    "test_pair": "u(seed,'pair',probe,dst) < pair_fraction, before time_cut, probe and dst in "
+    "test_pair": "u(seed,'pair',unit,dst) < pair_fraction, before time_cut, unit and dst in "
     "train",
-    "val": "pair_fraction <= u(seed,'pair',probe,dst) < pair_fraction + val_pair_fraction before "
-    "time_cut, or val_time_cut <= event_time < time_cut; probe in train",
+    "val": "pair_fraction <= u(seed,'pair',unit,dst) < pair_fraction + val_pair_fraction before "
+    "time_cut, or val_time_cut <= event_time < time_cut; unit in train",
 }
 
 
@@ -119,6 +121,10 @@ class PrepareConfig:
             raise InputError("time_fraction + val_time_fraction must be < 1")
         if self.pair_fraction + self.val_pair_fraction >= 1:
             raise InputError("pair_fraction + val_pair_fraction must be < 1")
+        for name in ("since", "until"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
+                raise InputError(f"{name} must be epoch seconds (an integer), got {v!r}")
         if None not in (self.since, self.until) and self.since >= self.until:
             raise InputError(f"since ({self.since}) must be before until ({self.until})")
         if self.max_record_bytes < 4096:
@@ -250,11 +256,12 @@ def u01(*keys) -> float:
     return int(h[:13], 16) / 2**52
 
 
-def _probe_units(con) -> int:
+def _probe_units(con) -> tuple[int, int]:
     """Add column `unit` to m0: probes linked by a shared source address (two probes behind one
     NAT, seen under the same public address) form one unit, named by its smallest probe key.
     Splits hold out units, so a held-out probe's address is never a train probe's address
-    either. Returns how many probes share their unit with another."""
+    either. Returns how many probes share their unit with another, and the largest unit's size
+    (a chain of shared CGNAT addresses could link many probes: the card shows it)."""
     t = con.sql("SELECT DISTINCT probe, src FROM m0 ORDER BY probe, src").fetchall()
     parent: dict[str, str] = {}
 
@@ -278,7 +285,8 @@ def _probe_units(con) -> int:
     con.execute("ALTER TABLE m0 ADD COLUMN unit VARCHAR")
     con.execute("UPDATE m0 SET unit = units.unit FROM units WHERE m0.probe = units.probe")
     con.execute("DROP TABLE units")
-    return sum(len(ps) for ps in groups.values() if len(ps) > 1)
+    return (sum(len(ps) for ps in groups.values() if len(ps) > 1),
+            max((len(ps) for ps in groups.values()), default=0))
 
 
 def _split(con, cfg: PrepareConfig) -> dict:
@@ -293,13 +301,13 @@ def _split(con, cfg: PrepareConfig) -> dict:
         FROM raw r JOIN addr s ON r.src = s.a AND r.v = s.v JOIN addr d ON r.dst = d.a AND r.v = d.v
         """
     )
-    units = _probe_units(con)
     outside = 0
     if cfg.since is not None or cfg.until is not None:
         lo = -(2**62) if cfg.since is None else int(cfg.since)
         hi = 2**62 if cfg.until is None else int(cfg.until)
         outside = con.execute("DELETE FROM m0 WHERE t < $lo OR t >= $hi",
                               {"lo": lo, "hi": hi}).fetchone()[0]
+    sharing, largest = _probe_units(con)
     n = con.execute("SELECT count(*), min(t), max(t) FROM m0").fetchone()
     if n[0] == 0:
         raise InputError("no valid measurements in the input"
@@ -368,13 +376,14 @@ def _split(con, cfg: PrepareConfig) -> dict:
                       "count(*) FILTER (WHERE prb_id IS NULL) FROM m").fetchone()
     return {
         "outside_time_window": int(outside),
-        "probes_sharing_an_address": units,
+        "probes_sharing_an_address": sharing,
+        "largest_unit_probes": largest,
         "time_cut": t_cut,
         "val_time_cut": t_vcut,
         "t_min": t_min,
         "t_max": t_max,
         "probe_key": {"prb_id": int(key[0]), "source_address": int(key[1])},
-        "held_out_probes": con.execute("SELECT count(*) FROM hs").fetchone()[0],
+        "held_out_units": con.execute("SELECT count(*) FROM hs").fetchone()[0],
         "held_out_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 3")
         .fetchone()[0],
         "val_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 4").fetchone()[0],
@@ -568,7 +577,8 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 }
         bar.close()
         con.close()
-        invariants = split_invariants({n: work / "splits" / f"{n}.parquet" for n in SPLITS})
+        invariants = split_invariants({n: work / "splits" / f"{n}.parquet" for n in SPLITS},
+                                      cfg.memory_limit, work / "duckdb_tmp")
         if invariants["violations"]:  # a bug in the rules above, never the user's input
             raise RuntimeError(f"prepare produced leaking splits: {invariants['violations']}")
         o = [int(x or 0) for x in overall]
@@ -593,8 +603,9 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 "probe_key": "prb_id where present, else the source address",
                 "probe_key_rows": params["probe_key"],
                 "hash": "u(seed, *keys) = int(md5('|'.join([seed, *keys])).hexdigest()[:13], 16)"
-                " / 2**52; keys: ('probe', probe) or ('pair', probe, dst_addr); probe = "
-                "'prb:<prb_id>' or the canonical source address",
+                " / 2**52; keys: ('probe', unit) or ('pair', unit, dst_addr); unit = the "
+                "smallest probe key ('prb:<prb_id>' or the canonical source address) of the "
+                "probes linked by shared source addresses",
                 "time_fraction": cfg.time_fraction, "probe_fraction": cfg.probe_fraction,
                 "pair_fraction": cfg.pair_fraction, "val_time_fraction": cfg.val_time_fraction,
                 "val_pair_fraction": cfg.val_pair_fraction,
@@ -603,7 +614,8 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 "val_time_cut_epoch_s": params["val_time_cut"],
                 "val_time_cut": _iso(params["val_time_cut"]),
                 **{k: int(params[k]) for k in (
-                    "probes_sharing_an_address", "held_out_probes", "held_out_pairs_drawn",
+                    "probes_sharing_an_address", "largest_unit_probes", "held_out_units",
+                    "held_out_pairs_drawn",
                     "val_pairs_drawn", "unseen_probes", "unseen_probe_measurements")},
             },
             "invariants": invariants,

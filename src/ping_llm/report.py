@@ -45,6 +45,8 @@ COLUMNS = (
     ("PR-AUC", "pr_auc", "frac"),
     ("log P(result)", "logp_result", "nats"),
 )
+
+
 def fmt(value, kind: str = "ms") -> str:
     """A number as shown in the tables ("–" for missing / NaN)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
