@@ -192,15 +192,26 @@ def _queries(run_dir: Path, dataset: Path, results_path: Path) -> dict:
 
     engine = Engine.load(run_dir)
     world = synth.World.load(synth.world_path(results_path))
-    # The busiest source of the held-out pairs, its busiest held-out destination, and a handful of
-    # its other destinations: pairs the model never saw during training.
+    # The source with the most held-out destinations, its busiest one (a pair the model never saw
+    # in training), and as candidate peers its held-out destinations topped up to five with the
+    # most-measured other destinations of the held-out pairs.
     pairs = read_canonical([dataset / "splits" / "test_pair.parquet"])
     pairs = pairs.filter(pc.equal(pairs["ip_version"], 4))
-    srcs, counts = np.unique(pairs["src_addr"].to_numpy(zero_copy_only=False), return_counts=True)
-    src = str(srcs[np.argmax(counts)])
+    src_a = pairs["src_addr"].to_numpy(zero_copy_only=False).astype(str)
+    dst_a = pairs["dst_addr"].to_numpy(zero_copy_only=False).astype(str)
+    uniq = np.unique(np.char.add(np.char.add(src_a, " "), dst_a))
+    srcs, n_dst = np.unique([u.split(" ")[0] for u in uniq], return_counts=True)
+    src = str(srcs[np.argmax(n_dst)])
+    mine = dst_a[src_a == src]
+    dsts, counts = np.unique(mine, return_counts=True)
+    dsts = [str(d) for d in dsts[np.argsort(-counts, kind="stable")][:5]]
+    others, counts = np.unique(dst_a, return_counts=True)
+    for d in others[np.argsort(-counts, kind="stable")]:
+        if len(dsts) >= 5:
+            break
+        if str(d) not in dsts:
+            dsts.append(str(d))
     mine = pairs.filter(pc.equal(pairs["src_addr"], src))
-    dsts, counts = np.unique(mine["dst_addr"].to_numpy(zero_copy_only=False), return_counts=True)
-    dsts = [str(d) for d in dsts[np.argsort(-counts, kind="stable")][:6]]
     when = int(mine["event_time"].to_numpy().max().astype("datetime64[s]").astype(np.int64))
     dst = dsts[0]
 
