@@ -174,10 +174,10 @@ class ContextPool:
         pool is `other_destinations`), time-ordered, cut to `budget` tokens."""
         if k == 0:
             return []
-        rows = np.arange(max(lo, p - k), p)
         if self.other_destinations and dst is not None:
-            rows = np.arange(lo, p)
-            rows = rows[self.dst[lo:p] != dst][-k:]
+            rows = np.arange(lo, p)[self.dst[lo:p] != dst][-k:]
+        else:
+            rows = np.arange(max(lo, p - k), p)
         ms = [tk.Measurement(self.src[r], self.dst[r], float(self.rtt[r]), int(self.time[r]))
               for r in rows]
         while ms and len(tk.encode_reference(ms)) > budget:

@@ -27,7 +27,13 @@ from ping_llm.errors import InputError
 _KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
 
 
-_PROBE = "COALESCE('prb:' || prb_id::VARCHAR, src_addr)"
+def probe_key_sql(prb_id: str = "prb_id", src: str = "src_addr") -> str:
+    """The probe identity as a DuckDB expression: 'prb:<prb_id>', else the source address. The
+    one definition prepare splits on and these invariants check."""
+    return f"COALESCE('prb:' || {prb_id}::VARCHAR, {src})"
+
+
+_PROBE = probe_key_sql()
 
 
 def split_invariants(splits: dict, memory_limit: str | None = None, temp_dir=None) -> dict:

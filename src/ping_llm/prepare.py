@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 
 from ping_llm import schema, tokens
 from ping_llm.errors import InputError
-from ping_llm.leakcheck import split_invariants
+from ping_llm.leakcheck import probe_key_sql, split_invariants
 from ping_llm.rows import RECORD_MAGIC, RECORD_VERSION, RowWriter
 
 FORMAT = "ping-llm-dataset"
@@ -294,10 +294,9 @@ def _split(con, cfg: PrepareConfig) -> dict:
     docstring). Everything is keyed on the probe, never on its address: a NAT'd probe that
     renumbers keeps one identity, so none of its addresses can carry it across a split."""
     con.execute(
-        """CREATE TABLE m0 AS
+        f"""CREATE TABLE m0 AS
         SELECT r.t, s.canon AS src, d.canon AS dst, r.v, r.rtt, r.prb_id, r.msm_id, r.size,
-               s.id AS src_id, d.id AS dst_id,
-               COALESCE('prb:' || r.prb_id::VARCHAR, s.canon) AS probe
+               s.id AS src_id, d.id AS dst_id, {probe_key_sql("r.prb_id", "s.canon")} AS probe
         FROM raw r JOIN addr s ON r.src = s.a AND r.v = s.v JOIN addr d ON r.dst = d.a AND r.v = d.v
         """
     )

@@ -315,6 +315,14 @@ def fit_baselines(train: pa.Table, progress: bool = True, geo_db=None) -> tuple[
     return fitted, secs
 
 
+def _point_crps(med, y, ok) -> dict:
+    """CRPS (plain and censored at 10 s) of point forecasts: a point mass's CRPS is the absolute
+    error. NaN on failed pings."""
+    return {"crps": np.where(ok, np.abs(med - y), np.nan),
+            "crps_cens": np.where(ok, np.abs(np.minimum(med, CENSOR_MS)
+                                             - np.minimum(y, CENSOR_MS)), np.nan)}
+
+
 def baseline_predictions(fitted: dict, src, dst, obs, failed) -> dict:
     """name -> per-query arrays on every query with the global-median fallback (median, crps,
     crps_cens, in50/in90 and p_failed where the method has them) + `covered` (N,) bool."""
@@ -339,10 +347,8 @@ def baseline_predictions(fitted: dict, src, dst, obs, failed) -> dict:
                                                     np.minimum(lad[ok], CENSOR_MS), yc[ok])
             row["in50"] = np.where(ok, (q[:, 1] <= y) & (y <= q[:, 3]), np.nan)
             row["in90"] = np.where(ok, (q[:, 0] <= y) & (y <= q[:, 4]), np.nan)
-        else:  # a point forecast: the CRPS of a point mass is the absolute error
-            row["crps"] = np.where(ok, np.abs(med - y), np.nan)
-            row["crps_cens"] = np.where(ok, np.abs(np.minimum(med, CENSOR_MS) - yc), np.nan)
-            row["point_only"] = True
+        else:  # a point forecast
+            row.update(_point_crps(med, y, ok), point_only=True)
         if hasattr(b, "predict_p_failed"):
             pf = np.where(cov, b.predict_p_failed(src, dst), np.nan)
             row["p_failed"] = np.where(np.isnan(pf), g.p_failed, pf)
@@ -374,9 +380,7 @@ def context_baseline_predictions(fitted: dict, src, dst, contexts: list, obs, fa
             use = np.isfinite(m)
             row["median"] = np.where(use, m, base["median"])
             row["covered"] = base["covered"] | use
-        row["crps"] = np.where(ok, np.abs(row["median"] - y), np.nan)
-        row["crps_cens"] = np.where(ok, np.abs(np.minimum(row["median"], CENSOR_MS)
-                                               - np.minimum(y, CENSOR_MS)), np.nan)
+        row.update(_point_crps(row["median"], y, ok))
         if reads_fail:
             row["covered"] = row["covered"] | np.array([len(c) > 0 for c in contexts], bool)
             pf = np.asarray(b.p_failed_in_context(src, dst, contexts), dtype=np.float64)
