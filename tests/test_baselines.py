@@ -14,6 +14,7 @@ import pytest
 
 from ping_llm import metrics as M
 from ping_llm.baselines import (
+    ContextMedian,
     DestinationMedian,
     GlobalMedian,
     PairHistory,
@@ -290,6 +291,16 @@ def test_source_offset_scales_the_destination_median_by_the_context_ratio_by_han
     np.testing.assert_array_equal(m.coverage(*q), d.coverage(*q))
 
 
+def test_context_median_is_the_median_reply_of_the_context_whatever_the_destination():
+    m = ContextMedian().fit(SERIES)
+    ctx = SourceContext(["b", "c", "b", "z"], [50.0, 600.0, -1.0, 5.0])
+    p = m.predict_in_context(["x", "x", "y", "w"], ["b", "q", "c", "c"],
+                             [ctx, ctx, SourceContext([], []), SourceContext(["b"], [-1.0])])
+    np.testing.assert_allclose(p, [50.0, 50.0, np.nan, np.nan])
+    np.testing.assert_array_equal(m.predict(["x"], ["b"]), GlobalMedian().fit(SERIES).predict(
+        ["x"], ["b"]))
+
+
 def test_source_failure_rate_from_train_and_from_context_by_hand():
     # train: source a 1 failure in 7 (global 1/7), prior 1; b was never a source
     m = SourceFailureRate().fit(SERIES)
@@ -310,7 +321,9 @@ def test_make_baselines_registers_the_source_context_baselines():
     assert isinstance(b["source_offset"], SourceOffset)
     assert isinstance(b["source_failure_rate"], SourceFailureRate)
     using_context = {k for k, v in b.items() if hasattr(v, "predict_in_context")}
-    assert using_context == {"vivaldi", "dmfsgd", "biased_mf", "source_offset", "geo"}
+    assert using_context == {"vivaldi", "dmfsgd", "biased_mf", "source_offset", "context_median",
+                             "geo"}
+    assert {k for k, v in b.items() if getattr(v, "context_only", False)} == {"context_median"}
     assert {k for k, v in b.items() if getattr(v, "p_failed_only", False)} == {
         "source_failure_rate"}
 

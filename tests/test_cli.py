@@ -19,6 +19,7 @@ VERBS = [
     "synth",
     "prepare",
     "train",
+    "calibrate",
     "eval",
     "query",
     "serve",

@@ -28,7 +28,8 @@ def demo_dir(tmp_path_factory):
 def test_every_stage_finished_and_is_recorded(demo_dir):
     out, summary, _ = demo_dir
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == ["synth", "ingest", "prepare", "train", "eval", "queries"]
+    assert list(stages) == ["synth", "ingest", "prepare", "train", "calibrate", "eval",
+                            "queries"]
     assert summary["stages"] == stages
 
 
@@ -46,6 +47,12 @@ def test_artefacts_exist_and_describe_themselves(demo_dir):
     assert "<img" in html and "<script" not in html
     assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html)
     assert summary["report"] == str(out / "report" / "report.html")
+    # the distributions are calibrated on val, and the report says so
+    cal = json.loads((out / "run" / "calibration.json").read_text())
+    assert cal["fitted"]["step"] == 120 and cal["fitted"]["split"] == "val"
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert metrics["run"]["calibration"]["step"] == 120
+    assert "calibrated on val" in (out / "report" / "summary.md").read_text()
 
 
 def test_model_beats_the_global_median_on_held_out_pairs(demo_dir):
@@ -71,4 +78,4 @@ def test_rerun_skips_finished_stages(demo_dir):
             "--eval-queries", "80"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("done already") == 6
+    assert r.stdout.count("done already") == 7

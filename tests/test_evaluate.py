@@ -231,10 +231,12 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
     probe = results["splits"]["test_probe"]  # held-out probes are unseen by construction
     assert set(probe["breakdowns"]["source_seen_in_train"]) == {"0"}
     # cold sources: every baseline that reads a context got the same k = 2 as the model
-    for b in ("vivaldi", "dmfsgd", "biased_mf", "source_offset", "geo", "source_failure_rate"):
+    for b in ("vivaldi", "dmfsgd", "biased_mf", "source_offset", "context_median", "geo",
+              "source_failure_rate"):
         m = probe["methods"][f"{b} k=2"]
         assert m["kind"] == "baseline" and m["context"] == 2 and m["point_only"]
         assert m["fallback"]["n"] == probe["n_evaluated"]
+    assert "context_median" not in probe["methods"]  # only with a context
     # a P(failed)-only method shows no RTT numbers
     assert "median_ae_ms" not in probe["methods"]["source_failure_rate"]["fallback"]
     assert "roc_auc" in probe["methods"]["source_failure_rate k=2"]["fallback"]
@@ -345,6 +347,29 @@ def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
     with pytest.raises(InputError, match="context_from"):
         ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, contexts=(0,),
                     progress=False, context_from="val")
+
+
+def test_new_sources_are_fresh_random_addresses_one_per_source():
+    src = np.array(["10.0.0.1", "2001:db8::1", "10.0.0.1", "192.0.2.9"], dtype=object)
+    new = ev.new_sources(src, [0, 1])
+    assert new[0] == new[2] and len(set(new)) == 3 and not set(new) & set(src)
+    assert [":" in a for a in new] == [":" in a for a in src]
+    assert list(ev.new_sources(src, [0, 1])) == list(new)  # seeded
+
+
+def test_readdressed_val_asks_about_known_probes_as_if_never_seen(trained_run):
+    """Cold start without holding probes out: every val source under a new address, its context
+    its train pings to other destinations, which the in-context baselines read as well."""
+    res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, splits=("val",),
+                      max_queries=12, contexts=(0, 2), n_examples=0, progress=False,
+                      readdress=True)
+    val = res["splits"]["val"]
+    assert res["settings"]["readdress"] and val["readdressed_sources"]
+    assert val["context_pool"] == "train, other destinations"
+    assert "vivaldi k=2" in val["methods"] and "source_offset k=2" in val["methods"]
+    seen = val["breakdowns"]["source_seen_in_train"]
+    assert set(seen) == {"0"}  # no re-addressed source was ever in train
+    assert val["methods"]["model k=2"]["context_mean"] > 0
 
 
 def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsys):

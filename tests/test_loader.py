@@ -280,6 +280,65 @@ def test_curriculum_serves_short_contexts_first_then_full_ones_and_resumes_in_ei
         make().set_state(full.get_state())
 
 
+def _decoded(seq):
+    return tokens.decode(seq[seq >= 0])
+
+
+def test_readdressing_fractions_zero_leave_every_batch_unchanged(data):
+    pairs = np.array([[g, g] for g in range(6)])
+    plain = loader.BatchSampler(data["big"], "train", loader.SamplerConfig(seq_len=256), 3)
+    off = loader.SamplerConfig(seq_len=256, readdress_src=0.0, readdress_dst=0.0,
+                               readdress_keep=0.9)
+    assert np.array_equal(plain(pairs), loader.BatchSampler(data["big"], "train", off, 3)(pairs))
+
+
+@pytest.mark.parametrize("name", ["big", "small"])
+def test_readdressed_contexts_keep_everything_but_the_source_and_map_it_consistently(data, name):
+    cfg = loader.SamplerConfig(seq_len=512, readdress_src=1.0)
+    pairs = np.array([[g, g % 7] for g in range(8)])
+    plain = loader.BatchSampler(data[name], "train", loader.SamplerConfig(seq_len=512), 3)
+    aug = loader.BatchSampler(data[name], "train", cfg, 3)
+    a, b = plain(pairs), aug(pairs)
+    assert np.array_equal(a < 0, b < 0)  # same lengths: versions are kept
+    assert np.array_equal(aug(pairs), b)  # a pure function of (seed, index, item)
+    real_sources = set(schema.read_canonical(data[name] / "splits/train.parquet")["src_addr"]
+                       .to_pylist())
+    for (g, item), sa, sb in zip(pairs, a, b, strict=True):
+        ma, mb = _decoded(sa), _decoded(sb)
+        assert [(m.dst, m.rtt_ms, m.time) for m in ma] == [(m.dst, m.rtt_ms, m.time) for m in mb]
+        # one context per row: within it, the real -> new source mapping is a bijection
+        start = 0
+        for _, c in plain.contexts(g, item):
+            seg = slice(start, start + len(c.sel))
+            start += len(c.sel)
+            mapping = {}
+            for x, y in zip(ma[seg], mb[seg], strict=True):
+                assert mapping.setdefault(x.src, y.src) == y.src
+                assert (":" in x.src) == (":" in y.src)
+            assert len(set(mapping.values())) == len(mapping)
+            assert not set(mapping.values()) & real_sources
+
+
+def test_readdress_draws_global_unicast_addresses_some_inside_the_real_network():
+    rng = np.random.default_rng(0)
+    n = 4000
+    addr = np.zeros((n, 16), np.uint8)
+    addr[: n // 2, :4] = [20, 1, 2, 3]
+    addr[n // 2 :] = np.frombuffer(bytes.fromhex("20010db8000100020003000400050006"), np.uint8)
+    version = np.r_[np.full(n // 2, 4), np.full(n // 2, 6)]
+    new = loader.readdress(addr, version, rng, keep=0.5)
+    v4, v6 = new[: n // 2], new[n // 2 :]
+    assert (v4[:, 4:] == 0).all() and (v4[:, 0] >= 1).all() and (v4[:, 0] <= 223).all()
+    assert ((v6[:, 0] & 0xE0) == 0x20).all()  # 2000::/3
+    # kept prefixes: the first byte always survives a keep (L >= 8 / 16 bits) ...
+    # (half kept, plus the random first bytes that happen to match; 4 sigma of binomial noise)
+    assert (v4[:, 0] == 20).mean() == pytest.approx(0.5 + 0.5 / 223, abs=0.045)
+    assert ((v6[:, 0] == 0x20) & (v6[:, 1] == 0x01)).mean() == pytest.approx(0.5, abs=0.045)
+    # ... and never more than /24 (IPv4) or /48 (IPv6): the host part is always drawn anew
+    assert (v4[:, 3] == 3).mean() < 0.02  # chance: 1/256
+    assert (v6[:, 6:] != addr[n // 2 :, 6:]).any(axis=1).all()
+
+
 def test_bad_arguments_and_foreign_states_are_input_errors(data):
     with pytest.raises(InputError):
         loader.build_loader(data["small"], "train", 2, 256, 0, 2, 2)
@@ -287,6 +346,8 @@ def test_bad_arguments_and_foreign_states_are_input_errors(data):
         loader.build_loader(data["small"], "test_time", 2, 256, 0, 0, 1)
     with pytest.raises(InputError):
         loader.SamplerConfig(mode_probs=(0.5, 0.5, 0.5))
+    with pytest.raises(InputError, match="readdress_src"):
+        loader.SamplerConfig(readdress_src=1.5)
     a = loader.build_loader(data["small"], "train", 2, 256, 0, 0, 1)
     b = loader.build_loader(data["small"], "train", 2, 256, 1, 0, 1)
     with pytest.raises(InputError, match="seed"):

@@ -547,6 +547,39 @@ def test_cli_query_rtt_json_has_the_documented_fields(tiny_run, engine, tmp_path
     assert "median" in capsys.readouterr().out
 
 
+ATLAS_RESULT = {  # a RIPE Atlas ping result as downloaded, behind NAT (src_addr private)
+    "af": 4, "prb_id": 1216, "type": "ping", "msm_id": 1000192, "timestamp": T0,
+    "from": SRC, "src_addr": "192.168.103.132", "dst_addr": "192.0.2.9",
+    "result": [{"rtt": 27.4}, {"x": "*"}, {"rtt": 25.7}], "sent": 3, "rcvd": 2,
+}
+
+
+@pytest.mark.parametrize("shape", ["array.json", "lines.jsonl.gz"])
+def test_cli_context_takes_ripe_atlas_results_as_downloaded(tiny_run, engine, tmp_path, capsys,
+                                                           shape):
+    import gzip
+
+    later = {**ATLAS_RESULT, "timestamp": T0 + 240, "result": [{"rtt": 30.1}]}
+    items = [ATLAS_RESULT, CONTEXT[0], later]
+    path = tmp_path / shape
+    if shape.endswith(".gz"):
+        path.write_bytes(gzip.compress("\n".join(json.dumps(x) for x in items).encode()))
+    else:
+        path.write_text(json.dumps(items, indent=2))
+    assert main(["query", "rtt", "--run", str(tiny_run), SRC, DST, "--json", "--context",
+                 str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    packets = [(SRC, "192.0.2.9", 27.4, T0), (SRC, "192.0.2.9", -1.0, T0),
+               (SRC, "192.0.2.9", 25.7, T0), CONTEXT[0], (SRC, "192.0.2.9", 30.1, T0 + 240)]
+    d = engine.rtt(SRC, DST, context=packets)
+    assert out["p_failed"] == pytest.approx(d.p_failed, abs=1e-9)
+    assert out["median_ms"] == d.median
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{**ATLAS_RESULT, "af": 6}]))
+    assert main(["query", "rtt", "--run", str(tiny_run), SRC, DST, "--context", str(bad)]) == 2
+    assert "not a usable RIPE Atlas ping result" in capsys.readouterr().err
+
+
 def test_cli_query_rank_destinations_score_sample(tiny_run, capsys):
     run = ["--run", str(tiny_run)]
     assert main(["query", "rank", *run, SRC, "192.0.2.1", "192.0.2.2", "--json"]) == 0

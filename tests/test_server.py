@@ -124,6 +124,31 @@ def test_rtt_answers_what_the_engine_answers(server):
     assert partial["exact"] and partial["n_completions"] == 4
 
 
+ATLAS = {  # a RIPE Atlas ping result as downloaded (NAT'd probe: the public `from` is the source)
+    "af": 4, "prb_id": 6012, "type": "ping", "msm_id": 1001, "timestamp": T0, "from": SRC,
+    "src_addr": "192.168.1.20", "dst_addr": "192.0.2.9", "result": [{"rtt": 11.0}, {"x": "*"}],
+    "sent": 2, "rcvd": 1, "lts": 20, "fw": 5020,
+}
+
+
+def test_context_may_be_ripe_atlas_results_counted_per_packet(server):
+    body = {"src": SRC, "dst": DST, "context": [ATLAS, CTX[0]]}
+    r = post(server, "/rtt", body)
+    assert r.status_code == 200, r.text
+    want = server.expected.rtt(SRC, DST, context=[(SRC, "192.0.2.9", 11.0, T0),
+                                                  (SRC, "192.0.2.9", -1.0, T0), CTX[0]])
+    assert r.json()["p_failed"] == pytest.approx(want.p_failed, abs=1e-6)
+    assert r.json()["median_ms"] == want.median
+    ranked = post(server, "/rank", {"src": SRC, "candidates": [DST, "192.0.2.1"],
+                                    "context": [ATLAS]})
+    assert ranked.status_code == 200, ranked.text
+    many = {**ATLAS, "result": [{"rtt": 10.0}] * 9}  # 9 packets > the limit of 8 measurements
+    r = post(server, "/rtt", {"src": SRC, "dst": DST, "context": [many]})
+    assert r.status_code == 422 and "9 measurements; the limit is 8" in r.json()["detail"]
+    r = post(server, "/rtt", {"src": SRC, "dst": DST, "context": [{**ATLAS, "af": 6}]})
+    assert r.status_code == 422 and "RIPE Atlas" in r.json()["detail"]
+
+
 def test_rtt_many_returns_results_in_request_order(server):
     dsts = ["192.0.2.1", "2001:db8::1", "198.51.100.5", "192.0.2.1"]
     srcs = [SRC, "2001:db8::9", SRC, SRC]

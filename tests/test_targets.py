@@ -11,6 +11,7 @@ from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.targets import (
     Query,
+    as_context,
     as_measurement,
     as_query,
     parse_target,
@@ -92,3 +93,47 @@ def test_time_blocks_follow_the_token_language_delta_rules():
         ms = [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, prev)] if prev else []
         ref = tk.encode_reference(ms + [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, t)])
         assert ref[-len(toks) - 3:-3] == toks  # the reference encoder's time block, RTT after
+
+
+# ----------------------------------------------------------------------------------------------
+# context as a caller has it: our measurements and RIPE Atlas results as downloaded
+
+ATLAS = {  # a real result (ripe-atlas-tools' fixtures), one packet lost and one duplicate added
+    "af": 4, "prb_id": 1216, "type": "ping", "msm_id": 1000192, "timestamp": 1445025400,
+    "from": "109.190.83.40", "src_addr": "192.168.103.132", "dst_addr": "62.2.16.24",
+    "result": [{"rtt": 27.429}, {"x": "*"}, {"rtt": 25.681}, {"rtt": 25.7, "dup": 1}],
+    "sent": 3, "rcvd": 2, "size": 20, "ttl": 54, "fw": 4700, "step": 360,
+}
+
+
+def test_atlas_results_become_one_measurement_per_packet_from_the_public_source():
+    ours = {"src": "109.190.83.40", "dst": "8.8.8.8", "rtt_ms": 3.5, "time": 1445025000}
+    ms = as_context([ours, ATLAS])
+    assert ms[0] == as_measurement(ours)
+    assert [(m.src, m.dst, m.rtt_ms, m.time) for m in ms[1:]] == [
+        ("109.190.83.40", "62.2.16.24", 27.429, 1445025400),  # NAT'd src_addr -> `from`
+        ("109.190.83.40", "62.2.16.24", -1.0, 1445025400),  # lost packet: failed
+        ("109.190.83.40", "62.2.16.24", 25.681, 1445025400),  # the duplicate reply is not a ping
+    ]
+    assert as_context([ATLAS], source_address="src_addr")[0].src == "192.168.103.132"
+    assert as_context([{**ATLAS, "dst_addr": None}]) == []  # DNS failure: nothing measured
+    assert as_context(None) == []
+
+
+def test_real_downloaded_results_all_parse_as_context(shared_data):
+    import json
+
+    path = shared_data / "ping_fixtures" / "ripe_atlas_tools_ping_fixtures.jsonl"
+    results = [json.loads(line)["result"] for line in path.read_text().splitlines()[:20]]
+    ms = as_context(results)
+    assert len(ms) >= 3 * len(results) - 5 and all(m.time is not None for m in ms)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({**ATLAS, "af": 6}, "not a usable RIPE Atlas ping result"),
+    ({**ATLAS, "result": "nope"}, "not a usable RIPE Atlas ping result"),
+    ({"src": "1.2.3.4", "dst": "5.6.7.8", "rtt": "fast"}, "must be a number"),
+])
+def test_bad_context_items_are_refused_with_a_reason(bad, message):
+    with pytest.raises(InputError, match=message):
+        as_context([bad])

@@ -96,7 +96,8 @@ def _env(**extra) -> dict:
 def test_config_rejects_bad_values_with_input_errors():
     for bad in (dict(steps=0), dict(device_batch_size=-1), dict(matrix_lr=float("nan")),
                 dict(warmdown_frac=1.5), dict(dtype="float16"), dict(wandb="yes"),
-                dict(preset="huge"), dict(eval_every=-1), dict(total_batch_tokens=0)):
+                dict(preset="huge"), dict(eval_every=-1), dict(total_batch_tokens=0),
+                dict(readdress_src=1.5), dict(readdress_dst=-0.1)):
         with pytest.raises(InputError):
             TrainConfig(**bad)
     with pytest.raises(InputError, match="unknown GPTConfig field"):
@@ -396,17 +397,33 @@ def test_seq_warmup_trains_short_contexts_first_and_resumes_exactly_across_the_s
     assert s["seq_warmup_steps"] == 0
 
 
+def test_readdressed_training_resumes_exactly_and_differs_from_plain(prepared, tmp_path):
+    model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
+    base = dict(data_dir=str(prepared), model=model, steps=4, device_batch_size=2,
+                eval_every=0, seq_warmup_frac=0.0, readdress_src=0.5, readdress_dst=0.5)
+    train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "stop"), stop_at=2, **base))
+    train(TrainConfig(out_dir=str(tmp_path / "stop"), resume=True, **base))
+    _assert_same_weights(tmp_path / "straight", tmp_path / "stop", exact=True)
+    cfg = json.loads((tmp_path / "straight" / "config.json").read_text())["train"]
+    assert (cfg["readdress_src"], cfg["readdress_dst"]) == (0.5, 0.5)
+    plain = {**base, "readdress_src": 0.0, "readdress_dst": 0.0}
+    train(TrainConfig(out_dir=str(tmp_path / "plain"), **plain))
+    with pytest.raises(AssertionError):
+        _assert_same_weights(tmp_path / "straight", tmp_path / "plain", exact=True)
+
+
 def test_runs_recorded_before_seq_warmup_existed_resume_without_it(tmp_path):
     run = tmp_path / "old"
     _run(run, stop_at=4, seq_warmup_frac=0.0)
     for p in (run / "config.json", run / "checkpoint" / "config.json"):
         if p.exists():  # what a run written before the field existed looks like
             cfg = json.loads(p.read_text())
-            for key in ("seq_warmup_frac", "seq_warmup_len"):
+            for key in ("seq_warmup_frac", "seq_warmup_len", "readdress_src", "readdress_dst"):
                 cfg["train"].pop(key)
             p.write_text(json.dumps(cfg))
     cfg = config_for_run(run, resume=True)
-    assert cfg.seq_warmup_frac == 0.0
+    assert cfg.seq_warmup_frac == 0.0 and cfg.readdress_src == cfg.readdress_dst == 0.0
     s = train(cfg, loader=SyntheticLoader(B, T), eval_loader=SyntheticLoader(B, T, split="val"))
     assert (s["start_step"], s["completed"]) == (4, True)
 

@@ -396,6 +396,26 @@ class SourceOffset(DestinationMedian):
         return self.predict(src, dst) * np.exp(log_ratio[gid])
 
 
+class ContextMedian(GlobalMedian):
+    """The naive reading of a context: the median of the source's successful context RTTs, for
+    whatever destination is asked (what a user with a few of a new node's pings would guess
+    first). It exists only with a context (`context_only`: no row of its own without one, where
+    it would be the global median); a context without a reply falls back to that.
+    """
+
+    context_only = True
+
+    def predict_in_context(self, src, dst, contexts) -> np.ndarray:
+        """(N,) the median successful RTT of each query's context; NaN where there is none."""
+        src, gid, reps = group_contexts(src, contexts)
+        med = np.full(len(reps), np.nan)
+        for g, (_, c) in enumerate(reps):
+            ok = c.rtt >= 0
+            if ok.any():
+                med[g] = float(np.median(c.rtt[ok]))
+        return med[gid]
+
+
 class SourceFailureRate:
     """P(failed) of the source: its train failure rate shrunk toward the global rate with
     `prior` pseudo-pings, (failed + prior * global) / (n + prior), as _FailureRates; with k
@@ -468,6 +488,7 @@ def make_baselines(geo_db=None) -> dict[str, object]:
         "dmfsgd": DMFSGD(),
         "biased_mf": BiasedMF(),
         "source_offset": SourceOffset(),
+        "context_median": ContextMedian(),
         "source_failure_rate": SourceFailureRate(),
         "geo": GeoDistance(GeoDB.open(geo_db)),
     }

@@ -149,6 +149,8 @@ def _cmd_train(args) -> int:
         warmdown_frac=args.warmdown_frac,
         seq_warmup_frac=args.seq_warmup_frac,
         seq_warmup_len=args.seq_warmup_len,
+        readdress_src=args.readdress_src,
+        readdress_dst=args.readdress_dst,
         grad_clip=args.grad_clip,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
@@ -212,6 +214,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "off (0.5)")
     p.add_argument("--seq-warmup-len", type=int, metavar="TOKENS",
                    help="length of those short contexts; divides sequence_len (256)")
+    p.add_argument("--readdress-src", type=float, metavar="FRAC",
+                   help="fraction of training contexts whose source gets new addresses, so the "
+                        "model learns to read its context (0)")
+    p.add_argument("--readdress-dst", type=float, metavar="FRAC",
+                   help="likewise for the destinations of a context (0)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evals, 0 = off (100)")
     p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
@@ -235,27 +242,35 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _query_engine(args):
     from ping_llm.query import Engine
 
-    return Engine.load(args.run, device=args.device)
+    return Engine.load(args.run, device=args.device, calibrated=not args.no_calibration)
 
 
 def _read_context(path):
-    """--context FILE: a JSON array of {src, dst, rtt_ms, time} objects, or one per line."""
+    """--context FILE: measurements {src, dst, rtt_ms, time} and/or RIPE Atlas ping results as
+    downloaded: a JSON array, JSON lines or concatenated JSON; gzip/bzip2/zstd allowed."""
+    from ping_llm.streams import StreamState, decompressed, json_values, open_chunks
+    from ping_llm.targets import MAX_CONTEXT_ITEMS, as_context
+
     if path is None:
         return None
+    st, items = StreamState(), []
     try:
-        with open(path) as f:
-            text = f.read()
+        with open_chunks(path) as chunks:
+            for ok, line, x in json_values(decompressed(chunks, st)):
+                if not ok:
+                    raise InputError(f"context file {path}: line {line} is not JSON")
+                if not isinstance(x, dict):
+                    raise InputError(f"context file {path}: line {line} is not a measurement "
+                                     "object {src, dst, rtt_ms} or a RIPE Atlas result")
+                items.append(x)
+                if len(items) > MAX_CONTEXT_ITEMS:
+                    raise InputError(f"context file {path} has more than {MAX_CONTEXT_ITEMS} "
+                                     "items; give only the source's recent measurements")
     except OSError as e:
         raise InputError(f"cannot read context file {path}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()
-        ]
-    except json.JSONDecodeError as e:
-        raise InputError(f"context file {path} is not JSON / JSON lines: {e}") from None
-    if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
-        raise InputError(f"context file {path} must hold measurement objects {{src, dst, rtt_ms}}")
-    return data
+    if st.damage:
+        raise InputError(f"context file {path}: {st.damage.replace('_', ' ')}")
+    return as_context(items)
 
 
 def _fmt_ms(x: float) -> str:
@@ -350,9 +365,12 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
         q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
         q.add_argument("--context", metavar="FILE",
-                       help="your recent measurements: JSON array or JSON lines of "
-                            '{"src", "dst", "rtt_ms" (null/negative = failed), "time"}')
+                       help="the source's own recent measurements: JSON array or lines of "
+                            '{"src", "dst", "rtt_ms" (null/negative = failed), "time"} '
+                            "and/or RIPE Atlas ping results as downloaded (.gz/.bz2 ok)")
         q.add_argument("--time", metavar="ISO8601", help="time of the measurement asked about")
+        q.add_argument("--no-calibration", action="store_true",
+                       help="the raw model's distributions, not the run's calibration.json")
         q.add_argument("--json", action="store_true", help="machine-readable output")
         return q
 
@@ -401,7 +419,8 @@ def _cmd_serve(args) -> int:
 
     limits = Limits(max_batch=args.max_batch, max_context=args.max_context)
     print(f"ping-llm serve: http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
-    serve(args.run, host=args.host, port=args.port, device=args.device, limits=limits)
+    serve(args.run, host=args.host, port=args.port, device=args.device, limits=limits,
+          calibrated=not args.no_calibration)
     return EXIT_OK
 
 
@@ -415,6 +434,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="max queries / candidates / measurements per request (1024)")
     p.add_argument("--max-context", type=int, default=64,
                    help="max context measurements per request (64)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="serve the raw model's distributions, not the run's calibration.json")
 
 
 def _cmd_prepare(args) -> int:
@@ -504,6 +525,7 @@ def _cmd_eval(args) -> int:
                           context_from=args.context_from, geo_db=args.geo_db,
                           test_since=parse_time(args.since), test_until=parse_time(args.until),
                           splits=tuple(x.strip() for x in args.splits.split(",") if x.strip()),
+                          calibrated=not args.no_calibration, readdress=args.readdress_sources,
                           progress=not args.no_progress)
     if args.json:
         from ping_llm.report import json_safe
@@ -524,6 +546,30 @@ def _cmd_eval(args) -> int:
 
 
 _EVAL_SPLITS_DEFAULT = "test_time,test_pair,test_probe"
+
+
+def _cmd_calibrate(args) -> int:
+    import contextlib
+
+    from ping_llm.calibrate import calibrate
+
+    if args.max_queries < 1:
+        raise InputError(f"--max-queries must be >= 1, got {args.max_queries}")
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with redirect:
+        s = calibrate(args.data, args.run, max_queries=args.max_queries, seed=args.seed,
+                      device=args.device, progress=not args.no_progress)
+    if args.json:
+        _print_json(s)
+        return EXIT_OK
+    print(f"calibrated on {s['queries']} val queries x k={s['contexts']} ({s['replies']} "
+          f"replies) at step {s['step']}: {s['file']}")
+    print("val coverage of the 50% / 90% intervals, before -> after (in-sample):")
+    for k, v in s["val"].items():
+        b, a = v["before"], v["after"]
+        print(f"  {k:<5} {b['coverage_50']:.3f} -> {a['coverage_50']:.3f}   "
+              f"{b['coverage_90']:.3f} -> {a['coverage_90']:.3f}")
+    return EXIT_OK
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -565,6 +611,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    "disk and none of its train measurements is in the evaluated sets")
     p.add_argument("--examples", type=int, default=3, metavar="N",
                    help="example pairs per set plotted against their observed RTTs (3)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="score the raw model, not with the run's calibration.json")
+    p.add_argument("--readdress-sources", action="store_true",
+                   help="ask about every source under a new random address, its context from "
+                   "its train measurements to other destinations: cold start on known probes "
+                   "(with --splits val, how cold-start defaults are chosen)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
 
@@ -721,6 +773,23 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_eval,
     )
     _eval_arguments(p)
+    p = _add(
+        sub,
+        "calibrate",
+        "fit the run's calibration of its distributions on the val split (calibration.json)",
+        "ping-llm calibrate --data data/prepared --run runs/tiny\n\n"
+        "Every query, eval and the server then apply it (--no-calibration turns it off there).",
+        _cmd_calibrate,
+    )
+    p.add_argument("--data", required=True, metavar="DATASET_DIR",
+                   help="the prepared dataset the run was trained on (its val split)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
+    p.add_argument("--max-queries", type=int, default=1000, metavar="N",
+                   help="val measurements, each asked at every k of 0,1,4,16,64 (1000)")
+    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (0)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = _add(
         sub,
         "query",

@@ -1,6 +1,7 @@
 """`ping-llm demo`: the whole system, end to end, on the embedded synthetic Internet.
 
-synth -> ingest -> prepare -> train (tiny) -> eval (vs baselines and ground truth) -> queries.
+synth -> ingest -> prepare -> train (tiny) -> calibrate (on val) -> eval (vs baselines and ground
+truth) -> queries.
 
 Every stage writes into one run directory and records completion in `DIR/stages.json`; running
 the demo again skips what is done (the training stage resumes its checkpoint). `--minutes` is the
@@ -19,9 +20,11 @@ from pathlib import Path
 
 from ping_llm.errors import InputError
 
-STAGES = ("synth", "ingest", "prepare", "train", "eval", "queries")
+STAGES = ("synth", "ingest", "prepare", "train", "calibrate", "eval", "queries")
 # Fixed costs on 2 CPU cores (measured on the default world): everything but training.
-OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "eval": 150, "queries": 15}
+OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 60, "eval": 150,
+              "queries": 15}
+CALIBRATE_QUERIES = 500  # val measurements (at most --eval-queries), each at k = 0, 1, 4, 16, 64
 CALIBRATION_STEPS = 6
 
 
@@ -115,7 +118,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
 
     def do_train() -> dict:
         spent = time.perf_counter() - t_demo
-        budget = cfg.minutes * 60 - spent - OVERHEAD_S["eval"] - OVERHEAD_S["queries"]
+        budget = cfg.minutes * 60 - spent - sum(OVERHEAD_S[s] for s in STAGES[4:])
         model = {} if cfg.seq_len is None else {"sequence_len": cfg.seq_len}
         base = tr.TrainConfig(data_dir=str(dataset), out_dir=str(run_dir), seed=cfg.seed,
                               model=model, resume=True)
@@ -133,9 +136,11 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     stage(2, "ingest", "RIPE Atlas JSON -> canonical Parquet", do_ingest)
     stage(3, "prepare", "splits + probe-centric ArrayRecord rows", do_prepare)
     stage(4, "train", "the tiny Transformer on CPU", do_train)
-    stage(5, "eval", "model vs baselines vs ground truth",
+    stage(5, "calibrate", "fit the distributions' calibration on val", lambda: _calibrate(
+        dataset, run_dir, cfg))
+    stage(6, "eval", "model vs baselines vs ground truth",
           lambda: _evaluate(dataset, run_dir, report_dir, results_path, cfg))
-    stage(6, "queries", "ask the model", lambda: _queries(run_dir, dataset, results_path))
+    stage(7, "queries", "ask the model", lambda: _queries(run_dir, dataset, results_path))
     summary = {"out": str(root), "seconds": round(time.perf_counter() - t_demo, 1),
                "stages": stages.done, "report": str(report_dir / "report.html")}
     _print_summary(summary)
@@ -154,6 +159,17 @@ def _steps_for_budget(base, seconds: float) -> int:
     per_step = tokens_per_step / summary["tokens_per_s"]
     # Evals (every steps/5, eval_batches each) and saves cost roughly 15% on top of the steps.
     return max(20, int(seconds / (per_step * 1.15)))
+
+
+def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:
+    from ping_llm.calibrate import calibrate
+
+    s = calibrate(dataset, run_dir, max_queries=min(CALIBRATE_QUERIES, cfg.eval_queries),
+                  seed=cfg.seed)
+    for k, v in s["val"].items():
+        print(f"  val {k:<5} coverage of the 90% interval {v['before']['coverage_90']:.2f} -> "
+              f"{v['after']['coverage_90']:.2f}")
+    return {"file": s["file"], "val": s["val"]}
 
 
 def _evaluate(dataset: Path, run_dir: Path, report_dir: Path, results_path: Path,

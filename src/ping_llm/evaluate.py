@@ -19,7 +19,8 @@ dataset it was trained on (or on external canonical Parquet, `test_paths`) and w
    model has not seen). Fewer than k are used when fewer exist; contexts that would not fit the
    model's window are cut to the most recent that fit. The mean context size actually used is
    recorded per k. The baselines that can read a context (`predict_in_context`: Vivaldi updates
-   of the new node, MF fold-in, source offset, geo + residual, per-source failure rate) get
+   of the new node, MF fold-in, source offset, the context's own median, geo + residual,
+   per-source failure rate) get
    exactly the same k measurements for cold-context sets, reported as "<baseline> k=K".
 4. Model. Per query, the engine's exact RTT distribution (`query.Engine.rtt_many`, with the query
    timestamp) gives P(failed) and the pmf over the 33,792 canonical RTT codes given a reply; the
@@ -231,6 +232,16 @@ class Queries:
         t = int(self.time[i]) if with_time else None
         return tk.Measurement(str(self.src[i]), str(self.dst[i]), float(self.rtt[i]), t)
 
+    @classmethod
+    def of(cls, table: pa.Table, max_queries: int | None = None, seed: int = 0,
+           name: str = "") -> Queries:
+        """The rows of a canonical table (`subsample`d to max_queries by (seed, name))."""
+        if max_queries:
+            table = table.take(pa.array(subsample(table.num_rows, max_queries, seed, name),
+                                        pa.int64()))
+        a = _table_arrays(table)
+        return cls(a["src"], a["dst"], a["rtt"], a["time"], a["version"])
+
 
 def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> dict:
     """Per-query model results for one context setting (arrays of length N)."""
@@ -346,15 +357,28 @@ def _in_world(world, src, dst) -> np.ndarray:
     return out
 
 
+def new_sources(src: np.ndarray, seed) -> np.ndarray:
+    """Each distinct source address -> a fresh uniformly random global unicast address of its
+    family (loader.readdress with nothing of the real network kept): a probe never seen."""
+    from ping_llm.loader import readdress
+
+    uniq, inv = np.unique(src.astype(str), return_inverse=True)
+    addr, version = tk.parse_addresses(uniq)
+    new = readdress(addr, version, np.random.default_rng(seed), keep=0.0)
+    names = np.array([tk.format_address(a, v) for a, v in zip(new, version, strict=True)],
+                     dtype=object)
+    return names[inv]
+
+
 def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_queries, seed,
-              world, n_examples, progress) -> tuple[dict, dict]:
-    """Everything for one evaluated set -> (metrics, plot data)."""
+              world, n_examples, progress, readdress=False) -> tuple[dict, dict]:
+    """Everything for one evaluated set -> (metrics, plot data). readdress: the sources get
+    new addresses in the queries and their contexts (`new_sources`), after the context and the
+    ground truth are looked up under the real ones."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    idx = subsample(table.num_rows, max_queries, seed, name)
-    a = _table_arrays(table.take(pa.array(idx, pa.int64())))
-    q = Queries(a["src"], a["dst"], a["rtt"], a["time"], a["version"])
+    q = Queries.of(table, max_queries, seed, name)
     obs, failed = q.obs, q.failed
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
     res = {"n_total": table.num_rows, "n_evaluated": len(q),
@@ -377,12 +401,18 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
 
     budget = engine.config.sequence_len - 50  # room for the query (<= 47 tokens) + RTT bytes
     lo, p = pool.before(q.src, q.time)
+    if readdress:
+        q = Queries(new_sources(q.src, [seed, zlib.crc32(name.encode()), 2]), q.dst, q.rtt,
+                    q.time, q.version)
     bar = tqdm(total=len(q) * len(contexts), desc=f"eval {name}", unit="q", file=sys.stderr,
                disable=not progress)
     per_method, prev, contexts_by_k = {}, None, {}
     ok = ~failed
     for k in contexts:
         ctxs = [pool.context(lo[i], p[i], k, budget, str(q.dst[i])) for i in range(len(q))]
+        if readdress:  # the context is the same source's: it gets the same new address
+            ctxs = [[tk.Measurement(str(q.src[i]), m.dst, m.rtt_ms, m.time) for m in c]
+                    for i, c in enumerate(ctxs)]
         contexts_by_k[k] = ctxs
         n_ctx = np.array([len(c) for c in ctxs])
         t1 = time.perf_counter()
@@ -432,6 +462,8 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
                     fitted, q.src.astype(str), q.dst.astype(str), sc, obs, failed, bp).items():
                 bp[f"{bname} k={k}"] = row
     for bname, row in bp.items():
+        if getattr(fitted.get(bname), "context_only", False):
+            continue  # only its "k=K" rows: without a context it is the global median
         res["methods"][bname] = baseline_summary(row, obs, failed)
         in_context = " k=" in bname
         if in_context:
@@ -451,9 +483,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
               "pair_seen_in_train": _bins(pair_n, PAIR_SEEN),
               "source_seen_in_train": _bins(src_n, SOURCE_SEEN)}
     res["breakdowns"] = breakdowns(groups, obs, failed, per_method)
-    all_rows = _table_arrays(table)
-    q_all = Queries(all_rows["src"], all_rows["dst"], all_rows["rtt"], all_rows["time"],
-                    all_rows["version"])
+    q_all = Queries.of(table)
     plot["examples"] = _examples(engine, name, table, q_all, pool, world, max(contexts), budget,
                                  n_examples)
     res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -490,7 +520,8 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
              contexts=CONTEXTS, seed: int = 0, device: str = "cpu", world=None,
              allow_foreign_run: bool = False, n_examples: int = 3, byte2_mass: float = BYTE2_MASS,
              context_from: str = "train", geo_db=None, test_since: int | None = None,
-             test_until: int | None = None, splits=EVAL_SPLITS, progress: bool = True) -> dict:
+             test_until: int | None = None, splits=EVAL_SPLITS, calibrated: bool = True,
+             readdress: bool = False, progress: bool = True) -> dict:
     """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the
     canonical Parquet `test_paths` instead) and, with `out_dir`, write the report there
     (`report.write_report`). world: a synthetic world (synth.World or its .world.json path);
@@ -501,7 +532,12 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     always uses its own. geo_db: the MaxMind database of the geolocation baseline (default: the
     packaged GeoLite2-City). test_since / test_until (epoch s): keep only that time window of the
     external set (the drift protocol). splits: the dataset's splits to score; ("val",) is how
-    defaults are chosen without looking at the test splits. Returns the results (plain numbers, plus
+    defaults are chosen without looking at the test splits. calibrated: apply the run's
+    calibration.json (if it has one) to the model's distributions, as queries do. readdress:
+    every evaluated source gets a new random address in its queries and contexts, and its
+    context skips the query's destination, so known probes are asked about as if never seen
+    (cold start on `val`, where choosing is allowed; the baselines see the same addresses).
+    Returns the results (plain numbers, plus
     `plot_data` with per-query arrays)."""
     from ping_llm import __version__
     from ping_llm.checkpoint import find_checkpoint, read_config, read_meta
@@ -572,9 +608,10 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     timings["baselines_fit_s"] = round(time.perf_counter() - t0, 2)
     if not 0.5 <= byte2_mass <= 1.0:
         raise InputError(f"byte2_mass must be in [0.5, 1], got {byte2_mass}")
-    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass)
+    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass, calibrated=calibrated)
     counts = _train_counts(train)
     train_pool = ContextPool(train)
+    cold_train_pool = ContextPool(train, other_destinations=True) if readdress else None
 
     results = {
         "format": "ping-llm-eval", "format_version": 1, "ping_llm": __version__,
@@ -586,9 +623,10 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
                     "inputs": card.get("inputs")},
         "run": {"step": meta.get("step"), "model": run_config.get("model"),
                 "preset": (run_config.get("train") or {}).get("preset"),
-                "trainer": meta.get("trainer")},
+                "trainer": meta.get("trainer"),
+                "calibration": None if engine.calibration is None else engine.calibration.fitted},
         "settings": {"max_queries": max_queries, "contexts": list(contexts), "seed": seed,
-                     "context_from": context_from, "splits": list(sets),
+                     "context_from": context_from, "splits": list(sets), "readdress": readdress,
                      "device": str(device), "levels": list(LEVELS), "pit_bins": PIT_BINS,
                      "byte2_mass": byte2_mass, "censor_ms": CENSOR_MS,
                      "baseline_crps_levels": len(BASELINE_LADDER),
@@ -607,12 +645,15 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         if external:
             results.setdefault("external", {})["seen_in_train"] = _seen_fractions(table, train)
         own = name == "test_probe" or context_from == "test"
-        pool = ContextPool(table, other_destinations=True) if own else train_pool
+        pool = (ContextPool(table, other_destinations=True) if own else
+                cold_train_pool if readdress else train_pool)
         res, plot = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,
                               pool=pool, contexts=contexts, max_queries=max_queries, seed=seed,
-                              world=world, n_examples=n_examples, progress=progress)
+                              world=world, n_examples=n_examples, progress=progress,
+                              readdress=readdress)
         res["context_pool"] = (f"own earlier {name} measurements to other destinations"
-                               if own else "train")
+                               if own else "train, other destinations" if readdress else "train")
+        res["readdressed_sources"] = readdress
         results["splits"][name] = res
         results["plot_data"][name] = plot
         timings[f"{name}_s"] = res["seconds"]

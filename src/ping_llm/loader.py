@@ -25,6 +25,12 @@ Field order is drawn per measurement (tokens.random_orders). The whole batch is 
 one `tokens.encode` call (contexts separated by `reset`, so each starts with an absolute
 timestamp).
 
+Identity augmentation (SamplerConfig.readdress_src / readdress_dst, `readdress`): in a fraction of
+contexts the source's addresses (or the destinations') are replaced by new ones, the same real
+address by the same new one throughout the context, so those contexts can only be predicted by
+reading them. Its random stream is separate (salted by item), so with both fractions 0 every batch
+is exactly what it was without the option.
+
 Packing and attention: packed contexts are NOT masked from each other. The model is plain causal
 attention without document masking; each packed context starts with MEASUREMENT_START and an
 absolute timestamp (the `reset` of tokens.encode), so the grammar never links it to the previous
@@ -70,6 +76,10 @@ MODES = ("full", "none", "partial")
 MIN_MEASUREMENT_TOKENS = 12  # IPv4, failed, no timestamp: START + 5 + 5 + FAILED
 STATE_FORMAT = "ping-llm-loader/1"
 _PACK_TAG = 0x9AC5  # SeedSequence salt of the per-epoch packing permutation
+_READDRESS_TAG = 0xAD2E  # SeedSequence salt of identity augmentation (so 0 changes nothing)
+# Bits of the real address kept when a new address stays inside the real network: a random
+# prefix length between a large allocation and a single customer network.
+KEEP_BITS = {4: (8, 24), 6: (16, 48)}
 
 
 @dataclass
@@ -80,6 +90,11 @@ class SamplerConfig:
     mode_probs: tuple[float, float, float] = (0.4, 0.3, 0.3)
     partial_range: tuple[float, float] = (0.1, 0.9)  # fraction timestamped in partial mode
     window_slack: float = 1.2  # smallest window holds this many times the needed measurements
+    # Identity augmentation (see `readdress`): the fraction of contexts whose source addresses,
+    # or whose destination addresses, are replaced by new ones, consistently within the context.
+    readdress_src: float = 0.0
+    readdress_dst: float = 0.0
+    readdress_keep: float = 0.5  # of the new addresses, the fraction inside the real network
 
     def __post_init__(self):
         if not (isinstance(self.seq_len, int) and self.seq_len >= 64):
@@ -92,6 +107,11 @@ class SamplerConfig:
             raise InputError(f"partial_range must satisfy 0 <= lo <= hi <= 1: {self.partial_range}")
         self.mode_probs = tuple(float(x) for x in p)
         self.partial_range = (float(lo), float(hi))
+        for name in ("readdress_src", "readdress_dst", "readdress_keep"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+                raise InputError(f"{name} must be a fraction in [0, 1], got {v!r}")
+            setattr(self, name, float(v))
 
 
 @dataclass
@@ -238,6 +258,42 @@ def sample_context(row: Row, budget: int, rng: np.random.Generator, cfg: Sampler
 
 
 
+def readdress(addr: np.ndarray, version: np.ndarray, rng: np.random.Generator,
+              keep: float) -> np.ndarray:
+    """New addresses (m, 16) uint8 for m distinct addresses of one context (identity augmentation).
+
+    Why: trained on a few hundred probes, the model can predict a context's RTTs from who the
+    source is (memory) and never needs to read the context; a new probe then gets a memorised
+    neighbour's latency with full confidence. Re-addressed contexts can only be predicted from
+    what they contain, which is exactly the in-context skill a cold source needs.
+
+    Each address independently becomes, with probability `keep`, the real address with only its
+    first L bits kept (L uniform in KEEP_BITS: a new host inside its real network, so coarse
+    address knowledge still applies), else a uniformly random global unicast address (IPv4 first
+    byte 1-223, IPv6 in 2000::/3). Versions are kept, so token lengths do not change.
+    """
+    addr = np.asarray(addr, dtype=np.uint8)
+    m = len(addr)
+    v4 = np.asarray(version) == 4
+    out = rng.integers(0, 256, size=(m, 16), dtype=np.uint8)
+    out[v4, 4:] = 0
+    out[v4, 0] = rng.integers(1, 224, size=int(v4.sum()), dtype=np.uint8)
+    out[~v4, 0] = 0x20 | (out[~v4, 0] & 0x1F)
+    lo = np.where(v4, KEEP_BITS[4][0], KEEP_BITS[6][0])
+    hi = np.where(v4, KEEP_BITS[4][1], KEEP_BITS[6][1])
+    bits = np.where(rng.random(m) < keep, rng.integers(lo, hi + 1), 0)  # (m,)
+    kept = np.clip(bits[:, None] - 8 * np.arange(16)[None, :], 0, 8)  # (m, 16) bits per byte
+    mask = ((0xFF00 >> kept) & 0xFF).astype(np.uint8)
+    return (addr & mask) | (out & ~mask)
+
+
+def _readdressed(idx: np.ndarray, row: Row, rng: np.random.Generator, keep: float) -> np.ndarray:
+    """Addresses (n, 16) for the row's address indices `idx`, re-addressed consistently: the
+    same real address gets the same new one everywhere in the context."""
+    uniq, inv = np.unique(idx, return_inverse=True)
+    return readdress(row.addr[uniq], row.version[uniq], rng, keep)[inv]
+
+
 # ----------------------------------------------------------------------------------------------
 # the epoch plan and the batch sampler (what each grain worker runs)
 
@@ -358,19 +414,39 @@ class BatchSampler:
                 left -= ctx.n_tokens
         return out
 
+    def addresses(self, g: int, item: int, ctxs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(src, dst) address arrays (n, 16) of each context of a work item, re-addressed in
+        the configured fractions of contexts (its own seed stream: fractions 0 change nothing)."""
+        cfg = self.cfg
+        out = [(row.addr[row.src[c.sel]], row.addr[row.dst[c.sel]]) for row, c in ctxs]
+        if not (cfg.readdress_src or cfg.readdress_dst):
+            return out
+        epoch = int(g) // self.plan.n_items
+        rng = np.random.default_rng(
+            np.random.SeedSequence([self.seed, epoch, int(item), _READDRESS_TAG]))
+        for i, (row, c) in enumerate(ctxs):
+            src, dst = out[i]
+            if rng.random() < cfg.readdress_src:
+                src = _readdressed(row.src[c.sel], row, rng, cfg.readdress_keep)
+            if rng.random() < cfg.readdress_dst:
+                dst = _readdressed(row.dst[c.sel], row, rng, cfg.readdress_keep)
+            out[i] = (src, dst)
+        return out
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         budget = self.plan.budget
-        per_seq = [self.contexts(g, item) for g, item in np.asarray(batch).reshape(-1, 2)]
+        pairs = np.asarray(batch).reshape(-1, 2)
+        per_seq = [self.contexts(g, item) for g, item in pairs]
         # Gather every context's measurements (a few fancy-indexing calls per context), then
         # encode the whole batch at once; `reset` restarts the timestamp chain per context.
         cols: dict[str, list] = {k: [] for k in ("src", "dst", "ver", "rtt", "t", "ht", "ord")}
         n_meas = []
-        for ctxs in per_seq:
+        for (g, item), ctxs in zip(pairs, per_seq, strict=True):
             n_meas.append(sum(len(c.sel) for _, c in ctxs))
-            for row, c in ctxs:
+            for (row, c), (src, dst) in zip(ctxs, self.addresses(g, item, ctxs), strict=True):
                 s = row.src[c.sel]
-                cols["src"].append(row.addr[s])
-                cols["dst"].append(row.addr[row.dst[c.sel]])
+                cols["src"].append(src)
+                cols["dst"].append(dst)
                 cols["ver"].append(row.version[s])
                 rtt = tokens.code_to_rtt(row.code[c.sel])
                 cols["rtt"].append(np.where(row.failed[c.sel] != 0, -1.0, rtt))

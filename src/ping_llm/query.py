@@ -41,26 +41,31 @@ Also: `rank` (candidates by predicted median or P(rtt < x)). `destinations` (top
 search or sampling, with exact P(dst | src)), `score` (log-probability per field: an anomaly
 score) and `sample` (grammar-constrained synthetic streams) are Engine methods too, implemented
 in `ping_llm.generate` (imported inside them: generate builds on this module, not the reverse).
-Every query accepts the caller's recent measurements as context (`tokens.Measurement`, dicts or
-tuples).
+Every query accepts the caller's recent measurements as context (`tokens.Measurement`, dicts,
+tuples or RIPE Atlas ping results as downloaded). A run's calibration.json (`ping-llm calibrate`,
+`ping_llm.calibration`) is applied to every distribution `rtt_many` returns, hence to `rtt`,
+`rank`, partial addresses and the server; `Engine.load(..., calibrated=False)` gives the raw ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ping_llm import tokens as tk
+from ping_llm.calibration import Calibration
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, KVCache
 from ping_llm.targets import (
     Query,
-    as_measurement,
+    as_context,
     as_query,
     parse_target,
     parse_time,
@@ -97,6 +102,7 @@ class RTTDistribution:
     n_samples: int | None = None  # completions drawn when not exact
     n_completions: int = 1  # address completions enumerated (exact) or distinct ones drawn (MC)
     coarse_mass: float = 0.0  # share of `probs` left at byte1-bin centres (bins not refined)
+    calibrated: bool = False  # the run's calibration map was applied (ping_llm.calibration)
 
     @property
     def values_ms(self) -> np.ndarray:
@@ -162,6 +168,7 @@ class RTTDistribution:
             "n_samples": self.n_samples,
             "n_completions": self.n_completions,
             "coarse_mass": float(self.coarse_mass),
+            "calibrated": self.calibrated,
         }
         if histogram:
             lo, hi, p = self.histogram()
@@ -215,6 +222,7 @@ class _Plan:
     length: int  # total tokens before the result field
     n_completions: int
     seed: int = 0
+    n_context: int = 0  # context measurements (which calibration map applies)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +312,10 @@ class Engine:
         mc_samples: int = MC_SAMPLES,
         kv_budget_bytes: int | None = None,
         byte2_mass: float = BYTE2_MASS,
+        calibration: Calibration | None = None,
     ):
         self.model = model.eval()
+        self.calibration = calibration
         self.config = model.config
         self.device = next(model.parameters()).device
         self.exact_limit = int(exact_limit)
@@ -321,12 +331,26 @@ class Engine:
         self.forwards = 0  # model forward calls so far (for stats and tests)
 
     @classmethod
-    def load(cls, run_dir, device="cpu", **kw) -> Engine:
-        """An engine over the model of a run directory (`ping_llm.checkpoint.load_model`)."""
-        from ping_llm.checkpoint import load_model
+    def load(cls, run_dir, device="cpu", calibrated: bool = True, **kw) -> Engine:
+        """An engine over the model of a run directory (`ping_llm.checkpoint.load_model`), with
+        the run's calibration.json applied unless calibrated=False (none fitted: raw answers)."""
+        from ping_llm.checkpoint import find_checkpoint, load_model, read_meta
 
         model, _ = load_model(run_dir, device)
-        return cls(model, **kw)
+        cal = Calibration.load(run_dir) if calibrated else None
+        if cal is not None:
+            step = read_meta(find_checkpoint(run_dir) or Path(run_dir))["step"]
+            if cal.fitted.get("step") != step:
+                raise InputError(
+                    f"{run_dir}: calibration.json was fitted at step {cal.fitted.get('step')}, "
+                    f"the checkpoint is at step {step}; run `ping-llm calibrate` again (or "
+                    "query without calibration)")
+        return cls(model, calibration=cal, **kw)
+
+    def _calibrate(self, d: RTTDistribution, n_context: int) -> RTTDistribution:
+        c = self.calibration
+        return dataclasses.replace(d, p_failed=c.p_failed(d.p_failed),
+                                   probs=c.probs(d.probs, n_context), calibrated=True)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -341,7 +365,9 @@ class Engine:
         return max(1, self.kv_budget_bytes // (max_len * self._kv_bytes_per_token))
 
     def context(self, context) -> _Context:
-        ms = [as_measurement(m) for m in (context or [])]
+        """A context's tokens: measurements in any `targets.as_context` shape (our dicts or
+        tuples, tokens.Measurement, RIPE Atlas ping results as downloaded)."""
+        ms = as_context(context)
         toks = tk.encode_reference(ms)
         last = next((m.time for m in reversed(ms) if m.time is not None), None)
         return _Context(ms, toks, last)
@@ -372,6 +398,7 @@ class Engine:
             len(seq),
             src.n_completions * dst.n_completions,
             int(q.seed),
+            len(ctx.measurements),
         )
 
     def check(self, query) -> None:
@@ -489,6 +516,8 @@ class Engine:
                 rows = self._rtt_bucket(np.stack([plans[i].prefix for i in chunk]))
                 for i, d in zip(chunk, rows.distributions(), strict=True):
                     out[i] = d
+        if self.calibration is not None:
+            out = [self._calibrate(d, p.n_context) for d, p in zip(out, plans, strict=True)]
         return out
 
     # -- rank --------------------------------------------------------------------------------------

@@ -180,6 +180,16 @@ def _header_md(results: dict) -> list[str]:
              f"`{results['leak_check']['dataset_train_fingerprint']}`",
              f"- queries per set: at most {s['max_queries']} (seed {s['seed']}); contexts "
              f"{s['contexts']}; device {s['device']}; total {results['timings']['total_s']} s"]
+    if s.get("readdress"):
+        lines.append("- sources re-addressed: every evaluated source is asked about under a new "
+                     "random address, with its train measurements to other destinations as "
+                     "context (cold start on known probes)")
+    cal = run.get("calibration")
+    lines.append("- model distributions: raw (no calibration.json, or --no-calibration)"
+                 if not cal else
+                 f"- model distributions: calibrated on {cal.get('split')} "
+                 f"({cal.get('queries')} queries x k={cal.get('contexts')}, step "
+                 f"{cal.get('step')}); token NLL is the raw model's")
     if results.get("synthetic"):
         lines.append(f"- synthetic world: `{results['synthetic']['world_file']}` (fingerprint "
                      f"{results['synthetic']['fingerprint']}): KL and the truth row are exact")

@@ -10,6 +10,9 @@ Endpoints (POST bodies are JSON; the schema is at /openapi.json, browsable at /d
     POST /score          {measurements: [...], context?} -> {scores: [...]}
     POST /sample         {n, src?, seed?, temperature?, context?} -> {measurements: [...]}
 
+A `context` is a list of measurements {src, dst, rtt_ms, time} and/or RIPE Atlas ping results as
+downloaded (each packet one measurement; the limit counts packets).
+
 Bad input never produces a 500: pydantic rejects malformed bodies, limits (batch size, context
 length, k, n) are checked before any work, and the engine's InputError (bad address, mixed
 families, prefix too long, context too long for the model...) is mapped to 422 with its message.
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ping_llm import __version__
 from ping_llm.errors import InputError
 from ping_llm.query import Engine, Query
+from ping_llm.targets import as_context
 
 
 @dataclass
@@ -70,7 +74,17 @@ class MeasurementIn(_Body):
         return {"src": self.src, "dst": self.dst, "rtt_ms": self.rtt_ms, "time": self.time}
 
 
-Context = list[MeasurementIn] | None
+class AtlasResultIn(BaseModel):
+    """A RIPE Atlas ping result as downloaded; read as `ping-llm ingest` reads it."""
+
+    model_config = ConfigDict(extra="allow")
+    result: list = Field(description='its packets: {"rtt": ms}, {"x": "*"}, {"error": ...}')
+
+    def plain(self) -> dict:
+        return self.model_dump()
+
+
+Context = list[MeasurementIn | AtlasResultIn] | None
 
 
 class QueryIn(_Body):
@@ -122,10 +136,6 @@ class SampleIn(_Body):
     seed: int = 0
     temperature: float = 1.0
     context: Context = None
-
-
-def _ctx(context: Context) -> list[dict] | None:
-    return None if context is None else [m.plain() for m in context]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,20 +240,22 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         if not ok:
             raise HTTPException(status_code=422, detail=message)
 
-    def check_context(context: Context, where: str = "context") -> None:
-        n = len(context or [])
-        check(
-            n <= limits.max_context,
-            f"{where} has {n} measurements; the limit is {limits.max_context}",
-        )
+    def context_of(context: Context, where: str = "context") -> list | None:
+        """A body's context as measurements (RIPE results expanded per packet), within limits."""
+        if context is None:
+            return None
+        ms = as_context([m.plain() for m in context])
+        n = len(ms)
+        check(n <= limits.max_context,
+              f"{where} has {n} measurements; the limit is {limits.max_context}")
+        return ms
 
     async def in_thread(fn, *args, **kw):
         return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args, **kw))
 
-    def to_query(q: QueryIn, context: Context = None) -> Query:
-        check_context(q.context, f"query {q.src} -> {q.dst}: context")
-        ctx = _ctx(q.context) if q.context is not None else _ctx(context)
-        query = Query(q.src, q.dst, q.time, ctx, q.seed)
+    def to_query(q: QueryIn, shared: list | None = None) -> Query:
+        own = context_of(q.context, f"query {q.src} -> {q.dst}: context")
+        query = Query(q.src, q.dst, q.time, shared if own is None else own, q.seed)
         engine.check(query)  # InputError -> 422 before the query joins a batch
         return query
 
@@ -269,8 +281,8 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def rtt_many(body: RTTManyIn) -> dict:
         n = len(body.queries)
         check(0 < n <= limits.max_batch, f"queries must hold 1..{limits.max_batch} items, got {n}")
-        check_context(body.context)
-        dists = await co.ask([to_query(q, body.context) for q in body.queries])
+        shared = context_of(body.context)
+        dists = await co.ask([to_query(q, shared) for q in body.queries])
         return {"results": [d.to_dict(histogram=body.histogram) for d in dists]}
 
     @app.post("/rank")
@@ -279,7 +291,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         check(
             0 < n <= limits.max_batch, f"candidates must hold 1..{limits.max_batch} items, got {n}"
         )
-        check_context(body.context)
+        ctx = context_of(body.context)
         ranked = await in_thread(
             engine.rank,
             body.src,
@@ -287,14 +299,14 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             by=body.by,
             threshold_ms=body.threshold_ms,
             time=body.time,
-            context=_ctx(body.context),
+            context=ctx,
         )
         return {"ranking": [r.to_dict() for r in ranked]}
 
     @app.post("/destinations")
     async def destinations(body: DestinationsIn) -> dict:
         check(1 <= body.k <= limits.max_k, f"k must be in 1..{limits.max_k}, got {body.k}")
-        check_context(body.context)
+        ctx = context_of(body.context)
         found = await in_thread(
             engine.destinations,
             body.src,
@@ -304,7 +316,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             method=body.method,
             seed=body.seed,
             time=body.time,
-            context=_ctx(body.context),
+            context=ctx,
         )
         return {"destinations": [d.to_dict() for d in found]}
 
@@ -312,9 +324,9 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def score(body: ScoreIn) -> dict:
         n = len(body.measurements)
         check(0 < n <= limits.max_batch, f"measurements must hold 1..{limits.max_batch}, got {n}")
-        check_context(body.context)
+        ctx = context_of(body.context)
         scores = await in_thread(
-            engine.score_many, [m.plain() for m in body.measurements], context=_ctx(body.context)
+            engine.score_many, [m.plain() for m in body.measurements], context=ctx
         )
         return {"scores": [s.to_dict() for s in scores]}
 
@@ -323,14 +335,14 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         check(
             1 <= body.n <= limits.max_sample, f"n must be in 1..{limits.max_sample}, got {body.n}"
         )
-        check_context(body.context)
+        ctx = context_of(body.context)
         ms = await in_thread(
             engine.sample,
             body.n,
             body.src,
             seed=body.seed,
             temperature=body.temperature,
-            context=_ctx(body.context),
+            context=ctx,
         )
         return {"measurements": [m.to_dict() for m in ms]}
 
@@ -343,9 +355,11 @@ def serve(
     port: int = 8000,
     device: str = "cpu",
     limits: Limits | None = None,
+    calibrated: bool = True,
 ) -> None:
-    """Load the run's model and serve it until interrupted."""
+    """Load the run's model (with its calibration unless calibrated=False) and serve it until
+    interrupted."""
     import uvicorn
 
-    engine = Engine.load(run_dir, device=device)
+    engine = Engine.load(run_dir, device=device, calibrated=calibrated)
     uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="info")

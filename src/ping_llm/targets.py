@@ -3,7 +3,8 @@
 Everything here validates caller input and turns it into what the engine reads: a `Target` is a
 full address or a CIDR prefix (host bits cleared; its free bytes become "holes" the engine fills
 from the model's own distribution), `parse_time` accepts epoch seconds or ISO 8601 (naive = UTC),
-`as_measurement` accepts the shapes callers use for context measurements, and `Query` is one RTT
+`as_measurement` accepts the shapes callers use for context measurements, `as_context` also
+takes RIPE Atlas ping results as downloaded (one measurement per packet), and `Query` is one RTT
 question. Bad input raises InputError with the offending value in the message.
 """
 
@@ -141,6 +142,39 @@ def as_measurement(x) -> tk.Measurement:
     if s.version != d.version:
         raise InputError(f"mixed address families in a measurement: {src} -> {dst}")
     return tk.Measurement(str(s), str(d), rtt if rtt >= 0 else -1.0, parse_time(time))
+
+
+MAX_CONTEXT_ITEMS = 100_000  # a context longer than any model's window is a mistake, not data
+
+
+def is_atlas_result(x) -> bool:
+    """A RIPE Atlas ping result (API download or daily dump line), not one of our measurements."""
+    return isinstance(x, dict) and "result" in x
+
+
+def as_context(items, source_address: str = "auto") -> list[tk.Measurement]:
+    """Context measurements from what a caller has, in the order given: our shapes
+    (`as_measurement`) and RIPE Atlas ping results, which become one measurement per packet
+    (lost packets as failed, the source chosen as ingest does: the public `from` address
+    behind NAT). Results without a destination (DNS failures) add nothing."""
+    from ping_llm.ripe import RejectedResult, parse_result
+
+    items = list(items or [])
+    if len(items) > MAX_CONTEXT_ITEMS:
+        raise InputError(f"context has {len(items)} items; at most {MAX_CONTEXT_ITEMS} are read")
+    out: list[tk.Measurement] = []
+    for i, x in enumerate(items):
+        if not is_atlas_result(x):
+            out.append(as_measurement(x))
+            continue
+        try:
+            rows = parse_result(x, source_address).rows
+        except RejectedResult as e:
+            raise InputError(f"context item {i} is not a usable RIPE Atlas ping result: "
+                             f"{e.reason}") from None
+        out += [as_measurement((r["src_addr"], r["dst_addr"], r["rtt"], r["event_time"]))
+                for r in rows]
+    return out
 
 
 @dataclass

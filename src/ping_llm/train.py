@@ -91,6 +91,10 @@ class TrainConfig:
     # to train() are used as they are.
     seq_warmup_frac: float = 0.5
     seq_warmup_len: int = 256
+    # Identity augmentation (loader.readdress): the fraction of training contexts whose source
+    # (destinations) get new addresses, so the model must read the context to predict them.
+    readdress_src: float = 0.0
+    readdress_dst: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
     eval_every: int = 100  # steps; 0 = never (except none at all)
     eval_batches: int = 8  # global micro-batches in the fixed held-out set
@@ -130,6 +134,10 @@ class TrainConfig:
         if not (isinstance(self.seq_warmup_frac, int | float) and 0 <= self.seq_warmup_frac < 1):
             raise InputError(f"seq_warmup_frac must be in [0, 1), got {self.seq_warmup_frac!r}")
         positive_int("seq_warmup_len")
+        for name in ("readdress_src", "readdress_dst"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+                raise InputError(f"{name} must be a fraction in [0, 1], got {v!r}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise InputError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
@@ -169,7 +177,8 @@ class TrainConfig:
 RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac",
                 "seq_warmup_len")
 # What runs recorded before a field existed trained with (so they resume as they were).
-LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256}
+LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
+                   "readdress_dst": 0.0}
 
 
 def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
@@ -306,23 +315,28 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int,
     data = Path(cfg.data_dir)
     if not (data / "card.json").is_file():
         raise InputError(f"{data} is not a prepared dataset (no card.json); run `ping-llm prepare`")
-    from ping_llm.loader import CurriculumLoader, build_loader
+    from ping_llm.loader import CurriculumLoader, SamplerConfig, build_loader
 
     def make(split, batch_size=cfg.device_batch_size, length=seq_len, **kw):
         return build_loader(
             str(data), split, batch_size, length, cfg.seed, d.rank, d.world_size, **kw
         )
 
-    # The held-out set is read once (a few batches): no worker processes for it.
+    def make_train(batch_size=cfg.device_batch_size, length=seq_len):
+        sampler = SamplerConfig(seq_len=length, readdress_src=cfg.readdress_src,
+                                readdress_dst=cfg.readdress_dst)
+        return make("train", batch_size, length, config=sampler)
+
+    # The held-out set is read once (a few batches): no worker processes for it. It is never
+    # re-addressed: it measures the real task.
     held_out = make(cfg.eval_split, worker_count=0) if cfg.eval_every else None
     if warmup == 0:
-        return make("train"), held_out
+        return make_train(), held_out
     short = cfg.seq_warmup_len
     rows = cfg.device_batch_size * (seq_len // short)  # same tokens per micro-batch
     log0(d, f"sequence-length warmup: steps 1..{warmup} on {short}-token contexts "
             f"({rows} rows per micro-batch), then {seq_len}")
-    curriculum = CurriculumLoader(make("train", rows, short), lambda: make("train"),
-                                  warmup * accum)
+    curriculum = CurriculumLoader(make_train(rows, short), make_train, warmup * accum)
     return curriculum, held_out
 
 

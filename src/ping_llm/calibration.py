@@ -1,0 +1,193 @@
+"""Post-hoc calibration of the model's answers: a monotone map of the RTT CDF and a logistic map
+of P(failed), fitted on the `val` split and stored in the run directory as calibration.json.
+
+Why: a model trained on a few hundred sources is over-confident wherever it meets what it did not
+memorise (new pairs, new probes, later weeks): its 90% central intervals cover 56-88% of outcomes
+on menog. Training changes (identity augmentation) address the cause; this corrects what is left,
+for every query path at once, without touching the weights.
+
+The RTT maps are quantile recalibration (Kuleshov, Fenner & Ermon, ICML 2018): with u = F(y) the
+probability integral transform of each observed RTT y under the model's CDF F, a calibrated model
+has u ~ U(0, 1); R = the empirical CDF of the val PITs (interpolated linearly between KNOTS of its
+quantiles) turns F into R(F), which is calibrated on val by construction. On the model's discrete
+code grid the calibrated mass of each code is R(F(code)) - R(F(code-)): every code keeps its
+place, mass moves between codes, the distribution stays on the grid. P(failed) gets Platt scaling:
+logit p' = a logit p + b, fitted by logistic regression on the val outcomes. There is one RTT map
+per band of context sizes (CONTEXT_FROM: 0, 1-3, 4-15, 16+ measurements), since how far the
+model is from calibrated depends on how much context it reads.
+
+What it does not touch: token log-probabilities (`Engine.score`, eval's token NLL) and sampled
+measurements are the model's own; distributions (`rtt`, `rtt_many`, `rank`, partial addresses,
+the server) are calibrated. One map per band of context sizes serves every split: it is fitted on
+val, which holds known probes only, so cold sources keep whatever miscalibration the model has on
+them beyond what val shows (docs/results.md measures it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ping_llm.errors import InputError
+
+CALIBRATION_FILE = "calibration.json"
+FORMAT = "ping-llm-calibration/1"
+KNOTS = 25  # quantiles of the val PITs that define a map (>= 2 replies per knot, ~40 in practice)
+# Context-size bands with a map each: the model is sharper with more context, and how much it
+# is over-confident changes with it (menog val: cov50 0.45 at k = 0, 0.35 at k = 64).
+CONTEXT_FROM = (0, 1, 4, 16)
+P_CLIP = 1e-6  # P(failed) kept inside [P_CLIP, 1 - P_CLIP] before the logit
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), P_CLIP, 1 - P_CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass
+class Calibration:
+    """One RTT map per context size: maps[i] = {"min_context": m, "u": knots, "r": R(knots)}
+    serves queries with at least m (and fewer than the next map's m) context measurements;
+    knots 0 = u_0 < ... < u_n = 1, values 0 = R(u_0) <= ... <= R(u_n) = 1. Platt (a, b) for
+    P(failed). `fitted` says on what (run step, dataset, split, outcomes): provenance only."""
+
+    maps: list[dict]
+    a: float = 1.0
+    b: float = 0.0
+    fitted: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        ok = isinstance(self.maps, list) and len(self.maps) > 0
+        for m in self.maps if ok else []:
+            u = np.asarray(m.get("u", []), np.float64)
+            r = np.asarray(m.get("r", []), np.float64)
+            ok = ok and (u.ndim == 1 and u.shape == r.shape and len(u) >= 2
+                         and bool(np.all(np.isfinite(u)) and np.all(np.isfinite(r)))
+                         and u[0] == 0 and u[-1] == 1 and r[0] == 0 and r[-1] == 1
+                         and bool(np.all(np.diff(u) > 0) and np.all(np.diff(r) >= 0)))
+        starts = [m.get("min_context") for m in self.maps] if ok else []
+        ok = ok and starts[0] == 0 and all(isinstance(x, int) for x in starts) \
+            and starts == sorted(set(starts))
+        if not ok or not (math.isfinite(self.a) and math.isfinite(self.b) and self.a > 0):
+            raise InputError("a calibration needs maps ordered by min_context from 0, each with "
+                             "knots 0 = u_0 < ... < u_n = 1 and values 0 = R(u_0) <= ... <= "
+                             "R(u_n) = 1, and a finite slope a > 0")
+
+    @classmethod
+    def identity(cls) -> Calibration:
+        return cls([{"min_context": 0, "u": [0.0, 1.0], "r": [0.0, 1.0]}])
+
+    # -- applying ------------------------------------------------------------------------------
+
+    def map_for(self, n_context: int) -> dict:
+        starts = [m["min_context"] for m in self.maps]
+        return self.maps[int(np.searchsorted(starts, n_context, "right")) - 1]
+
+    def cdf(self, F: np.ndarray, n_context: int = 0) -> np.ndarray:
+        """R(F), elementwise, with the map of this context size."""
+        m = self.map_for(n_context)
+        return np.interp(F, m["u"], m["r"])
+
+    def probs(self, probs: np.ndarray, n_context: int = 0) -> np.ndarray:
+        """Calibrated masses of codes (..., K) in ascending order (each row sums to 1)."""
+        F = np.cumsum(probs, axis=-1)
+        F /= F[..., -1:]
+        return np.maximum(np.diff(self.cdf(F, n_context), axis=-1, prepend=0.0), 0.0)
+
+    def p_failed(self, p) -> np.ndarray | float:
+        z = self.a * _logit(p) + self.b
+        out = 1.0 / (1.0 + np.exp(-z))
+        return float(out) if np.ndim(out) == 0 else out
+
+    # -- fitting -------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, pit, n_context, p_failed, failed, context_from=CONTEXT_FROM,
+            fitted: dict | None = None) -> Calibration:
+        """From val: PITs of the replies (NaN for failed pings), the context size of each
+        query, predicted P(failed) and the outcomes. A context-size band with too few replies
+        uses the map of all of them."""
+        pit = np.asarray(pit, np.float64)
+        n_context = np.asarray(n_context, np.int64)
+        if pit.shape != n_context.shape:
+            raise InputError("pit and n_context must have the same length")
+        ok = np.isfinite(pit)
+        pooled = _quantile_map(pit[ok])
+        if pooled is None:
+            raise InputError(f"{int(ok.sum())} replies are too few to calibrate on (need "
+                             f"{2 * KNOTS}); evaluate more val queries")
+        bands = list(context_from) + [np.iinfo(np.int64).max]
+        maps, used = [], {}
+        for lo, hi in zip(bands[:-1], bands[1:], strict=True):
+            sel = ok & (n_context >= lo) & (n_context < hi)
+            m = _quantile_map(pit[sel]) or pooled
+            maps.append({"min_context": int(lo), **m})
+            used[str(lo)] = int(sel.sum())
+        a, b = _platt(np.asarray(p_failed, np.float64), np.asarray(failed, bool))
+        return cls(maps, a, b, dict(fitted or {}, replies=int(ok.sum()), replies_per_band=used,
+                                    outcomes=int(len(pit))))
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def save(self, run_dir) -> Path:
+        path = Path(run_dir) / CALIBRATION_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir) -> Calibration | None:
+        """The run's calibration, or None when it has none."""
+        path = Path(run_dir) / CALIBRATION_FILE
+        if not path.is_file():
+            return None
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"{path} is unreadable ({e}); fit it again with "
+                             "`ping-llm calibrate` or delete it") from None
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
+            raise InputError(f"{path} is not a {FORMAT} file")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise InputError(f"{path}: {e}") from None
+
+
+def _quantile_map(pit: np.ndarray) -> dict | None:
+    """R = the empirical CDF of these PITs at KNOTS quantiles; None when there are too few."""
+    if len(pit) < 2 * KNOTS:
+        return None
+    levels = np.arange(1, KNOTS) / KNOTS
+    q = np.quantile(pit, levels)
+    u, keep = np.unique(np.clip(q, 1e-9, 1 - 1e-9), return_index=True)  # ties merged
+    return {"u": [0.0, *u.tolist(), 1.0], "r": [0.0, *levels[keep].tolist(), 1.0]}
+
+
+def _platt(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Logistic regression of y on logit(p) (Newton, a light ridge towards the identity a=1, b=0
+    so that a val without failures or with perfectly separated ones stays finite)."""
+    if len(p) != len(y) or len(p) == 0:
+        raise InputError("P(failed) and outcomes must be non-empty and of equal length")
+    x = _logit(p)
+    X = np.stack([x, np.ones_like(x)], axis=1)  # (n, 2)
+    w = np.array([1.0, 0.0])
+    ridge = 1.0  # one pseudo-observation's worth
+    for _ in range(50):
+        z = X @ w
+        s = 1.0 / (1.0 + np.exp(-z))
+        g = X.T @ (s - y) + ridge * (w - [1.0, 0.0])
+        H = (X * (s * (1 - s))[:, None]).T @ X + ridge * np.eye(2)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    a, b = float(w[0]), float(w[1])
+    if not a > 0:  # failure odds that fall as the model's rise: keep the model's ranking
+        a, b = 1.0, 0.0
+    return a, b
