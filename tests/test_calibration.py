@@ -69,7 +69,7 @@ def test_an_over_confident_forecaster_gets_nominal_coverage_on_fresh_outcomes():
     fit, test = slice(0, n), slice(n, 2 * n)
     assert _coverage(pmf[test], y[test], 0.9) < 0.7  # over-confident before
     cal = Calibration.fit(_pit(pmf[fit], y[fit], rng), np.zeros(n, int), np.full(n, 0.1),
-                          rng.random(n) < 0.1)
+                          rng.random(n) < 0.1, np.ones(n, bool))
     out = cal.probs(pmf[test])
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-12)
     assert (out >= 0).all()
@@ -81,30 +81,39 @@ def test_an_over_confident_forecaster_gets_nominal_coverage_on_fresh_outcomes():
     assert np.median(np.abs(med - mu[test])) < 0.1
 
 
-def test_each_context_size_band_gets_its_own_map():
+def test_each_population_and_context_size_band_gets_its_own_map():
     rng = np.random.default_rng(1)
-    n = 3000
+    n = 4000
     mu = rng.normal(0, 1, n)
     pmf = _normal_pmf(mu, 0.5)
-    n_ctx = np.where(np.arange(n) < n // 2, 0, 20)
-    wide = np.where(n_ctx == 0, 0.5, 1.5)  # calibrated without context, over-confident with
+    n_ctx = np.where(np.arange(n) % 2 == 0, 0, 20)
+    known = np.arange(n) < n // 2
+    # known sources calibrated without context and over-confident with it; new ones 3x too sharp
+    wide = np.where(known, np.where(n_ctx == 0, 0.5, 1.5), 1.5)
     y = mu + rng.normal(0, 1, n) * wide
-    cal = Calibration.fit(_pit(pmf, y, rng), n_ctx, np.full(n, 0.1), rng.random(n) < 0.1)
-    assert [m["min_context"] for m in cal.maps] == [0, 1, 4, 16]
-    assert cal.fitted["replies_per_band"] == {"0": n // 2, "1": 0, "4": 0, "16": n // 2}
+    cal = Calibration.fit(_pit(pmf, y, rng), n_ctx, np.full(n, 0.1), rng.random(n) < 0.1,
+                          known, known_sources=["10.0.0.1", "10.0.0.2"])
+    assert [m["min_context"] for m in cal.maps["known"]] == [0, 1, 4, 16]
+    assert cal.fitted["replies_per_band"] == {
+        "known 0+": n // 4, "known 1+": 0, "known 4+": 0, "known 16+": n // 4,
+        "new 0+": n // 4, "new 1+": 0, "new 4+": 0, "new 16+": n // 4}
     u = np.linspace(0.05, 0.95, 19)
-    assert np.abs(cal.cdf(u, 0) - u).max() < 0.05  # k = 0: close to the identity
-    assert cal.cdf(np.array([0.05]), 20)[0] > 0.2  # k >= 16: the tails get much more mass
-    # bands without val data fall back to the map of all the replies
-    assert cal.map_for(2)["u"] == cal.map_for(5)["u"] != cal.map_for(0)["u"]
+    assert np.abs(cal.cdf(u, 0, "known") - u).max() < 0.05  # close to the identity
+    assert cal.cdf(np.array([0.05]), 20, "known")[0] > 0.2  # the tails get much more mass
+    assert cal.cdf(np.array([0.05]), 0, "new")[0] > 0.2  # new sources: wider even at k = 0
+    # bands without val data fall back to the map of the population's replies
+    assert cal.map_for(2, "new")["u"] == cal.map_for(5, "new")["u"] != cal.map_for(0, "new")["u"]
+    assert cal.population("10.0.0.2") == "known"
+    assert cal.population("10.0.0.3") == cal.population(None) == "new"
 
 
 def test_platt_scaling_corrects_a_failure_rate_and_keeps_the_ranking():
     rng = np.random.default_rng(2)
     p = rng.uniform(0.01, 0.2, 20000)
     y = rng.random(len(p)) < np.minimum(1.0, 2.5 * p)  # failures 2.5x more likely than said
-    cal = Calibration.fit(np.full(len(p), 0.5), np.zeros(len(p), int), p, y)
-    q = cal.p_failed(p)
+    cal = Calibration.fit(np.full(len(p), 0.5), np.zeros(len(p), int), p, y,
+                          np.ones(len(p), bool))
+    q = cal.p_failed(p, "known")
     assert np.mean(q) == pytest.approx(np.mean(y), abs=0.01)
     assert (np.diff(q[np.argsort(p)]) >= 0).all()
 
@@ -112,7 +121,8 @@ def test_platt_scaling_corrects_a_failure_rate_and_keeps_the_ranking():
 def test_save_load_round_trip_and_bad_files(tmp_path):
     rng = np.random.default_rng(3)
     cal = Calibration.fit(rng.random(500), rng.integers(0, 30, 500), rng.random(500) * 0.2,
-                          rng.random(500) < 0.1, fitted={"step": 7})
+                          rng.random(500) < 0.1, rng.random(500) < 0.5, ["192.0.2.1"],
+                          fitted={"step": 7})
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     assert back == cal and back.fitted["step"] == 7
@@ -120,13 +130,15 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(InputError, match="unreadable"):
         Calibration.load(tmp_path)
-    d = json.loads(json.dumps({"format": "ping-llm-calibration/1", "maps": [
-        {"min_context": 0, "u": [0.0, 0.7, 0.5, 1.0], "r": [0.0, 0.2, 0.6, 1.0]}]}))
+    bad = [{"min_context": 0, "u": [0.0, 0.7, 0.5, 1.0], "r": [0.0, 0.2, 0.6, 1.0]}]
+    d = {"format": "ping-llm-calibration/1", "maps": {"known": bad, "new": bad},
+         "platt": {"known": [1, 0], "new": [1, 0]}}
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps(d))
     with pytest.raises(InputError, match="knots"):
         Calibration.load(tmp_path)
     with pytest.raises(InputError, match="too few"):
-        Calibration.fit(rng.random(10), np.zeros(10, int), np.full(10, 0.1), np.zeros(10, bool))
+        Calibration.fit(rng.random(10), np.zeros(10, int), np.full(10, 0.1), np.zeros(10, bool),
+                        np.ones(10, bool))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,10 +159,15 @@ def test_calibrate_fits_on_val_and_writes_the_run_calibration(calibrated_run, tr
     step = checkpoint.read_meta(checkpoint.find_checkpoint(run))["step"]
     assert s["file"] == str(run / CALIBRATION_FILE) and s["step"] == step
     assert cal.fitted["step"] == step and cal.fitted["split"] == "val"
-    assert cal.fitted["queries"] == s["queries"] == 60 and cal.fitted["outcomes"] == 300
-    assert set(s["val"]) == {"k=0", "k=1", "k=4", "k=16", "k=64"}
-    for v in s["val"].values():
-        assert 0 <= v["after"]["coverage_90"] <= 1
+    # 60 val queries x 5 context sizes x (known sources, the same re-addressed as new ones)
+    assert cal.fitted["queries"] == s["queries"] == 60 and cal.fitted["outcomes"] == 600
+    assert s["populations"] == cal.fitted["populations"] == ["known sources", "new sources"]
+    train = schema.read_canonical(trained_run.data_dir / "splits" / "train.parquet")
+    assert cal.known_sources == sorted(set(train["src_addr"].to_pylist()))
+    for rows in s["val"].values():
+        assert set(rows) == {"k=0", "k=1", "k=4", "k=16", "k=64"}
+        for v in rows.values():
+            assert 0 <= v["after"]["coverage_90"] <= 1
     assert not (trained_run.run_dir / CALIBRATION_FILE).exists()  # the copy, not the original
 
 
@@ -173,17 +190,22 @@ def test_every_distribution_of_a_calibrated_run_is_the_raw_one_mapped(calibrated
     eng, raw = Engine.load(run), Engine.load(run, calibrated=False)
     assert eng.calibration == cal and raw.calibration is None
     src, dsts, ctx = _busiest_source(trained_run.canonical)
-    for context in (None, ctx):
-        a, b = eng.rtt(src, dsts[0], context=context), raw.rtt(src, dsts[0], context=context)
-        n = len(context or [])
-        assert a.calibrated and not b.calibrated
-        np.testing.assert_array_equal(a.codes, b.codes)
-        np.testing.assert_allclose(a.probs, cal.probs(b.probs, n), rtol=1e-12, atol=1e-15)
-        assert a.p_failed == pytest.approx(cal.p_failed(b.p_failed), rel=1e-12)
-        assert a.to_dict()["calibrated"] is True
+    stranger = "203.0.113.77"  # never a train source: the "new" maps
+    assert cal.population(src) == "known" and cal.population(stranger) == "new"
+    assert cal.maps["known"] != cal.maps["new"]
+    for who, pop in ((src, "known"), (stranger, "new")):
+        for context in (None, ctx):
+            a, b = eng.rtt(who, dsts[0], context=context), raw.rtt(who, dsts[0], context=context)
+            n = len(context or [])
+            assert a.calibrated and not b.calibrated
+            np.testing.assert_array_equal(a.codes, b.codes)
+            np.testing.assert_allclose(a.probs, cal.probs(b.probs, n, pop), rtol=1e-12,
+                                       atol=1e-15)
+            assert a.p_failed == pytest.approx(cal.p_failed(b.p_failed, pop), rel=1e-12)
+            assert a.to_dict()["calibrated"] is True
     prefix = src.rsplit(".", 1)[0] + ".0/30" if "." in src else src + "/126"
-    a, b = eng.rtt(prefix, dsts[1]), raw.rtt(prefix, dsts[1])
-    np.testing.assert_allclose(a.probs, cal.probs(b.probs), rtol=1e-12, atol=1e-15)
+    a, b = eng.rtt(prefix, dsts[1]), raw.rtt(prefix, dsts[1])  # a prefix is a new source
+    np.testing.assert_allclose(a.probs, cal.probs(b.probs, 0, "new"), rtol=1e-12, atol=1e-15)
     ranked = eng.rank(src, dsts)
     medians = {d: eng.rtt(src, d).median for d in dsts}
     assert [r.median_ms for r in ranked] == sorted(medians.values())
@@ -212,9 +234,10 @@ def test_cli_calibrate_prints_val_coverage_before_and_after(trained_run, tmp_pat
             "--max-queries", "40", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "k=16" in out and "->" in out and (run / CALIBRATION_FILE).is_file()
-    assert main([*argv, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["queries"] == 40
+    assert "new sources    k=16" in out and "->" in out and (run / CALIBRATION_FILE).is_file()
+    assert main([*argv, "--json", "--known-only"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["queries"] == 40 and out["populations"] == ["known sources"]
     assert main(["calibrate", "--data", str(tmp_path), "--run", str(run)]) == 2
     assert "error" in capsys.readouterr().err
 

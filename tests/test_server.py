@@ -104,6 +104,7 @@ def test_healthz_and_the_openapi_schema(server):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["limits"]["max_batch"] == 40 and "rtt_batches" in h
+    assert h["calibrated"] is False  # this run has no calibration.json
     paths = httpx.get(server.url + "/openapi.json").json()["paths"]
     for p in ("/healthz", "/rtt", "/rtt_many", "/rank", "/destinations", "/score", "/sample"):
         assert p in paths

@@ -1,25 +1,37 @@
 """`ping-llm calibrate`: fit a run's calibration (`ping_llm.calibration`) on the val split.
 
 The val queries are drawn and given context exactly as `ping-llm eval --splits val` does
-(`evaluate.Queries.of`, `evaluate.ContextPool` over train, k in CONTEXTS pooled, so the map sees
-every context size the report shows); the raw model's distributions give the randomised PITs of
-the replies and P(failed) against the outcomes; the fitted map goes to RUN_DIR/calibration.json
-with what it was fitted on (run step, val fingerprint, queries, contexts), and every
-`Engine.load` of the run applies it from then on. Val coverage before and after is returned (and
-printed by the CLI); after is in-sample by construction, the test splits are where it is judged.
+(`evaluate.Queries.of`, `evaluate.ContextPool` over train, k in CONTEXTS pooled, so the maps see
+every context size the report shows), and again with their sources re-addressed as `eval
+--readdress-sources` does (new sources: the cold start); the raw model's distributions give the
+randomised PITs of the replies and P(failed) against the outcomes; the fitted maps go to
+RUN_DIR/calibration.json with what they were fitted on (run step, val fingerprint, queries,
+contexts, populations), and every `Engine.load` of the run applies them from then on. Val
+coverage before and after is returned (and printed by the CLI) per population; after is in-sample
+by construction, the test splits are where it is judged.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ping_llm.calibration import Calibration
 from ping_llm.errors import InputError
-from ping_llm.evaluate import BYTE2_MASS, CONTEXTS, MAX_QUERIES, ContextPool, Queries
+from ping_llm.evaluate import (
+    BYTE2_MASS,
+    CONTEXTS,
+    MAX_QUERIES,
+    ContextPool,
+    Queries,
+    new_sources,
+    with_source,
+)
 from ping_llm.leakcheck import check_leak
 from ping_llm.scoring import GRID, dense_pmf, distribution_metrics
 
@@ -32,14 +44,51 @@ def _coverage(dm: dict) -> dict:
             "coverage_90": float(np.mean(dm["in90"][ok])) if ok.any() else None}
 
 
-def calibrate(data_dir, run_dir, *, max_queries: int = 2 * MAX_QUERIES, contexts=CONTEXTS,
-              seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
-    """Fit and save the run's calibration on `data_dir`'s val split; returns a summary."""
+def _population(engine, q, pool, contexts, budget, rng, new_src, bar) -> dict:
+    """Raw distributions of the queries q at every k: PITs, P(failed), context sizes, pmfs.
+    new_src: None (the sources as they are) or their new addresses (queries and contexts)."""
+    from ping_llm.query import Query
+
+    lo, p = pool.before(q.src, q.time)
+    src = q.src if new_src is None else new_src
+    out = {"pit": [], "p_failed": [], "n_context": [], "pmf": [], "metrics": []}
+    for k in contexts:
+        ctxs = [with_source(pool.context(lo[i], p[i], k, budget, str(q.dst[i])), str(src[i]))
+                for i in range(len(q))]
+        qs = [Query(str(src[i]), str(q.dst[i]), int(q.time[i]), context=c)
+              for i, c in enumerate(ctxs)]
+        pf, pmf = [], []
+        for s in range(0, len(qs), 64):
+            a, b = dense_pmf(engine.rtt_many(qs[s : s + 64]))
+            pf.append(a)
+            pmf.append(b)
+            bar.update(len(qs[s : s + 64]))
+        dm = distribution_metrics(GRID, np.concatenate(pmf), q.obs, rng)
+        out["pit"].append(dm["pit"])
+        out["p_failed"].append(np.concatenate(pf))
+        out["n_context"].append(np.array([len(c) for c in ctxs]))
+        out["pmf"].append(np.concatenate(pmf))
+        out["metrics"].append(dm)
+    return out
+
+
+def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CONTEXTS,
+              cold: bool = True, seed: int = 0, device: str = "cpu",
+              progress: bool = True) -> dict:
+    """Fit and save the run's calibration on `data_dir`'s val split; returns a summary.
+
+    The val queries are asked twice (unless cold=False): about their known sources (train
+    context, as `eval --splits val`) and about the same sources re-addressed as if never seen
+    (`evaluate.new_sources`, context from their train pings to other destinations, as `eval
+    --splits val --readdress-sources`). The maps are fitted on both together, so that new
+    sources -- where the model is most over-confident, and which a known-probe val alone would
+    never show -- are calibrated too, at the price of known ones being a little under-confident.
+    """
     from tqdm import tqdm
 
     from ping_llm.checkpoint import find_checkpoint, read_config, read_meta
     from ping_llm.prepare import load_card
-    from ping_llm.query import Engine, Query
+    from ping_llm.query import Engine
     from ping_llm.schema import read_canonical
 
     t0 = time.perf_counter()
@@ -55,44 +104,43 @@ def calibrate(data_dir, run_dir, *, max_queries: int = 2 * MAX_QUERIES, contexts
     step = read_meta(find_checkpoint(run_dir))["step"]
     engine = Engine.load(run_dir, device=device, calibrated=False, byte2_mass=BYTE2_MASS)
     q = Queries.of(val, max_queries, seed, SPLIT)
-    pool = ContextPool(train)
-    lo, p = pool.before(q.src, q.time)
     budget = engine.config.sequence_len - 50  # as evaluate: room for the query and its result
     rng = np.random.default_rng([seed, 0xCA1])
-    per_k, pf_all, pmf_all, n_all = {}, [], [], []
-    bar = tqdm(total=len(q) * len(contexts), desc="calibrate on val", unit="q",
-               file=sys.stderr, disable=not progress)
-    for k in contexts:
-        ctxs = [pool.context(lo[i], p[i], k, budget) for i in range(len(q))]
-        n_all.append(np.array([len(c) for c in ctxs]))
-        qs = [Query(str(q.src[i]), str(q.dst[i]), int(q.time[i]), context=c)
-              for i, c in enumerate(ctxs)]
-        pf, pmf = [], []
-        for s in range(0, len(qs), 64):
-            a, b = dense_pmf(engine.rtt_many(qs[s : s + 64]))
-            pf.append(a)
-            pmf.append(b)
-            bar.update(len(qs[s : s + 64]))
-        pf_all.append(np.concatenate(pf))
-        pmf_all.append(np.concatenate(pmf))
-        per_k[k] = distribution_metrics(GRID, pmf_all[-1], q.obs, rng)
+    populations = {"known sources": (ContextPool(train), None)}
+    if cold:
+        populations["new sources"] = (ContextPool(train, other_destinations=True),
+                                      new_sources(q.src, [seed, zlib.crc32(SPLIT.encode()), 2]))
+    bar = tqdm(total=len(q) * len(contexts) * len(populations), desc="calibrate on val",
+               unit="q", file=sys.stderr, disable=not progress)
+    got = {name: _population(engine, q, pool, contexts, budget, rng, new, bar)
+           for name, (pool, new) in populations.items()}
     bar.close()
-    pit = np.concatenate([per_k[k]["pit"] for k in contexts])
-    p_failed = np.concatenate(pf_all)
-    failed = np.tile(q.failed, len(contexts))
-    cal = Calibration.fit(pit, np.concatenate(n_all), p_failed, failed, fitted={
+    cat = {key: np.concatenate([np.concatenate(g[key]) for g in got.values()])
+           for key in ("pit", "p_failed", "n_context")}
+    failed = np.tile(q.failed, len(contexts) * len(populations))
+    # Known = the address is a train source, as Engine decides at query time (a val probe that
+    # renumbered after the cut is "new" too); re-addressed sources never are.
+    train_sources = pc.unique(train["src_addr"]).to_pylist()
+    is_train = np.isin(q.src.astype(str), np.asarray(train_sources, dtype=str))
+    known = np.concatenate([np.tile(is_train if new is None else np.zeros(len(q), bool),
+                                    len(contexts)) for _, new in populations.values()])
+    cal = Calibration.fit(cat["pit"], cat["n_context"], cat["p_failed"], failed, known,
+                          known_sources=train_sources, fitted={
         "step": step, "data_dir": str(data_dir), "split": SPLIT,
         "split_fingerprint": info.get("fingerprint"), "queries": len(q),
-        "contexts": list(contexts), "seed": seed,
+        "contexts": list(contexts), "populations": list(populations), "seed": seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     path = cal.save(run_dir)
     summary = {"file": str(path), "step": step, "queries": len(q), "contexts": list(contexts),
-               "replies": cal.fitted["replies"], "platt": {"a": cal.a, "b": cal.b},
-               "val": {}}
-    for j, k in enumerate(contexts):
-        after_pmf = np.stack([cal.probs(row, n) for row, n in zip(pmf_all[j], n_all[j],
-                                                                   strict=True)])
-        after = distribution_metrics(GRID, after_pmf, q.obs, rng)
-        summary["val"][f"k={k}"] = {"before": _coverage(per_k[k]), "after": _coverage(after)}
+               "populations": list(populations), "replies": cal.fitted["replies"],
+               "known_sources": len(cal.known_sources), "platt": cal.platt, "val": {}}
+    for (name, g), (_, new) in zip(got.items(), populations.values(), strict=True):
+        rows = summary["val"][name] = {}
+        pops = [cal.population(str(x)) for x in (q.src if new is None else new)]
+        for j, k in enumerate(contexts):
+            after = np.stack([cal.probs(row, n, pop) for row, n, pop in zip(
+                g["pmf"][j], g["n_context"][j], pops, strict=True)])
+            rows[f"k={k}"] = {"before": _coverage(g["metrics"][j]),
+                              "after": _coverage(distribution_metrics(GRID, after, q.obs, rng))}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary

@@ -14,13 +14,16 @@ code grid the calibrated mass of each code is R(F(code)) - R(F(code-)): every co
 place, mass moves between codes, the distribution stays on the grid. P(failed) gets Platt scaling:
 logit p' = a logit p + b, fitted by logistic regression on the val outcomes. There is one RTT map
 per band of context sizes (CONTEXT_FROM: 0, 1-3, 4-15, 16+ measurements), since how far the
-model is from calibrated depends on how much context it reads.
+model is from calibrated depends on how much context it reads, and one set of maps (and Platt
+pair) per source population: "known" sources (an address the model trained on: the run's train
+split, stored as `known_sources`) and "new" ones (any other address, and prefixes), since the
+model is far more over-confident about a source it has to guess from context than about one it
+memorised.
 
 What it does not touch: token log-probabilities (`Engine.score`, eval's token NLL) and sampled
 measurements are the model's own; distributions (`rtt`, `rtt_many`, `rank`, partial addresses,
-the server) are calibrated. One map per band of context sizes serves every split: it is fitted on
-val, which holds known probes only, so cold sources keep whatever miscalibration the model has on
-them beyond what val shows (docs/results.md measures it).
+the server) are calibrated. `ping-llm calibrate` fits the "new" maps on val asked about its
+probes re-addressed (`calibrate.calibrate`): val itself holds known probes only.
 """
 
 from __future__ import annotations
@@ -48,88 +51,124 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+POPULATIONS = ("known", "new")  # is the query's source address one the model trained on?
+
+
 @dataclass
 class Calibration:
-    """One RTT map per context size: maps[i] = {"min_context": m, "u": knots, "r": R(knots)}
-    serves queries with at least m (and fewer than the next map's m) context measurements;
-    knots 0 = u_0 < ... < u_n = 1, values 0 = R(u_0) <= ... <= R(u_n) = 1. Platt (a, b) for
-    P(failed). `fitted` says on what (run step, dataset, split, outcomes): provenance only."""
+    """RTT maps per source population and context size, and Platt scaling per population.
 
-    maps: list[dict]
-    a: float = 1.0
-    b: float = 0.0
+    maps[pop] (pop "known" or "new") is a list of {"min_context": m, "u": knots, "r": R(knots)}:
+    map i serves queries with at least m (and fewer than the next map's m) context
+    measurements; knots 0 = u_0 < ... < u_n = 1, values 0 = R(u_0) <= ... <= R(u_n) = 1.
+    platt[pop] = (a, b). A query's source is "known" when its address is one of
+    `known_sources` (the train split's source addresses), "new" otherwise (any other address,
+    and every prefix). `fitted` says on what (run step, dataset, split, outcomes): provenance."""
+
+    maps: dict
+    platt: dict
+    known_sources: list = field(default_factory=list)
     fitted: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        ok = isinstance(self.maps, list) and len(self.maps) > 0
-        for m in self.maps if ok else []:
-            u = np.asarray(m.get("u", []), np.float64)
-            r = np.asarray(m.get("r", []), np.float64)
-            ok = ok and (u.ndim == 1 and u.shape == r.shape and len(u) >= 2
-                         and bool(np.all(np.isfinite(u)) and np.all(np.isfinite(r)))
-                         and u[0] == 0 and u[-1] == 1 and r[0] == 0 and r[-1] == 1
-                         and bool(np.all(np.diff(u) > 0) and np.all(np.diff(r) >= 0)))
-        starts = [m.get("min_context") for m in self.maps] if ok else []
-        ok = ok and starts[0] == 0 and all(isinstance(x, int) for x in starts) \
-            and starts == sorted(set(starts))
-        if not ok or not (math.isfinite(self.a) and math.isfinite(self.b) and self.a > 0):
-            raise InputError("a calibration needs maps ordered by min_context from 0, each with "
-                             "knots 0 = u_0 < ... < u_n = 1 and values 0 = R(u_0) <= ... <= "
-                             "R(u_n) = 1, and a finite slope a > 0")
+        ok = (isinstance(self.maps, dict) and set(self.maps) == set(POPULATIONS)
+              and isinstance(self.platt, dict) and set(self.platt) == set(POPULATIONS))
+        for pop in POPULATIONS if ok else ():
+            bands = self.maps[pop]
+            ok = ok and isinstance(bands, list) and len(bands) > 0
+            for m in bands if ok else []:
+                u = np.asarray(m.get("u", []), np.float64)
+                r = np.asarray(m.get("r", []), np.float64)
+                ok = ok and (u.ndim == 1 and u.shape == r.shape and len(u) >= 2
+                             and bool(np.all(np.isfinite(u)) and np.all(np.isfinite(r)))
+                             and u[0] == 0 and u[-1] == 1 and r[0] == 0 and r[-1] == 1
+                             and bool(np.all(np.diff(u) > 0) and np.all(np.diff(r) >= 0)))
+            starts = [m.get("min_context") for m in bands] if ok else []
+            ok = ok and starts[0] == 0 and all(isinstance(x, int) for x in starts) \
+                and starts == sorted(set(starts))
+            a, b = self.platt[pop] if ok else (0.0, 0.0)
+            ok = ok and math.isfinite(a) and math.isfinite(b) and a > 0
+        if not ok:
+            raise InputError("a calibration needs, for the known and the new sources, maps "
+                             "ordered by min_context from 0, each with knots 0 = u_0 < ... < "
+                             "u_n = 1 and values 0 = R(u_0) <= ... <= R(u_n) = 1, and Platt "
+                             "(a, b) with a finite slope a > 0")
+        self.platt = {p: [float(x) for x in self.platt[p]] for p in POPULATIONS}
+        self.known_sources = sorted(self.known_sources)
+        self._known = frozenset(self.known_sources)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Calibration) and asdict(self) == asdict(other)
 
     @classmethod
     def identity(cls) -> Calibration:
-        return cls([{"min_context": 0, "u": [0.0, 1.0], "r": [0.0, 1.0]}])
+        same = [{"min_context": 0, "u": [0.0, 1.0], "r": [0.0, 1.0]}]
+        return cls({p: same for p in POPULATIONS}, {p: (1.0, 0.0) for p in POPULATIONS})
 
     # -- applying ------------------------------------------------------------------------------
 
-    def map_for(self, n_context: int) -> dict:
-        starts = [m["min_context"] for m in self.maps]
-        return self.maps[int(np.searchsorted(starts, n_context, "right")) - 1]
+    def population(self, src: str | None) -> str:
+        """"known" for a source address the model trained on, else "new" (None: a prefix)."""
+        return "known" if src is not None and src in self._known else "new"
 
-    def cdf(self, F: np.ndarray, n_context: int = 0) -> np.ndarray:
-        """R(F), elementwise, with the map of this context size."""
-        m = self.map_for(n_context)
+    def map_for(self, n_context: int, population: str = "known") -> dict:
+        bands = self.maps[population]
+        starts = [m["min_context"] for m in bands]
+        return bands[int(np.searchsorted(starts, n_context, "right")) - 1]
+
+    def cdf(self, F: np.ndarray, n_context: int = 0, population: str = "known") -> np.ndarray:
+        """R(F), elementwise, with the map of this population and context size."""
+        m = self.map_for(n_context, population)
         return np.interp(F, m["u"], m["r"])
 
-    def probs(self, probs: np.ndarray, n_context: int = 0) -> np.ndarray:
+    def probs(self, probs: np.ndarray, n_context: int = 0,
+              population: str = "known") -> np.ndarray:
         """Calibrated masses of codes (..., K) in ascending order (each row sums to 1)."""
         F = np.cumsum(probs, axis=-1)
         F /= F[..., -1:]
-        return np.maximum(np.diff(self.cdf(F, n_context), axis=-1, prepend=0.0), 0.0)
+        G = self.cdf(F, n_context, population)
+        return np.maximum(np.diff(G, axis=-1, prepend=0.0), 0.0)
 
-    def p_failed(self, p) -> np.ndarray | float:
-        z = self.a * _logit(p) + self.b
-        out = 1.0 / (1.0 + np.exp(-z))
+    def p_failed(self, p, population: str = "known") -> np.ndarray | float:
+        a, b = self.platt[population]
+        out = 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
         return float(out) if np.ndim(out) == 0 else out
 
     # -- fitting -------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, pit, n_context, p_failed, failed, context_from=CONTEXT_FROM,
-            fitted: dict | None = None) -> Calibration:
+    def fit(cls, pit, n_context, p_failed, failed, known, known_sources=(),
+            context_from=CONTEXT_FROM, fitted: dict | None = None) -> Calibration:
         """From val: PITs of the replies (NaN for failed pings), the context size of each
-        query, predicted P(failed) and the outcomes. A context-size band with too few replies
-        uses the map of all of them."""
+        query, predicted P(failed), the outcomes, and whether the query's source is known.
+        A band with too few replies uses its population's map over all context sizes, and a
+        population with too few replies (or failures) uses everyone's."""
         pit = np.asarray(pit, np.float64)
         n_context = np.asarray(n_context, np.int64)
-        if pit.shape != n_context.shape:
-            raise InputError("pit and n_context must have the same length")
+        known = np.asarray(known, bool)
+        p_failed, failed = np.asarray(p_failed, np.float64), np.asarray(failed, bool)
+        if not (pit.shape == n_context.shape == known.shape == p_failed.shape == failed.shape):
+            raise InputError("pit, n_context, p_failed, failed and known must be equally long")
         ok = np.isfinite(pit)
-        pooled = _quantile_map(pit[ok])
-        if pooled is None:
+        everyone = _quantile_map(pit[ok])
+        if everyone is None:
             raise InputError(f"{int(ok.sum())} replies are too few to calibrate on (need "
                              f"{2 * KNOTS}); evaluate more val queries")
+        platt_all = _platt(p_failed, failed)
         bands = list(context_from) + [np.iinfo(np.int64).max]
-        maps, used = [], {}
-        for lo, hi in zip(bands[:-1], bands[1:], strict=True):
-            sel = ok & (n_context >= lo) & (n_context < hi)
-            m = _quantile_map(pit[sel]) or pooled
-            maps.append({"min_context": int(lo), **m})
-            used[str(lo)] = int(sel.sum())
-        a, b = _platt(np.asarray(p_failed, np.float64), np.asarray(failed, bool))
-        return cls(maps, a, b, dict(fitted or {}, replies=int(ok.sum()), replies_per_band=used,
-                                    outcomes=int(len(pit))))
+        maps, platt, used = {}, {}, {}
+        for pop, mine in (("known", known), ("new", ~known)):
+            pooled = _quantile_map(pit[ok & mine]) or everyone
+            maps[pop] = []
+            for lo, hi in zip(bands[:-1], bands[1:], strict=True):
+                sel = ok & mine & (n_context >= lo) & (n_context < hi)
+                maps[pop].append({"min_context": int(lo), **(_quantile_map(pit[sel]) or pooled)})
+                used[f"{pop} {lo}+"] = int(sel.sum())
+            enough = mine.sum() >= 2 * KNOTS and failed[mine].any() and (~failed[mine]).any()
+            platt[pop] = _platt(p_failed[mine], failed[mine]) if enough else platt_all
+        return cls(maps, platt, sorted(set(known_sources)),
+                   dict(fitted or {}, replies=int(ok.sum()), replies_per_band=used,
+                        outcomes=int(len(pit))))
 
     # -- files -----------------------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="length of those short contexts; divides sequence_len (256)")
     p.add_argument("--readdress-src", type=float, metavar="FRAC",
                    help="fraction of training contexts whose source gets new addresses, so the "
-                        "model learns to read its context (0)")
+                        "model learns to read its context (0.25)")
     p.add_argument("--readdress-dst", type=float, metavar="FRAC",
                    help="likewise for the destinations of a context (0)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
@@ -558,17 +558,20 @@ def _cmd_calibrate(args) -> int:
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
         s = calibrate(args.data, args.run, max_queries=args.max_queries, seed=args.seed,
-                      device=args.device, progress=not args.no_progress)
+                      cold=not args.known_only, device=args.device,
+                      progress=not args.no_progress)
     if args.json:
         _print_json(s)
         return EXIT_OK
-    print(f"calibrated on {s['queries']} val queries x k={s['contexts']} ({s['replies']} "
-          f"replies) at step {s['step']}: {s['file']}")
+    print(f"calibrated on {s['queries']} val queries x k={s['contexts']} x "
+          f"{' + '.join(s['populations'])} ({s['replies']} replies) at step {s['step']}: "
+          f"{s['file']}")
     print("val coverage of the 50% / 90% intervals, before -> after (in-sample):")
-    for k, v in s["val"].items():
-        b, a = v["before"], v["after"]
-        print(f"  {k:<5} {b['coverage_50']:.3f} -> {a['coverage_50']:.3f}   "
-              f"{b['coverage_90']:.3f} -> {a['coverage_90']:.3f}")
+    for name, rows in s["val"].items():
+        for k, v in rows.items():
+            b, a = v["before"], v["after"]
+            print(f"  {name:<14} {k:<5} {b['coverage_50']:.3f} -> {a['coverage_50']:.3f}   "
+                  f"{b['coverage_90']:.3f} -> {a['coverage_90']:.3f}")
     return EXIT_OK
 
 
@@ -784,8 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATASET_DIR",
                    help="the prepared dataset the run was trained on (its val split)")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
-    p.add_argument("--max-queries", type=int, default=1000, metavar="N",
-                   help="val measurements, each asked at every k of 0,1,4,16,64 (1000)")
+    p.add_argument("--max-queries", type=int, default=500, metavar="N",
+                   help="val measurements, each asked at every k of 0,1,4,16,64, about the "
+                   "known source and about it re-addressed (500)")
+    p.add_argument("--known-only", action="store_true",
+                   help="fit on the known sources only, not also on them re-addressed as new")
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

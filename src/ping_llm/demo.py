@@ -166,9 +166,10 @@ def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:
 
     s = calibrate(dataset, run_dir, max_queries=min(CALIBRATE_QUERIES, cfg.eval_queries),
                   seed=cfg.seed)
-    for k, v in s["val"].items():
-        print(f"  val {k:<5} coverage of the 90% interval {v['before']['coverage_90']:.2f} -> "
-              f"{v['after']['coverage_90']:.2f}")
+    for name, rows in s["val"].items():
+        print(f"  val, {name}: coverage of the 90% interval, raw -> calibrated: " + ", ".join(
+            f"{k} {v['before']['coverage_90']:.2f} -> {v['after']['coverage_90']:.2f}"
+            for k, v in rows.items()))
     return {"file": s["file"], "val": s["val"]}
 
 

@@ -370,6 +370,11 @@ def new_sources(src: np.ndarray, seed) -> np.ndarray:
     return names[inv]
 
 
+def with_source(context: list, src: str) -> list:
+    """The same measurements under another source address (a re-addressed source's context)."""
+    return [tk.Measurement(src, m.dst, m.rtt_ms, m.time) for m in context]
+
+
 def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_queries, seed,
               world, n_examples, progress, readdress=False) -> tuple[dict, dict]:
     """Everything for one evaluated set -> (metrics, plot data). readdress: the sources get
@@ -411,8 +416,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     for k in contexts:
         ctxs = [pool.context(lo[i], p[i], k, budget, str(q.dst[i])) for i in range(len(q))]
         if readdress:  # the context is the same source's: it gets the same new address
-            ctxs = [[tk.Measurement(str(q.src[i]), m.dst, m.rtt_ms, m.time) for m in c]
-                    for i, c in enumerate(ctxs)]
+            ctxs = [with_source(c, str(q.src[i])) for i, c in enumerate(ctxs)]
         contexts_by_k[k] = ctxs
         n_ctx = np.array([len(c) for c in ctxs])
         t1 = time.perf_counter()

@@ -103,7 +103,8 @@ def fig_context(results: dict) -> str:
         for label, m in methods.items():
             if m.get("kind") == "baseline" and " k=" in label and not m.get("p_failed_only"):
                 base = label.rsplit(" k=", 1)[0]
-                curves.setdefault(base, [(0, methods[base])]).append((m["context"], m))
+                start = [(0, methods[base])] if base in methods else []  # context-only: none
+                curves.setdefault(base, start).append((m["context"], m))
         ks = sorted({k for c in curves.values() for k, _ in c})
         pos = {k: i for i, k in enumerate(ks)}
         plain = {n: m["fallback"] for n, m in methods.items()

@@ -223,6 +223,7 @@ class _Plan:
     n_completions: int
     seed: int = 0
     n_context: int = 0  # context measurements (which calibration map applies)
+    src: str | None = None  # the source address (None: a prefix), for the calibration
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,10 +348,11 @@ class Engine:
                     "query without calibration)")
         return cls(model, calibration=cal, **kw)
 
-    def _calibrate(self, d: RTTDistribution, n_context: int) -> RTTDistribution:
+    def _calibrate(self, d: RTTDistribution, plan: _Plan) -> RTTDistribution:
         c = self.calibration
-        return dataclasses.replace(d, p_failed=c.p_failed(d.p_failed),
-                                   probs=c.probs(d.probs, n_context), calibrated=True)
+        pop = c.population(plan.src)
+        return dataclasses.replace(d, p_failed=c.p_failed(d.p_failed, pop),
+                                   probs=c.probs(d.probs, plan.n_context, pop), calibrated=True)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -399,6 +401,7 @@ class Engine:
             src.n_completions * dst.n_completions,
             int(q.seed),
             len(ctx.measurements),
+            str(src) if src.is_full else None,
         )
 
     def check(self, query) -> None:
@@ -517,7 +520,7 @@ class Engine:
                 for i, d in zip(chunk, rows.distributions(), strict=True):
                     out[i] = d
         if self.calibration is not None:
-            out = [self._calibrate(d, p.n_context) for d, p in zip(out, plans, strict=True)]
+            out = [self._calibrate(d, p) for d, p in zip(out, plans, strict=True)]
         return out
 
     # -- rank --------------------------------------------------------------------------------------

@@ -266,6 +266,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             "status": "ok",
             "version": __version__,
             "model": {"n_layer": c.n_layer, "n_embd": c.n_embd, "sequence_len": c.sequence_len},
+            "calibrated": engine.calibration is not None,
             "rtt_batches": co.batches,
             "rtt_queries": co.queries,
             "largest_batch": co.largest,
