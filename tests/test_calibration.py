@@ -10,7 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 from scipy import stats
 
 from ping_llm import checkpoint, schema
@@ -23,12 +22,7 @@ from ping_llm.query import Engine
 GRID = np.linspace(-6, 6, 1201)  # a fine grid standing in for the RTT codes (float64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _normal_pmf(mu: np.ndarray, sigma: float) -> np.ndarray:

@@ -199,12 +199,16 @@ class Calibration:
 
 
 def _quantile_map(pit: np.ndarray) -> dict | None:
-    """R = the empirical CDF of these PITs at KNOTS quantiles; None when there are too few."""
-    if len(pit) < 2 * KNOTS:
+    """R = the empirical CDF of these PITs at KNOTS quantiles, plus its two extremes: the
+    smallest and largest PIT of n get levels 1/(n+1) and n/(n+1). Without them the outer
+    segments would hand 1/KNOTS of the mass each to wherever the model's own CDF is flat near 0
+    or 1 -- its far tail (RTTs of hours), where no outcome ever fell. None when too few."""
+    n = len(pit)
+    if n < 2 * KNOTS:
         return None
-    levels = np.arange(1, KNOTS) / KNOTS
-    q = np.quantile(pit, levels)
-    u, keep = np.unique(np.clip(q, 1e-9, 1 - 1e-9), return_index=True)  # ties merged
+    levels = np.r_[1 / (n + 1), np.arange(1, KNOTS) / KNOTS, n / (n + 1)]
+    q = np.r_[pit.min(), np.quantile(pit, levels[1:-1]), pit.max()]
+    u, keep = np.unique(np.clip(q, 1e-12, 1 - 1e-12), return_index=True)  # ties merged
     return {"u": [0.0, *u.tolist(), 1.0], "r": [0.0, *levels[keep].tolist(), 1.0]}
 
 

@@ -22,7 +22,7 @@ from ping_llm.errors import InputError
 
 STAGES = ("synth", "ingest", "prepare", "train", "calibrate", "eval", "queries")
 # Fixed costs on 2 CPU cores (measured on the default world): everything but training.
-OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 60, "eval": 150,
+OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 110, "eval": 150,
               "queries": 15}
 CALIBRATE_QUERIES = 500  # val measurements (at most --eval-queries), each at k = 0, 1, 4, 16, 64
 CALIBRATION_STEPS = 6
