@@ -352,10 +352,10 @@ def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
 
 def test_new_sources_are_fresh_random_addresses_one_per_source():
     src = np.array(["10.0.0.1", "2001:db8::1", "10.0.0.1", "192.0.2.9"], dtype=object)
-    new = ev.new_sources(src, [0, 1])
+    new = ev.new_sources(src, 0, "val")
     assert new[0] == new[2] and len(set(new)) == 3 and not set(new) & set(src)
     assert [":" in a for a in new] == [":" in a for a in src]
-    assert list(ev.new_sources(src, [0, 1])) == list(new)  # seeded
+    assert list(ev.new_sources(src, 0, "val")) == list(new)  # seeded
 
 
 def test_readdressed_val_asks_about_known_probes_as_if_never_seen(trained_run):

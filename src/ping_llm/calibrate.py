@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +79,10 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
     The val queries are asked twice (unless cold=False): about their known sources (train
     context, as `eval --splits val`) and about the same sources re-addressed as if never seen
     (`evaluate.new_sources`, context from their train pings to other destinations, as `eval
-    --splits val --readdress-sources`). The maps are fitted on both together, so that new
-    sources -- where the model is most over-confident, and which a known-probe val alone would
-    never show -- are calibrated too, at the price of known ones being a little under-confident.
+    --splits val --readdress-sources`). Each outcome counts for the population the engine will
+    put its source in at query time (known = an address of the train split), so new sources --
+    where the model is most over-confident, and which a known-probe val alone would never show
+    -- get maps of their own.
     """
     from tqdm import tqdm
 
@@ -109,7 +109,7 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
     populations = {"known sources": (ContextPool(train), None)}
     if cold:
         populations["new sources"] = (ContextPool(train, other_destinations=True),
-                                      new_sources(q.src, [seed, zlib.crc32(SPLIT.encode()), 2]))
+                                      new_sources(q.src, seed, SPLIT))
     bar = tqdm(total=len(q) * len(contexts) * len(populations), desc="calibrate on val",
                unit="q", file=sys.stderr, disable=not progress)
     got = {name: _population(engine, q, pool, contexts, budget, rng, new, bar)

@@ -97,9 +97,6 @@ class Calibration:
         self.known_sources = sorted(self.known_sources)
         self._known = frozenset(self.known_sources)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Calibration) and asdict(self) == asdict(other)
-
     @classmethod
     def identity(cls) -> Calibration:
         same = [{"min_context": 0, "u": [0.0, 1.0], "r": [0.0, 1.0]}]

@@ -357,14 +357,16 @@ def _in_world(world, src, dst) -> np.ndarray:
     return out
 
 
-def new_sources(src: np.ndarray, seed) -> np.ndarray:
+def new_sources(src: np.ndarray, seed: int, name: str) -> np.ndarray:
     """Each distinct source address -> a fresh uniformly random global unicast address of its
-    family (loader.readdress with nothing of the real network kept): a probe never seen."""
+    family (loader.readdress with nothing of the real network kept): a probe never seen. Seeded
+    by (seed, set name), so `calibrate` re-addresses val exactly as `eval --readdress-sources`."""
     from ping_llm.loader import readdress
 
     uniq, inv = np.unique(src.astype(str), return_inverse=True)
     addr, version = tk.parse_addresses(uniq)
-    new = readdress(addr, version, np.random.default_rng(seed), keep=0.0)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 2])
+    new = readdress(addr, version, rng, keep=0.0)
     names = np.array([tk.format_address(a, v) for a, v in zip(new, version, strict=True)],
                      dtype=object)
     return names[inv]
@@ -407,8 +409,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     budget = engine.config.sequence_len - 50  # room for the query (<= 47 tokens) + RTT bytes
     lo, p = pool.before(q.src, q.time)
     if readdress:
-        q = Queries(new_sources(q.src, [seed, zlib.crc32(name.encode()), 2]), q.dst, q.rtt,
-                    q.time, q.version)
+        q = Queries(new_sources(q.src, seed, name), q.dst, q.rtt, q.time, q.version)
     bar = tqdm(total=len(q) * len(contexts), desc=f"eval {name}", unit="q", file=sys.stderr,
                disable=not progress)
     per_method, prev, contexts_by_k = {}, None, {}
