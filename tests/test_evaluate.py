@@ -227,7 +227,8 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
         assert {"ip_version", "pair_seen_in_train", "source_seen_in_train"} == set(
             split["breakdowns"])
     assert results["leak_check"]["split_invariants"]["violations"] == {}
-    assert results["baselines"]["geo_db"]["name"] == "GeoLite2-City"
+    # a synthetic dataset: the geolocation baseline reads the world's own database
+    assert results["baselines"]["geo_db"]["name"] == "ping-llm-synthetic-world-City"
     assert "test_probe" in results["splits"]
     probe = results["splits"]["test_probe"]  # held-out probes are unseen by construction
     assert set(probe["breakdowns"]["source_seen_in_train"]) == {"0"}

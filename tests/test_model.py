@@ -129,6 +129,8 @@ def test_every_preset_field_is_overridable_and_config_round_trips_through_a_dict
         dict(n_layer=0),
         dict(softcap=0.0),
         dict(sequence_len=1.5),
+        dict(prefix_buckets=-1),
+        dict(knowledge_dim=8),  # knowledge needs both its widths
     ],
 )
 def test_invalid_configs_raise_input_error(bad):
@@ -197,6 +199,22 @@ def test_state_dict_holds_only_weights_with_nanogpt_names():
         "transformer.h.0.mlp.c_fc.weight",
         "transformer.h.0.mlp.c_proj.weight",
     }
+
+
+def test_a_fresh_model_with_prefix_memory_predicts_as_one_without_and_costs_no_flops():
+    """Memory starts at zero: until training writes a prefix's row, it adds nothing (an unseen
+    prefix at query time adds nothing either); its table is a lookup, not a matmul."""
+    torch.manual_seed(0)
+    plain = GPT(small_config(n_layer=1))
+    torch.manual_seed(0)
+    memory = GPT(small_config(n_layer=1, prefix_buckets=128))
+    memory.load_state_dict({**plain.state_dict(), "transformer.pte.weight":
+                            memory.transformer.pte.weight}, strict=True)
+    idx = torch.randint(0, 267, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(memory(idx)[0], plain(idx)[0], rtol=0, atol=0)
+    assert memory.estimate_flops_per_token() == plain.estimate_flops_per_token()
+    assert memory.num_params() - plain.num_params() == (1 + 8 * 128) * plain.config.n_embd
 
 
 # ------------------------------------------------------------------------------------------------

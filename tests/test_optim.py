@@ -205,6 +205,19 @@ def test_every_parameter_is_in_exactly_one_group_block_matrices_in_muon_the_rest
     assert len(muon_ids) == 6 * model.config.n_layer  # q, k, v, proj, fc, mlp proj
 
 
+def test_prefix_memory_has_its_own_adamw_group_and_knowledge_goes_to_other():
+    model = tiny_model(prefix_buckets=16, knowledge_dim=5, knowledge_vocab=7)
+    adamw, muon = build_optimizers(model, memory_lr=0.05)
+    by_name = {g["name"]: g for g in adamw.param_groups}
+    assert by_name["memory"]["params"] == [model.transformer.pte.weight]
+    assert by_name["memory"]["lr"] == pytest.approx(0.05 * (128 / 768) ** -0.5)
+    assert by_name["memory"]["weight_decay"] == 0.0
+    assert {id(p) for p in by_name["other"]["params"]} == {
+        id(model.transformer.kproj.weight), id(model.transformer.kte.weight)}
+    seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+
+
 def test_build_optimizers_sees_through_a_torch_compile_wrapper():
     model = tiny_model()
     wrapped = torch.compile(model)  # wrapping only; nothing is compiled until it is called

@@ -72,6 +72,7 @@ def test_same_seed_gives_byte_identical_output_and_another_seed_differs(tmp_path
     synth_atlas.generate(synth.SynthConfig(seed=4, probes=12, days=0.25), c, progress=False)
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
+    assert synth.geo_db_path(a).read_bytes() == synth.geo_db_path(b).read_bytes()
     assert synth.World(cfg).fingerprint() == synth.World.load(a).fingerprint()
     assert synth.World(cfg).fingerprint() != synth.World.load(c).fingerprint()
 
@@ -264,6 +265,29 @@ def test_address_prefixes_carry_location(small):
                 assert owner.setdefault(net, tab[key][i]) == tab[key][i], (net, key)
     # And the world is not trivial: many networks and cities.
     assert len(set(tab["asn"])) > 30 and len(set(tab["city"])) > 20
+
+
+def test_the_world_publishes_a_geolocation_database_that_is_right_but_not_exact(small):
+    """Like a real one: every probe and server is in it, most within ~100 km of their city,
+    about GEO_MISPLACED of the networks at their AS's first city instead; anycast is not in it."""
+    from ping_llm.geo import GeoDB, great_circle_km
+
+    _, summary, _, world = small
+    db = GeoDB.open(summary["geo_db"])
+    assert db.name == "ping-llm-synthetic-world-City" and summary["geo_db"].endswith(".geo.mmdb")
+    tab = world.endpoint_table()
+    fixed = [i for i, k in enumerate(tab["kind"]) if k != "anycast"]
+    for family in ("addr4", "addr6"):
+        rows = [i for i in fixed if tab[family][i]]
+        info = db.locate([tab[family][i] for i in rows])
+        assert info["found"].all()
+        km = great_circle_km(info["lat"], info["lon"], tab["lat"][rows], tab["lon"][rows])
+        assert 0.6 < np.mean(km < 150) < 0.98, family  # near their city, but not all of them
+        assert np.mean(info["country"] == np.array(tab["country"])[rows]) > 0.8
+        assert (info["asn"] >= 64512).all() and set(info["continent"]) <= {
+            "EU", "NA", "AS", "SA", "AF"}
+    anycast = [tab["addr4"][i] for i, k in enumerate(tab["kind"]) if k == "anycast"]
+    assert not db.locate(anycast)["found"].any()
 
 
 def test_renumbered_probes_keep_their_prefix_and_resolve_to_one_probe(tmp_path):

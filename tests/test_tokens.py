@@ -343,3 +343,20 @@ def test_decoder_rejects_broken_streams_with_position_and_reason(stream, positio
 
 def test_empty_stream_is_valid():
     assert T.decode([]) == []
+
+
+def test_address_progress_counts_the_bytes_of_each_address_and_nothing_else():
+    import torch
+
+    ms = [T.Measurement("193.0.14.129", "8.8.8.8", 12.0, 1_700_000_000),
+          T.Measurement("2001:67c:2e8::2", "2001:4860:4860::8888", -1.0)]
+    toks = T.encode_reference(ms, orders=[(T.FIELD_TIME, T.FIELD_RESULT, T.FIELD_DST,
+                                           T.FIELD_SRC), T.QUERY_ORDER])
+    version, n = (x[0].tolist() for x in T.address_progress(torch.tensor([toks])))
+    got = [(v, k) for v, k in zip(version, n, strict=True) if v]
+    assert got == [(4, i) for i in range(1, 5)] * 2 + [(6, i) for i in range(1, 17)] * 2
+    for i, tok in enumerate(toks):  # timestamp and RTT bytes are not address bytes
+        if version[i]:
+            assert tok >= T.BYTE0
+    cut = T.address_progress(torch.tensor([toks[3:]]))[0][0].tolist()  # no role token in view
+    assert cut[:1] == [0]

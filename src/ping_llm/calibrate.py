@@ -73,7 +73,7 @@ def _population(engine, q, pool, contexts, budget, rng, new_src, bar) -> dict:
 
 def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CONTEXTS,
               cold: bool = True, seed: int = 0, device: str = "cpu",
-              progress: bool = True) -> dict:
+              progress: bool = True, geo_db=None) -> dict:
     """Fit and save the run's calibration on `data_dir`'s val split; returns a summary.
 
     The val queries are asked twice (unless cold=False): about their known sources (train
@@ -102,7 +102,8 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
     val = read_canonical(data_dir / info["parquet"])
     check_leak(card, read_config(run_dir), train, {SPLIT: val})
     step = read_meta(find_checkpoint(run_dir))["step"]
-    engine = Engine.load(run_dir, device=device, calibrated=False, byte2_mass=BYTE2_MASS)
+    engine = Engine.load(run_dir, device=device, calibrated=False, byte2_mass=BYTE2_MASS,
+                         geo_db=geo_db)
     q = Queries.of(val, max_queries, seed, SPLIT)
     budget = engine.config.sequence_len - 50  # as evaluate: room for the query and its result
     rng = np.random.default_rng([seed, 0xCA1])

@@ -353,13 +353,29 @@ def load_checkpoint(path) -> Checkpoint:
     )
 
 
-def load_model(run_dir, device="cpu"):
-    """(GPT in eval mode on `device`, GPTConfig) from a run dir or checkpoint dir. No pickle."""
+def check_knowledge(run_config: dict, knowledge) -> None:
+    """Refuse an address-knowledge database other than the one the run trained with."""
+    want = run_config.get("knowledge") or {}
+    have = knowledge.describe()
+    if want.get("sha256") != have["sha256"]:
+        raise InputError(
+            f"this run was trained with {want.get('name')} built {want.get('build_date')} "
+            f"(sha256 {str(want.get('sha256'))[:12]}…, {want.get('path')}); {have['path']} is "
+            f"{have['name']} built {have['build_date']} (sha256 {have['sha256'][:12]}…): "
+            "pass --geo-db with the run's database")
+
+
+def load_model(run_dir, device="cpu", geo_db=None):
+    """(GPT in eval mode on `device`, GPTConfig) from a run dir or checkpoint dir. No pickle.
+
+    A model that reads address knowledge gets its database attached: geo_db if given, else the
+    file the run recorded, else the packaged default; it must be the run's (same sha256)."""
     from ping_llm.model import GPT, GPTConfig
 
     ckpt = _require(run_dir)
     read_meta(ckpt)
-    config = GPTConfig.from_dict(_read_json(ckpt / CONFIG_FILE)["model"])
+    run_config = _read_json(ckpt / CONFIG_FILE)
+    config = GPTConfig.from_dict(run_config["model"])
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -367,6 +383,14 @@ def load_model(run_dir, device="cpu"):
     state = load_file(str(ckpt / "model.safetensors"), device=str(torch.device(device)))
     model.load_state_dict(state, strict=True)
     model.eval()
+    if config.knowledge_dim:
+        from ping_llm.knowledge import AddressKnowledge
+
+        recorded = (run_config.get("knowledge") or {}).get("path")
+        if geo_db is None and recorded and not Path(recorded).exists():
+            recorded = None  # moved to another machine: the packaged default, if it matches
+        model.knowledge = AddressKnowledge.open(geo_db or recorded)
+        check_knowledge(run_config, model.knowledge)
     return model, config
 
 

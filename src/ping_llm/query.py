@@ -230,15 +230,6 @@ class _Plan:
 # the engine
 
 
-def _select(cache: KVCache, rows: np.ndarray) -> KVCache:
-    """A cache whose row i is row rows[i] of `cache` (same positions)."""
-    idx = torch.as_tensor(rows, dtype=torch.long, device=cache.kv.device)
-    new = KVCache(cache.config, len(rows), cache.max_len)
-    new.kv = cache.kv.index_select(2, idx)
-    new.pos = cache.pos
-    return new
-
-
 def _softmax(logits: torch.Tensor) -> np.ndarray:
     return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
@@ -332,12 +323,13 @@ class Engine:
         self.forwards = 0  # model forward calls so far (for stats and tests)
 
     @classmethod
-    def load(cls, run_dir, device="cpu", calibrated: bool = True, **kw) -> Engine:
+    def load(cls, run_dir, device="cpu", calibrated: bool = True, geo_db=None, **kw) -> Engine:
         """An engine over the model of a run directory (`ping_llm.checkpoint.load_model`), with
-        the run's calibration.json applied unless calibrated=False (none fitted: raw answers)."""
+        the run's calibration.json applied unless calibrated=False (none fitted: raw answers);
+        geo_db: the address-knowledge database, for a run that reads one (default: its own)."""
         from ping_llm.checkpoint import find_checkpoint, load_model, read_meta
 
-        model, _ = load_model(run_dir, device)
+        model, _ = load_model(run_dir, device, geo_db=geo_db)
         cal = Calibration.load(run_dir) if calibrated else None
         if cal is not None:
             step = read_meta(find_checkpoint(run_dir) or Path(run_dir))["step"]
@@ -430,7 +422,7 @@ class Engine:
         p2 = np.empty((len(rows), 256))
         step = self._max_rows(cache.max_len)
         for s in range(0, len(rows), step):
-            sub = _select(cache, rows[s : s + step])
+            sub = cache.select(rows[s : s + step])
             b1 = tk.BYTE0 + CANON_B1[bins[s : s + step]]
             p2[s : s + step] = _softmax(self._fwd(b1[:, None], sub)[:, -1, tk.BYTE0 :])
         return _Rows(role[:, 1], p1, keep, rows, bins, p2)
@@ -475,12 +467,12 @@ class Engine:
             toks = (tk.BYTE0 + lo + val)[:, None]
             step = self._max_rows(cache.max_len)
             if len(parent) <= step:  # one chunk: iterate, so the parent cache can be freed
-                cache = _select(cache, parent)
+                cache = cache.select(parent)
                 last = self._fwd(toks, cache)[:, -1]
                 w, counts, rest = cw, cc, rest[1:]
                 continue
             for s in range(0, len(parent), step):
-                sub = _select(cache, parent[s : s + step])
+                sub = cache.select(parent[s : s + step])
                 lg = self._fwd(toks[s : s + step], sub)[:, -1]
                 c = None if cc is None else cc[s : s + step]
                 self._walk(sub, lg, cw[s : s + step], c, rest[1:], mix, rng, n_total)

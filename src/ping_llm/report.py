@@ -190,6 +190,14 @@ def _header_md(results: dict) -> list[str]:
                  f"- model distributions: calibrated on {cal.get('split')} "
                  f"({cal.get('queries')} queries x k={cal.get('contexts')}, step "
                  f"{cal.get('step')}); token NLL is the raw model's")
+    model = run.get("model") or {}
+    if model.get("prefix_buckets") or model.get("knowledge_dim"):
+        know = run.get("knowledge") or {}
+        lines.append("- the model reads " + " and ".join(
+            ([f"prefix memory ({model['prefix_buckets']} rows per level)"]
+             if model.get("prefix_buckets") else [])
+            + ([f"address knowledge from {know.get('name')} built {know.get('build_date')}"]
+               if model.get("knowledge_dim") else [])))
     if results.get("synthetic"):
         lines.append(f"- synthetic world: `{results['synthetic']['world_file']}` (fingerprint "
                      f"{results['synthetic']['fingerprint']}): KL and the truth row are exact")

@@ -357,10 +357,11 @@ def serve(
     device: str = "cpu",
     limits: Limits | None = None,
     calibrated: bool = True,
+    geo_db=None,
 ) -> None:
     """Load the run's model (with its calibration unless calibrated=False) and serve it until
     interrupted."""
     import uvicorn
 
-    engine = Engine.load(run_dir, device=device, calibrated=calibrated)
+    engine = Engine.load(run_dir, device=device, calibrated=calibrated, geo_db=geo_db)
     uvicorn.run(create_app(engine, limits), host=host, port=port, log_level="info")

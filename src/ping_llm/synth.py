@@ -276,6 +276,13 @@ def world_path(out) -> Path:
     return Path(str(out) + ".world.json")
 
 
+def geo_db_path(out) -> Path:
+    """Where `synth_atlas.generate` writes the world's geolocation database next to its output
+    (`out` the results file, or its world.json)."""
+    out = str(out)
+    return Path(out.removesuffix(".world.json") + ".geo.mmdb")
+
+
 class World:
     """Cities, networks, endpoints (probes, servers, anycast services) and their ground truth."""
 

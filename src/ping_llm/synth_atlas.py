@@ -7,6 +7,15 @@ packet from the world's ground truth (`World.truth_idx`), and writes one RIPE At
 per line (.jsonl, or .jsonl.gz), with the config recorded next to it (`synth.world_path`) so that
 `synth.World.load` rebuilds the exact truth. Same config, byte-identical files.
 
+It also publishes what a real Internet publishes about its addresses: a MaxMind-format
+geolocation database of the world (`geo_db_path`, written by `write_geo_db`), the synthetic
+counterpart of GeoLite2 for the geolocation baseline and for a model's address knowledge. Like a
+real one it is right at the country level and approximate below it: each network (an AS's /20
+and /40 in one city) is placed near its city (within ~25 km), except that 15% of them are placed
+at their AS's first city (the registration address a real database often reports); anycast
+services are not in it. Continents follow the registry (RIPE -> EU, ARIN -> NA, APNIC -> AS,
+LACNIC -> SA, AFRINIC -> AF); ASNs are 64512 + the network's index (the private range).
+
 Why a module apart from `synth`: the world and its truth are what evaluation needs; the schedule
 and the Atlas JSON format are what ingest needs. This module sits on top of `synth` (it imports
 the world, never the other way round).
@@ -29,11 +38,60 @@ from ping_llm.synth import (
     ANYCAST,
     FIRMWARE,
     HOME,
+    RIRS,
     SERVER,
     SynthConfig,
     World,
+    geo_db_path,
     world_path,
 )
+
+GEO_MISPLACED = 0.15  # networks a database places at their AS's first city
+GEO_JITTER_KM = 25.0  # typical distance of the others from their true city
+_RIR_CONTINENT = {"RIPE": "EU", "ARIN": "NA", "APNIC": "AS", "LACNIC": "SA", "AFRINIC": "AF"}
+
+
+def write_geo_db(w: World, path) -> Path:
+    """The world's MaxMind-format database (IPv6 tree with IPv4 inside, like GeoLite2-City)."""
+    import ipaddress
+
+    from mmdb_writer import MmdbF64, MmdbU16, MmdbU32, MMDBWriter, TreeWriter
+    from netaddr import IPSet
+
+    rng = np.random.default_rng([w.config.seed, 0x6E0])
+    C = w.cities
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True,
+                        database_type="ping-llm-synthetic-world-City",
+                        description=f"ping-llm synthetic world, seed {w.config.seed}")
+    for a, cities in enumerate(w.as_cities):
+        for b, x in enumerate(cities):
+            misplaced = rng.random() < GEO_MISPLACED
+            at = cities[0] if misplaced else x
+            d = rng.exponential(GEO_JITTER_KM) / 6371.0088  # radians of arc
+            bearing = rng.uniform(0, 2 * np.pi)
+            lat = float(np.clip(C["lat"][at] + np.degrees(d * np.cos(bearing)), -89.9, 89.9))
+            lon = float((C["lon"][at] + np.degrees(d * np.sin(bearing)) + 180) % 360 - 180)
+            record = {
+                "location": {"latitude": MmdbF64(round(lat, 4)),
+                             "longitude": MmdbF64(round(lon, 4)),
+                             "accuracy_radius": MmdbU16(500 if misplaced else 50)},
+                "country": {"iso_code": C["country"][at]},
+                "continent": {"code": _RIR_CONTINENT[RIRS[int(C["rir"][at])]]},
+                "autonomous_system_number": MmdbU32(64512 + a),
+            }
+            v4 = ipaddress.IPv4Network((int(w.as_v4[a]) + (b << 12), 20))
+            v6 = ipaddress.IPv6Network(((int(w.as_v6[a]) << 96) + (b << 88), 40))
+            writer.insert_network(IPSet([str(v4), str(v6)]), record)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    # The writer's own metadata stamps the wall clock; the world's start time instead keeps the
+    # file (and so its sha256, which runs record) the same for the same config.
+    meta = {"ip_version": 6, "database_type": writer.database_type, "languages": [],
+            "binary_format_major_version": 2, "binary_format_minor_version": 0,
+            "build_epoch": int(w.config.start), "description": writer.description}
+    TreeWriter(writer.tree, meta, writer.int_type, writer.float_type).write(str(tmp))
+    os.replace(tmp, path)
+    return path
 
 
 def _schedule(w: World, rng) -> tuple[list, dict]:
@@ -100,8 +158,9 @@ def _schedule(w: World, rng) -> tuple[list, dict]:
 
 
 def generate(config: SynthConfig | None = None, out=None, progress: bool = True) -> dict:
-    """Write the world's RIPE-Atlas ping results to `out` (.jsonl or .jsonl.gz) and
-    `<out>.world.json`; return a summary. Same config -> byte-identical files."""
+    """Write the world's RIPE-Atlas ping results to `out` (.jsonl or .jsonl.gz),
+    `<out>.world.json` and `<out>.geo.mmdb`; return a summary. Same config, byte-identical
+    files."""
     from tqdm import tqdm
 
     t_begin = time.perf_counter()
@@ -189,7 +248,8 @@ def generate(config: SynthConfig | None = None, out=None, progress: bool = True)
         bar.close()
     os.replace(tmp, out)
     summary = dict(
-        out=str(out), world=str(world_path(out)), seed=c.seed, days=c.days,
+        out=str(out), world=str(world_path(out)), geo_db=str(geo_db_path(out)), seed=c.seed,
+        days=c.days,
         probes=int((w.kind <= ANCHOR).sum()), anchors=int((w.kind == ANCHOR).sum()),
         dual_stack_probes=int(((w.kind <= ANCHOR) & w.v6).sum()),
         servers=int((w.kind == SERVER).sum()), anycast_services=int((w.kind == ANYCAST).sum()),
@@ -199,6 +259,7 @@ def generate(config: SynthConfig | None = None, out=None, progress: bool = True)
         first_timestamp=int(t.min()) if n_res else None,
         last_timestamp=int(t.max()) if n_res else None,
         bytes=out.stat().st_size, fingerprint=w.fingerprint())
+    write_geo_db(w, geo_db_path(out))
     w.save(world_path(out), summary)
     summary["seconds"] = round(time.perf_counter() - t_begin, 2)
     return summary

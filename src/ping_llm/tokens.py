@@ -35,6 +35,7 @@ import ipaddress
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ping_llm.errors import InputError
 
@@ -426,6 +427,31 @@ _ADDR_ROLES = {
     DST_IPV6: (FIELD_DST, 16),
 }
 _TIME_BYTES = {TIMESTAMP_ABS: 8, TIMESTAMP_DELTA1: 1, TIMESTAMP_DELTA4: 4}
+ADDRESS_LOOKBACK = 16  # tokens before a position that `address_progress` may need (IPv6 bytes)
+
+
+def address_progress(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each position of token streams idx (B, T) stands inside an address -> (version,
+    n_bytes), both (B, T) int64: version 4 or 6 at an address byte (0 elsewhere) and how many
+    bytes of that address are known there (1..4 or 1..16).
+
+    The grammar makes this local: a byte token belongs to the field opened by the nearest
+    earlier role token, so a byte is the n-th byte of an address iff that role token is an
+    address role n positions back. A stream cut inside an address (no role token in view) marks
+    those bytes as 0; to be sure of a position, give it ADDRESS_LOOKBACK tokens of history.
+    Torch ops only (no Python loop over positions), so the model runs it on any device.
+    """
+    B, T = idx.shape
+    pos = torch.arange(T, device=idx.device).expand(B, T)
+    role_at = torch.where(idx < BYTE0, pos, torch.full_like(pos, -1))
+    last = role_at.cummax(dim=1).values  # (B, T) position of the nearest role token, -1 none
+    role = idx.gather(1, last.clamp(min=0))
+    n = pos - last
+    v4 = ((role == SRC_IPV4) | (role == DST_IPV4)) & (n <= 4)
+    v6 = ((role == SRC_IPV6) | (role == DST_IPV6)) & (n <= 16)
+    ok = (last >= 0) & (n >= 1) & (v4 | v6)
+    version = torch.where(ok, torch.where(v4, 4, 6), 0)
+    return version, torch.where(ok, n, 0)
 
 
 def decode(tokens, *, with_orders: bool = False):

@@ -82,6 +82,7 @@ class TrainConfig:
     matrix_lr: float = 0.02  # Muon, hidden matrices
     embedding_lr: float = 0.2  # AdamW, scaled by (n_embd/768)^-0.5 in optim.build_optimizers
     unembedding_lr: float = 0.004
+    memory_lr: float = 0.2  # AdamW, the prefix-memory table (scaled like embedding_lr)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmdown_frac: float = 0.2  # last fraction of steps: linear decay to 0
@@ -97,6 +98,13 @@ class TrainConfig:
     # of its loss on known sources without context.
     readdress_src: float = 0.25
     readdress_dst: float = 0.0
+    # What the model knows about addresses beyond their bytes (docs/results.md, "Address
+    # knowledge"): prefix_buckets rows per level of the hashed prefix memory (model.prefix_slots;
+    # 0 = none), and knowledge = features of every address from a MaxMind database (geo_db; None
+    # = the packaged GeoLite2-City), recorded in the run and required again by every query.
+    prefix_buckets: int = 0
+    knowledge: bool = False
+    geo_db: str | None = None
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
     eval_every: int = 100  # steps; 0 = never (except none at all)
     eval_batches: int = 8  # global micro-batches in the fixed held-out set
@@ -123,13 +131,14 @@ class TrainConfig:
 
         for name in ("steps", "device_batch_size", "log_every", "eval_batches"):
             positive_int(name)
-        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "prefix_buckets"):
             positive_int(name, allow_zero=True)
         if self.total_batch_tokens is not None:
             positive_int("total_batch_tokens")
         if self.stop_at is not None:
             positive_int("stop_at")
-        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay", "grad_clip"):
+        for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "memory_lr", "weight_decay",
+                     "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -146,6 +155,8 @@ class TrainConfig:
             raise InputError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.wandb not in ("off", "online", "offline"):
             raise InputError(f"wandb must be off, online or offline, got {self.wandb!r}")
+        if not isinstance(self.knowledge, bool):
+            raise InputError(f"knowledge must be true or false, got {self.knowledge!r}")
         if self.preset not in ("tiny", "small", "full"):
             raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
         if not isinstance(self.model, dict):
@@ -167,20 +178,26 @@ class TrainConfig:
         return cls(**d)
 
     def gpt_config(self):
+        from ping_llm import knowledge
         from ping_llm.model import GPTConfig
 
+        extra = {"prefix_buckets": self.prefix_buckets}
+        if self.knowledge:
+            extra.update(knowledge_dim=knowledge.DENSE_DIM,
+                         knowledge_vocab=knowledge.KNOWLEDGE_VOCAB)
         try:
-            return GPTConfig.preset(self.preset, **self.model)
+            return GPTConfig.preset(self.preset, **{**extra, **self.model})
         except TypeError as e:
             raise InputError(f"bad model override {self.model}: {e}") from None
 
 
 # Fields that must not change when resuming: they fix the weights' shapes or the data order.
 RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac",
-                "seq_warmup_len")
+                "seq_warmup_len", "prefix_buckets", "knowledge")
 # What runs recorded before a field existed trained with (so they resume as they were).
 LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
-                   "readdress_dst": 0.0}
+                   "readdress_dst": 0.0, "prefix_buckets": 0, "knowledge": False, "geo_db": None,
+                   "memory_lr": 0.2}
 
 
 def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
@@ -371,9 +388,10 @@ def _evaluate(model, batches, device, autocast, d: Dist) -> tuple[float, int]:
     model.eval()
     acc = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, token count)
     for x, y in batches:
+        feats = address_features(model, x)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
-            _, loss = model(x, y, loss_reduction="sum")
+            _, loss = model(x, y, loss_reduction="sum", feats=feats)
         acc[0] += loss.double()
         acc[1] += (y != -1).sum()
     if d.world_size > 1:
@@ -381,6 +399,14 @@ def _evaluate(model, batches, device, autocast, d: Dist) -> tuple[float, int]:
     model.train(was_training)
     total, count = acc.tolist()
     return (total / count if count else float("nan")), int(count)
+
+
+def address_features(model, x: torch.Tensor):
+    """The address-knowledge features of a CPU batch for `model` (None when it has none),
+    computed before the batch moves to the device (the database lookups run on the CPU)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP / compile wrappers
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.address_features(x) if model.config.knowledge_dim else None
 
 
 def _check_resume(ckpt, cfg: TrainConfig, d: Dist) -> None:
@@ -456,15 +482,22 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
         torch.manual_seed(cfg.seed)
         model = GPT(gpt_config).to(d.device)
         raw = model
+        if gpt_config.knowledge_dim:
+            from ping_llm.knowledge import AddressKnowledge
+
+            raw.knowledge = AddressKnowledge.open(cfg.geo_db)
         optimizers = build_optimizers(
             raw,
             matrix_lr=cfg.matrix_lr,
             embedding_lr=cfg.embedding_lr,
             unembedding_lr=cfg.unembedding_lr,
+            memory_lr=cfg.memory_lr,
             weight_decay=cfg.weight_decay,
         )
         start_step, trainer = 0, {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None}
         if ckpt is not None:
+            if raw.knowledge is not None:
+                ckpt_mod.check_knowledge(ckpt.config, raw.knowledge)
             raw.load_state_dict({k: v.to(d.device) for k, v in ckpt.model_state.items()})
             ckpt.load_optimizers(optimizers)
             loader.set_state(ckpt.loader_states[d.rank])
@@ -485,6 +518,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
         full_config = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
+        if raw.knowledge is not None:  # which database: queries must open the same one
+            full_config["knowledge"] = raw.knowledge.describe()
         if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
             from ping_llm.prepare import load_card
 
@@ -582,12 +617,13 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                         x, y = next(loader)
                     except StopIteration:
                         raise RuntimeError("the training loader ran out of batches") from None
+                    feats = address_features(raw, x)
                     x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
                     sync = (model.no_sync() if d.world_size > 1 and micro < accum - 1
                             else contextlib.nullcontext())
                     with sync:
                         with autocast():
-                            _, loss = model(x, y)
+                            _, loss = model(x, y, feats=feats)
                         (loss / accum).backward()
                     loss_sum += loss.detach()
                 params = [p for p in raw.parameters() if p.grad is not None]
