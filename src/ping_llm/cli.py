@@ -725,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output: JSON lines, gzipped if it ends in .gz; the world is recorded in "
-                   "FILE.world.json")
+                   "FILE.world.json, its geolocation database in FILE.geo.mmdb")
     p.add_argument("--seed", type=int, help="world and measurement seed (default 0)")
     p.add_argument("--probes", type=int, help="probes, anchors included (default 120)")
     p.add_argument("--days", type=float, help="measurement period in days (default 2)")
