@@ -15,10 +15,18 @@ Why these choices: they are what nanochat/modded-nanoGPT found to train fastest 
 (see `ping_llm.optim`), and they keep the parameter set tiny and regular: all hidden weights are
 2-D matrices (Muon), the rest is the embedding and the head (AdamW).
 
-Inference: `KVCache` holds keys/values of earlier positions. The query engine runs a shared prefix
-once with batch 1, `expand`s the cache to batch B, then scores B continuations in one forward
-(`GPT.forward(idx, kv_cache=cache)` returns logits for the new positions only); `rewind` returns
-to the prefix to try the next set without recomputing it.
+Optional address inputs, added to the token embedding before the first norm (both zero at
+init, both read the tokens themselves, so every query path sees what training saw):
+`prefix_slots` -> `pte`, a hashed row per /8, /16, /24, /32 (IPv6 /16../64) at the byte that
+completes it (prefix memory, `prefix_buckets` rows a level); and `feats` -> `kproj` + `kte`,
+what a geolocation database says about an address at the byte that completes it
+(`ping_llm.knowledge`, attached as `GPT.knowledge`).
+
+Inference: `KVCache` holds keys/values of earlier positions (and their token ids). The query
+engine runs a shared prefix once with batch 1, `expand`s the cache to batch B (or `select`s
+rows of it), then scores B continuations in one forward (`GPT.forward(idx, kv_cache=cache)`
+returns logits for the new positions only); `rewind` returns to the prefix to try the next set
+without recomputing it.
 
 Construction on a device without paying for a CPU init: `with torch.device("meta"): m = GPT(c)`,
 then `m.to_empty(device=dev); m.init_weights()` (which also recomputes the RoPE tables, since
