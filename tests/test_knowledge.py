@@ -107,7 +107,7 @@ def test_knowledge_sits_at_the_byte_that_completes_each_address(geolite):
     toks = encode([(SRC, DST, 12.0, T0), ("10.0.0.1", OTHER, -1.0), (SRC6, DST6, 30.0)])
     dense, ids = geolite.features(toks)
     version, n = tk.address_progress(toks)
-    ends = (((version == 4) & (n == 4)) | ((version == 6) & (n == 16)))[0]
+    ends = tk.address_complete(version, n)[0]
     placed = (dense[0].abs().sum(-1) > 0) | (ids[0].sum(-1) > 0)
     assert not (placed & ~ends).any()  # nothing anywhere else
     info = geolite.db.locate([SRC, DST, "10.0.0.1", OTHER, SRC6, DST6])

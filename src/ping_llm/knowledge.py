@@ -42,7 +42,6 @@ _CONTINENT0 = _COUNTRY0 + 26 * 26
 _ASN0 = _CONTINENT0 + len(CONTINENTS)
 KNOWLEDGE_VOCAB = _ASN0 + ASN_BUCKETS
 N_IDS = 3
-ADDRESS_LENGTH = {4: 4, 6: 16}  # bytes
 
 
 def _country_row(code: str) -> int:
@@ -106,7 +105,7 @@ class AddressKnowledge:
         dense = torch.zeros((B, T, DENSE_DIM), dtype=torch.float32)
         ids = torch.zeros((B, T, N_IDS), dtype=torch.int64)
         version, n = tk.address_progress(idx)
-        at = ((version == 4) & (n == 4)) | ((version == 6) & (n == 16))
+        at = tk.address_complete(version, n)
         b, t = at.nonzero(as_tuple=True)
         if len(b) == 0:
             return dense, ids
@@ -114,8 +113,8 @@ class AddressKnowledge:
         window = idx[b[:, None], (t[:, None] - back).clamp(min=0)] - tk.BYTE0  # (N, 16)
         window = window.numpy().astype(np.uint8)
         vers = version[b, t].numpy()
-        keys = [bytes([v]) + w[-ADDRESS_LENGTH[v]:].tobytes() for v, w in zip(vers, window,
-                                                                           strict=True)]
+        keys = [bytes([v]) + w[-tk.ADDRESS_BYTES[v]:].tobytes()
+                for v, w in zip(vers, window, strict=True)]
         d, i = self.lookup(keys)
         dense[b, t] = torch.from_numpy(d)
         ids[b, t] = torch.from_numpy(i)

@@ -427,7 +427,8 @@ _ADDR_ROLES = {
     DST_IPV6: (FIELD_DST, 16),
 }
 _TIME_BYTES = {TIMESTAMP_ABS: 8, TIMESTAMP_DELTA1: 1, TIMESTAMP_DELTA4: 4}
-ADDRESS_LOOKBACK = 16  # tokens before a position that `address_progress` may need (IPv6 bytes)
+ADDRESS_BYTES = {4: 4, 6: 16}  # an address's length in bytes (tokens) per IP version
+ADDRESS_LOOKBACK = ADDRESS_BYTES[6]  # tokens before a position `address_progress` may need
 
 
 def address_progress(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,11 +448,16 @@ def address_progress(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     last = role_at.cummax(dim=1).values  # (B, T) position of the nearest role token, -1 none
     role = idx.gather(1, last.clamp(min=0))
     n = pos - last
-    v4 = ((role == SRC_IPV4) | (role == DST_IPV4)) & (n <= 4)
-    v6 = ((role == SRC_IPV6) | (role == DST_IPV6)) & (n <= 16)
+    v4 = ((role == SRC_IPV4) | (role == DST_IPV4)) & (n <= ADDRESS_BYTES[4])
+    v6 = ((role == SRC_IPV6) | (role == DST_IPV6)) & (n <= ADDRESS_BYTES[6])
     ok = (last >= 0) & (n >= 1) & (v4 | v6)
     version = torch.where(ok, torch.where(v4, 4, 6), 0)
     return version, torch.where(ok, n, 0)
+
+
+def address_complete(version: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Where `address_progress` says an address's last byte is: (B, T) bool."""
+    return ((version == 4) & (n == ADDRESS_BYTES[4])) | ((version == 6) & (n == ADDRESS_BYTES[6]))
 
 
 def decode(tokens, *, with_orders: bool = False):
