@@ -145,7 +145,7 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _train(tmp_path, steps=4, resume=True)  # the next save cleans up and replaces it
     assert ck.load_checkpoint(tmp_path).step == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "config.json",
-                                                           "metrics.jsonl"]
+                                                           "metrics.jsonl", "train.lock"]
 
 
 def test_crash_between_the_two_renames_falls_back_to_the_old_checkpoint(tmp_path):
@@ -204,3 +204,47 @@ def test_truncate_metrics_drops_records_after_the_resume_step(tmp_path):
         f.write('{"kind": "train", "st')  # torn line from a crash
     ck.truncate_metrics(tmp_path, 3)
     assert [r["step"] for r in ck.read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_damaged_weights_file_is_named_in_a_one_line_error(run_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    weights = d / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a cut-off copy
+    for load in (ck.load_model, ck.load_checkpoint):  # queries / eval, and --resume
+        with pytest.raises(InputError, match=r"model\.safetensors is damaged"):
+            load(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# one trainer per run directory
+
+
+def test_a_second_trainer_of_the_same_run_is_refused_with_the_holder_s_pid(tmp_path):
+    import os
+
+    held = ck.RunLock(tmp_path)
+    held.acquire()
+    try:
+        with pytest.raises(InputError, match=rf"another trainer \(pid {os.getpid()}\)"):
+            _train(tmp_path, steps=1)
+        assert ck.find_checkpoint(tmp_path) is None  # it wrote nothing
+    finally:
+        held.release()
+    _train(tmp_path, steps=1)  # released: the run can be trained
+    assert ck.find_checkpoint(tmp_path) is not None
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, os; from ping_llm.checkpoint import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); os.kill(os.getpid(), 9)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=False)
+    assert r.returncode == -9 and (tmp_path / ck.LOCK_FILE).read_text().strip().isdigit()
+    lock = ck.RunLock(tmp_path)
+    lock.acquire()  # no stale lock after kill -9
+    lock.release()

@@ -608,3 +608,28 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_run, capsys, args, message):
     verb, *rest = args
     assert main(["query", verb, "--run", str(tiny_run), *rest]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (bytes(range(256)) * 8, "not JSON"),  # binary
+        (b"[" * 100_000 + b"]" * 100_000, "no measurements"),  # nested arrays, nothing inside
+        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, "not JSON"),  # nested objects past any limit
+        (b"", "no measurements"),
+    ],
+)
+def test_cli_hostile_context_files_are_one_line_errors(tiny_run, tmp_path, capsys, content,
+                                                        message):
+    f = tmp_path / "ctx"
+    f.write_bytes(content)
+    argv = ["query", "rtt", "--run", str(tiny_run), SRC, DST, "--context", str(f)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"])
+def test_cli_a_device_the_machine_lacks_exits_2(tiny_run, capsys, device):
+    assert main(["query", "rtt", "--run", str(tiny_run), SRC, DST, "--device", device]) == 2
+    assert "device" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -297,6 +298,13 @@ def test_addresses_are_canonical_and_must_match_af():
         ({"prb_id": 1 << 70}, "bad_prb_id"),
         ({"result": [{"rtt": 1e400}]}, "bad_rtt"),
         ({"size": -1}, "bad_size"),
+        # plausibility: corruption, not latency
+        ({"result": [{"rtt": 1.0}, {"rtt": 1e308}]}, "implausible_rtt"),
+        ({"result": [{"rtt": 60_000.5}]}, "implausible_rtt"),
+        ({"result": [{"rtt": 1.0}] * 17}, "too_many_packets"),
+        ({"result": None, "sent": 100_000, "rcvd": 0}, "too_many_packets"),
+        ({"result": None, "sent": 3, "rcvd": 1, "avg": 1e9}, "implausible_rtt"),
+        ({"af": 6, "dst_addr": "fe80::1%eth0", "from": "2a01::1"}, "scoped_address"),
     ],
 )
 def test_wrong_types_and_values_are_rejected_with_a_reason(patch, reason):
@@ -418,7 +426,7 @@ def test_json_array_api_download_pretty_printed(africa_lines, tmp_path):
     assert rep.rejects == {} and rep.results == len(objs) and rep.rows == rows_of(africa_lines)
     one_line = tmp_path / "api2.json"
     one_line.write_bytes(orjson.dumps(objs))
-    assert ingest1(one_line, tmp_path).rows == rep.rows
+    assert ingest.ingest([one_line], tmp_path / "out2", progress=False).rows == rep.rows
 
 
 def test_json_array_with_a_broken_element_keeps_the_others(africa_lines, tmp_path):
@@ -457,7 +465,7 @@ def test_absurdly_deep_json_is_rejected_not_a_crash(africa_lines, tmp_path):
                        ("array.json", b"[" + b",".join([deep, *africa_lines[:5]]) + b"]")]:
         path = tmp_path / name
         path.write_bytes(text)
-        rep = ingest1(path, tmp_path)
+        rep = ingest.ingest([path], tmp_path / name[:5], progress=False)  # same results: apart
         assert rep.rejects == {"malformed_json": 1} and rep.rows == rows_of(africa_lines[:5])
 
 
@@ -528,6 +536,63 @@ def test_workers_give_the_same_rows_as_one_process(africa_lines, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# the same result twice is one result
+
+
+def test_a_result_repeated_in_one_file_is_kept_once(africa_lines, tmp_path):
+    path = tmp_path / "twice.jsonl"
+    path.write_bytes(b"\n".join(africa_lines[:50] + africa_lines[10:20]))
+    rep = ingest1(path, tmp_path)
+    assert rep.rows == rows_of(africa_lines[:50]) and rep.skipped["duplicate"] == 10
+
+
+def test_results_already_in_the_directory_are_not_ingested_again(africa_lines, tmp_path):
+    a, b = tmp_path / "api_download.json", tmp_path / "dump.jsonl"
+    a.write_bytes(b"[" + b",".join(africa_lines[:60]) + b"]")
+    b.write_bytes(b"\n".join(africa_lines[40:100]))  # overlaps the download by 20 results
+    ingest.ingest([a], tmp_path / "out", progress=False)
+    second = ingest.ingest([b], tmp_path / "out", progress=False)
+    assert second.skipped["duplicate"] == 20
+    assert read_canonical(tmp_path / "out").num_rows == rows_of(africa_lines[:100])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_overlapping_inputs_of_one_call_give_each_result_once(africa_lines, tmp_path, workers):
+    parts = [africa_lines[0:80], africa_lines[60:140], africa_lines[120:200]]
+    paths = []
+    for i, lines in enumerate(parts):
+        paths.append(tmp_path / f"part{i}.jsonl")
+        paths[-1].write_bytes(b"\n".join(lines))
+    rep = ingest.ingest(paths, tmp_path / "out", workers=workers, progress=False)
+    assert rep.skipped["duplicate"] == 40 and rep.rows == rows_of(africa_lines[:200])
+    assert read_canonical(tmp_path / "out").num_rows == rows_of(africa_lines[:200])
+    # the first input keeps its results; the later ones lose what they share with it
+    first = [f for f in rep.files if f["input"] == str(paths[0])][0]
+    assert first["skipped"].get("duplicate", 0) == 0
+
+
+def test_a_changed_input_is_not_a_duplicate_of_its_own_older_output(africa_lines, tmp_path):
+    path = tmp_path / "day.jsonl"
+    path.write_bytes(b"\n".join(africa_lines[:50]))
+    ingest1(path, tmp_path)
+    path.write_bytes(b"\n".join(africa_lines[:80]))  # the dump grew
+    os.utime(path, ns=(1, 2_000_000_000_000_000_000))
+    grown = ingest1(path, tmp_path)
+    assert grown.skipped.get("duplicate", 0) == 0 and grown.rows == rows_of(africa_lines[:80])
+    assert len(list((tmp_path / "out" / "_keys").glob("*.npy"))) == 1  # the old keys went too
+
+
+def test_result_key_is_atlas_s_identity_or_the_content():
+    r = {"msm_id": 5, "prb_id": 7, "timestamp": 1600000000, "result": [{"rtt": 1.0}]}
+    assert ripe.result_key(r) == ripe.result_key({**r, "result": [{"x": "*"}]})  # same result
+    assert ripe.result_key(r) != ripe.result_key({**r, "timestamp": 1600000001})
+    anon = {"timestamp": 1600000000, "dst_addr": "8.8.8.8", "result": [{"rtt": 1.0}]}
+    assert ripe.result_key(anon) == ripe.result_key(dict(reversed(list(anon.items()))))
+    assert ripe.result_key(anon) != ripe.result_key({**anon, "result": [{"rtt": 2.0}]})
+    assert ripe.result_key([1, 2]) is None
+
+
+# ----------------------------------------------------------------------------------------------
 # the CLI
 
 
@@ -586,3 +651,52 @@ def test_a_directory_input_skips_the_world_file_synth_writes_beside_its_output(
     (d / "results.jsonl.world.json").write_text('{"config": {}}')
     rep = ingest.ingest([d], tmp_path / "out", progress=False)
     assert rep.rejected == 0 and rep.rows == rows_of(africa_lines[:50])
+
+
+# ----------------------------------------------------------------------------------------------
+# paths: a link is its target, bad outputs fail before any work, killed runs leave nothing behind
+
+
+def test_a_symlink_to_an_ingested_file_is_already_ingested(africa_lines, tmp_path):
+    real = tmp_path / "day.jsonl"
+    real.write_bytes(b"\n".join(africa_lines[:40]))
+    (tmp_path / "link.jsonl").symlink_to(real)
+    first = ingest1(real, tmp_path)
+    again = ingest1(tmp_path / "link.jsonl", tmp_path)
+    assert again.skipped_inputs == [str(tmp_path / "link.jsonl")]
+    assert again.outputs == first.outputs and len(list((tmp_path / "out").glob("*.parquet"))) == 1
+
+
+def test_rejects_naming_a_directory_fails_before_any_work(africa_lines, tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(africa_lines[:20]))
+    (tmp_path / "rj").mkdir()
+    out = tmp_path / "o"
+    assert main(["ingest", str(good), "--out", str(out), "--rejects", str(tmp_path / "rj")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err
+    assert not out.exists() and list((tmp_path / "rj").iterdir()) == []
+
+
+def test_an_unwritable_out_is_one_line_and_exit_2(africa_lines, tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(africa_lines[:20]))
+    (tmp_path / "plain_file").write_text("")
+    # below a regular file nothing can be created (what a read-only directory does to non-root)
+    assert main(["ingest", str(good), "--out", str(tmp_path / "plain_file" / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to --out" in err and "Traceback" not in err
+
+
+def test_a_killed_ingest_s_old_temporaries_are_removed_and_young_ones_kept(africa_lines, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    old, young = out / ".ingest-123-1.parquet.tmp", out / ".ingest-456-2.rejects.tmp"
+    old.write_bytes(b"partial")
+    young.write_bytes(b"maybe another ingest's")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(b"\n".join(africa_lines[:20]))
+    ingest1(good, tmp_path)
+    assert not old.exists() and young.exists()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ping_llm.errors import InputError
-from ping_llm.runtime import StopFlag, peak_flops_for, setup
+from ping_llm.runtime import StopFlag, peak_flops_for, resolve_device, setup
 
 
 def test_a_plain_process_is_rank_0_of_1_on_the_cpu(monkeypatch):
@@ -21,10 +21,18 @@ def test_a_plain_process_is_rank_0_of_1_on_the_cpu(monkeypatch):
     assert d.device == torch.device("cpu")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
-    with pytest.raises(InputError, match="no CUDA device"):
-        setup("cuda")
+@pytest.mark.parametrize("name", ["bogus", "mps", "gpu", "cuda:x", "cuda:99", ""])
+def test_a_device_this_machine_does_not_have_is_a_clear_error(name):
+    with pytest.raises(InputError, match="device"):
+        resolve_device(name)
+
+
+def test_auto_and_cuda_resolve_to_what_the_machine_has():
+    want = torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == want and resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"device cuda:0 requested, but this torch"):
+            setup("cuda")
 
 
 def test_sigterm_and_sigint_set_the_stop_flag_and_handlers_are_restored():

@@ -10,6 +10,8 @@ with the same checkpoint loaded into a second, in-process engine; both run it in
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import inspect
 import json
 import socket
@@ -75,9 +77,9 @@ def engine64(run_dir) -> Engine:
     return Engine(model.double())
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    app = create_app(engine64(run_dir), LIMITS)
+@contextlib.contextmanager
+def running(app):
+    """A real uvicorn server for `app` on a free loopback port; yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -89,10 +91,18 @@ def server(run_dir):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", expected=engine64(run_dir))
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    with running(create_app(engine64(run_dir), LIMITS)) as url:
+        yield SimpleNamespace(url=url, expected=engine64(run_dir))
 
 
 def post(server, path, payload):
@@ -285,3 +295,119 @@ def test_ping_llm_serve_runs_as_a_command(run_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------
+# abuse: every request priced before it runs, bodies capped, cheap requests never wait behind
+# expensive ones, work dropped when its client goes away
+
+WIDE = {"src": "::/0", "dst": "::/0"}  # 512 drawn completions x 34 address bytes: ~2 s here
+OPEN_LIMITS = Limits(max_cost=10**7, max_batch=64)
+
+
+@pytest.fixture(scope="module")
+def open_server(run_dir):
+    model, _ = checkpoint.load_model(run_dir)
+    with running(create_app(Engine(model), OPEN_LIMITS)) as url:
+        yield url
+
+
+def test_a_request_over_its_cost_budget_is_refused_before_it_runs(server):
+    r = post(server, "/rtt_many", {"queries": [WIDE] * 20})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "would cost 665,640 token positions; the limit is 50,000" in detail
+    assert httpx.get(server.url + "/healthz").json()["limits"]["max_cost"] == 50_000
+
+
+def test_a_body_over_the_cap_gets_413_whether_declared_or_streamed(server):
+    big = json.dumps({"src": SRC, "dst": DST, "pad": "x" * (2 << 20)}).encode()
+    r = httpx.post(server.url + "/rtt", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "1,048,576 bytes" in r.json()["detail"]
+    chunked = httpx.post(server.url + "/rtt", content=iter([big[:1000], big[1000:]]),
+                         headers={"content-type": "application/json"})  # no content-length
+    assert chunked.status_code == 413
+    assert post(server, "/rtt", {"src": SRC, "dst": DST}).status_code == 200  # still serving
+
+
+def test_docs_work_offline(server):
+    r = httpx.get(server.url + "/docs")
+    assert r.status_code == 200 and "<script" not in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # nothing to fetch elsewhere
+    for path in ("/rtt", "/rtt_many", "/rank", "/destinations", "/score", "/sample"):
+        assert f"POST {path}</code>" in r.text
+
+
+def _cheap_latencies(url: str, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/rtt", json={"src": SRC, "dst": f"192.0.2.{i + 1}"}, timeout=30)
+        out.append(time.perf_counter() - t0)
+        assert r.status_code == 200
+    return out
+
+
+def test_cheap_requests_are_answered_within_a_second_while_expensive_ones_run(open_server):
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        slow = [ex.submit(httpx.post, open_server + "/rtt_many", json={"queries": [WIDE] * 3},
+                          timeout=300) for _ in range(2)]
+        time.sleep(0.5)  # the slow lane is busy now
+        waits = _cheap_latencies(open_server, 10)
+        assert not all(f.done() for f in slow), "the expensive requests ended too early"
+        assert all(f.result().status_code == 200 for f in slow)
+    assert max(waits) < 1.0, waits
+
+
+def test_work_stops_when_its_client_disconnects(open_server):
+    with pytest.raises(httpx.ReadTimeout):  # gives up on a ~30 s request after half a second
+        httpx.post(open_server + "/rtt_many", json={"queries": [WIDE] * 16}, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while httpx.get(open_server + "/healthz").json()["cancelled"] < 1:
+        assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+        time.sleep(0.05)
+    t0 = time.perf_counter()  # the slow lane is free again: one wide query, not the 16 before it
+    assert httpx.post(open_server + "/rtt", json=WIDE, timeout=60).status_code == 200
+    assert time.perf_counter() - t0 < 15
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+
+
+def test_load_mixed_valid_invalid_and_expensive_requests(server, capsys):
+    """Bounded, loopback only: 240 requests from 8 clients. No 5xx; every over-budget request
+    refused with its cost; everything else answered."""
+    kinds = [
+        ("/rtt", {"src": SRC, "dst": DST}, 200),
+        ("/rtt", {"src": SRC, "dst": DST, "context": CTX, "time": T0 + 5}, 200),
+        ("/rtt_many", {"queries": [{"src": SRC, "dst": f"192.0.2.{i}"} for i in range(30)]}, 200),
+        ("/rank", {"src": SRC, "candidates": ["192.0.2.1", "192.0.2.2", "192.0.2.3"]}, 200),
+        ("/rtt", {"src": "10.0.0.0/24", "dst": DST}, 200),  # 256 completions, within budget
+        ("/rtt", {"src": SRC, "dst": "not-an-ip"}, 422),
+        ("/rtt", {"src": SRC}, 422),
+        ("/rtt_many", {"queries": [WIDE] * 2}, 422),  # over budget
+        ("/sample", {"n": 3, "src": SRC}, 200),
+        ("/score", {"measurements": [{"src": SRC, "dst": DST, "rtt_ms": 9.0}]}, 200),
+    ]
+    rss0 = _rss_mb()
+
+    def one(i):
+        path, body, want = kinds[i % len(kinds)]
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + path, json=body, timeout=120)
+        return path, want, r.status_code, r.text, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(240)))
+    assert not [r for r in results if r[2] >= 500]
+    assert [(p, w, c) for p, w, c, _, _ in results if c != w] == []
+    assert all("would cost" in t for p, _, c, t, _ in results if p == "/rtt_many" and c == 422)
+    lat = sorted(r[4] for r in results)
+    cheap = sorted(r[4] for i, r in enumerate(results) if i % len(kinds) in (0, 1, 5, 6))
+    with capsys.disabled():
+        print(f"\nload: 240 requests, p50 {lat[120] * 1e3:.0f} ms, p99 {lat[237] * 1e3:.0f} ms; "
+              f"plain /rtt and invalid ones p50 {cheap[len(cheap) // 2] * 1e3:.0f} ms, max "
+              f"{cheap[-1] * 1e3:.0f} ms; RSS {rss0:.0f} -> {_rss_mb():.0f} MB")
+    assert cheap[-1] < 2.0  # the /24 queries queue on the slow lane, not in front of these

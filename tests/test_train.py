@@ -220,6 +220,32 @@ def test_logs_loss_lr_grad_norm_throughput_and_mfu(tmp_path):
     assert _run(tmp_path / "cpu", steps=1)["mfu"] is None  # no peak known for a CPU
 
 
+class _SlowLoader(SyntheticLoader):
+    """A machine that became slow: every micro-batch takes 40 ms more."""
+
+    def __next__(self):
+        time.sleep(0.04)
+        return super().__next__()
+
+
+def test_a_time_budget_ends_a_slowed_run_on_time_with_its_lr_decayed(tmp_path):
+    # Planned for 5,000 steps; at >= 40 ms a step, 1.5 s of budget holds fewer than 40.
+    cfg = _cfg(tmp_path, steps=5000, time_budget_s=1.5, warmdown_frac=0.5, save_every=0,
+               eval_every=0)
+    s = train(cfg, loader=_SlowLoader(B, T))
+    assert s["completed"] and s["stopped"] is None and 3 <= s["step"] < 40
+    lr = _curve(tmp_path, key="lr_mult")
+    assert [st for st, _ in lr] == list(range(1, s["step"] + 1))
+    assert lr[0][1] == 1.0 and lr[-1][1] == 0.0  # flat, then decayed to the end: on time
+    # the decay followed time (the last half of it), not the 5,000 planned steps
+    flat = [st for st, m in lr if m == 1.0]
+    assert 0.25 * s["step"] <= len(flat) <= 0.75 * s["step"] + 1
+    meta = ck.load_checkpoint(tmp_path).meta
+    assert meta["step"] == s["step"] and meta["trainer"]["train_time_s"] >= 1.5
+    again = train(dataclasses.replace(cfg, resume=True), loader=_SlowLoader(B, T))
+    assert again["completed"] and again["step"] == s["step"]  # a spent budget stays spent
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     _run(tmp_path, steps=20, stop_at=4, eval_every=0)
     good = ck.load_checkpoint(tmp_path).model_state

@@ -18,6 +18,7 @@ Layout (everything a reader needs is plain JSON or safetensors)::
                            MT19937 state, python's `random` state
       checkpoint.tmp/      only while a save is in progress (never read)
       checkpoint.old/      only during the swap (read if `checkpoint/` is missing: crash mid-swap)
+      train.lock           the pid of the trainer writing the run (see RunLock)
 
 Atomic save: everything is written into `checkpoint.tmp/`, each file fsynced, `meta.json` last;
 then `checkpoint/` -> `checkpoint.old/`, `checkpoint.tmp/` -> `checkpoint/`, fsync the run
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
 import json
 import os
 import random
@@ -42,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ping_llm import __version__
@@ -54,6 +57,7 @@ _TMP_DIR = "checkpoint.tmp"
 _OLD_DIR = "checkpoint.old"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "train.lock"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,6 +341,17 @@ def _require(path) -> Path:
     return ckpt
 
 
+def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing: the checkpoint is incomplete") from None
+    except SafetensorError as e:  # truncated or overwritten: say which file
+        raise InputError(
+            f"{path} is damaged ({type(e).__name__}: {e}); restore it or train again"
+        ) from None
+
+
 def load_checkpoint(path) -> Checkpoint:
     """Read the complete checkpoint of a run dir (or of a checkpoint dir); tensors on CPU."""
     ckpt = _require(path)
@@ -345,8 +360,8 @@ def load_checkpoint(path) -> Checkpoint:
         path=ckpt,
         meta=meta,
         config=_read_json(ckpt / CONFIG_FILE),
-        model_state=load_file(str(ckpt / "model.safetensors"), device="cpu"),
-        optimizer_tensors=load_file(str(ckpt / "optimizer.safetensors"), device="cpu"),
+        model_state=_load_tensors(ckpt / "model.safetensors"),
+        optimizer_tensors=_load_tensors(ckpt / "optimizer.safetensors"),
         optimizer_json=_read_json(ckpt / "optimizer.json"),
         loader_states=_read_json(ckpt / "loader.json")["ranks"],
         rng_states=_read_json(ckpt / "rng.json")["ranks"],
@@ -371,7 +386,9 @@ def load_model(run_dir, device="cpu", geo_db=None):
     A model that reads address knowledge gets its database attached: geo_db if given, else the
     file the run recorded, else the packaged default; it must be the run's (same sha256)."""
     from ping_llm.model import GPT, GPTConfig
+    from ping_llm.runtime import resolve_device
 
+    device = resolve_device(device)
     ckpt = _require(run_dir)
     read_meta(ckpt)
     run_config = _read_json(ckpt / CONFIG_FILE)
@@ -380,7 +397,7 @@ def load_model(run_dir, device="cpu", geo_db=None):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # fills the non-persistent RoPE tables; weights are overwritten next
-    state = load_file(str(ckpt / "model.safetensors"), device=str(torch.device(device)))
+    state = _load_tensors(ckpt / "model.safetensors", str(device))
     model.load_state_dict(state, strict=True)
     model.eval()
     if config.knowledge_dim:
@@ -392,6 +409,40 @@ def load_model(run_dir, device="cpu", geo_db=None):
         model.knowledge = AddressKnowledge.open(geo_db or recorded)
         check_knowledge(run_config, model.knowledge)
     return model, config
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive advisory lock (flock) on RUN_DIR/train.lock,
+    which holds the owner's pid. The kernel drops the lock when the process ends in any way, so a
+    killed trainer never leaves a stale one; a second trainer gets InputError naming the pid."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fh = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise InputError(
+                f"{self.path.parent} is being written by another trainer (pid {holder}); "
+                "wait for it to finish or stop it, or choose another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock; the file stays (harmless, reused)
+            self._fh = None
 
 
 # ------------------------------------------------------------------------------------------------

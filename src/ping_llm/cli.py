@@ -1,14 +1,17 @@
 """`ping-llm`: the command line. One verb per Python API entry point (SPEC §10).
 
 Each verb is a thin adapter: parse arguments, call the library, print (plain text or `--json`).
-Exit status: 0 success, 2 usage or input error (message on stderr), 3 finished but some input was
-rejected (ingest), 1 anything else. Imports of heavy modules happen inside the verbs so that
+Exit status: 0 success, 2 usage or input error (one line on stderr, also for a path the OS refuses),
+3 finished but some input was rejected (ingest), 130 / 143 interrupted by SIGINT / SIGTERM (train
+checkpoints first), 1 anything else. Imports of heavy modules happen inside the verbs so that
 `ping-llm --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
 import sys
 
@@ -16,6 +19,9 @@ from ping_llm import __version__
 from ping_llm.errors import InputError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+# OS errors that mean "this path, as given, cannot be used" (usage, exit 2) rather than a failure
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 RUN_GEO_DB_HELP = ("the MaxMind database of a run that reads address knowledge (default: the one "
@@ -172,6 +178,7 @@ def _cmd_train(args) -> int:
         wandb_project=args.wandb_project,
         peak_flops=args.peak_flops,
         time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
+        time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget,
     )
     config = tr.config_for_run(args.out, args.resume, **overrides)
     # With --json, stdout carries only the summary; the training log goes to stderr.
@@ -252,6 +259,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s per device for MFU")
     p.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="stop cleanly with a checkpoint after this much training time")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="finish the schedule in this much training time: the lr decays over "
+                   "its last part and the run ends complete (--steps becomes an upper bound)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
@@ -287,6 +297,9 @@ def _read_context(path):
         raise InputError(f"cannot read context file {path}: {e.strerror}") from None
     if st.damage:
         raise InputError(f"context file {path}: {st.damage.replace('_', ' ')}")
+    if not items:
+        raise InputError(f"context file {path} holds no measurements (for none, leave out "
+                         "--context)")
     return as_context(items)
 
 
@@ -433,9 +446,10 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from ping_llm.server import Limits, serve
+    from ping_llm.limits import Limits
+    from ping_llm.server import serve
 
-    limits = Limits(max_batch=args.max_batch, max_context=args.max_context)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
     print(f"ping-llm serve: http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(args.run, host=args.host, port=args.port, device=args.device, limits=limits,
           calibrated=not args.no_calibration, geo_db=args.geo_db)
@@ -448,10 +462,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to bind (127.0.0.1; the service has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
-    p.add_argument("--max-batch", type=int, default=1024,
-                   help="max queries / candidates / measurements per request (1024)")
-    p.add_argument("--max-context", type=int, default=64,
-                   help="max context measurements per request (64)")
+    from ping_llm.limits import Limits  # the limits' flags, from the dataclass
+
+    for f in dataclasses.fields(Limits):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       metavar="N", help=f"{f.metadata['help']} ({f.default:,})")
     p.add_argument("--no-calibration", action="store_true",
                    help="serve the raw model's distributions, not the run's calibration.json")
     p.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
@@ -863,6 +878,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"ping-llm {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a path the user gave that cannot be read or written: one line
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"ping-llm {args.verb}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USAGE if e.errno in _PATH_ERRNOS else EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

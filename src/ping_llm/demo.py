@@ -8,7 +8,8 @@ the demo again skips what is done (the training stage resumes its checkpoint). `
 wall-time budget of the whole demo: the data stages and the evaluation take a few minutes on two
 CPU cores, and training gets most of the rest. Training runs a full learning-rate schedule rather
 than being cut off mid-way: its step count is chosen from a short measurement of this machine's
-step time.
+step time, and its schedule also follows the time budget (`TrainConfig.time_budget_s`), so a
+machine that slows down later still ends training on time, with the lr decayed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ STAGES = ("synth", "ingest", "prepare", "train", "calibrate", "eval", "queries")
 # Fixed costs on 2 CPU cores (measured on the default world): everything but training.
 OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 110, "eval": 150,
               "queries": 15}
+# Evals (every steps/5, eval_batches each) and saves cost roughly 15% on top of the steps.
+EVAL_SAVE_COST = 1.15
 CALIBRATE_QUERIES = 500  # val measurements (at most --eval-queries), each at k = 0, 1, 4, 16, 64
 CALIBRATION_STEPS = 6
 
@@ -127,9 +130,13 @@ def run_demo(config: DemoConfig | None = None) -> dict:
             base = dataclasses.replace(base, geo_db=str(synth.geo_db_path(results_path)))
         steps = cfg.steps or _steps_for_budget(base, max(budget, 30.0))
         print(f"  training the tiny model for {steps} steps (~{max(budget, 30) / 60:.1f} min)")
+        # The steps are planned from a few timed ones; if the machine then slows down (other
+        # work), the schedule follows the time budget instead and training still ends on time.
         train_cfg = tr.TrainConfig.from_dict({**base.to_dict(), "steps": steps,
                                                "eval_every": max(steps // 5, 1),
-                                               "save_every": max(steps // 5, 1)})
+                                               "save_every": max(steps // 5, 1),
+                                               "time_budget_s": None if cfg.steps
+                                               else max(budget, 30.0) / EVAL_SAVE_COST})
         summary = tr.train(train_cfg)
         if not summary["completed"]:
             raise KeyboardInterrupt  # stopped by a signal: checkpoint saved, rerun resumes
@@ -160,8 +167,7 @@ def _steps_for_budget(base, seconds: float) -> int:
     summary = tr.train(probe)
     tokens_per_step = base.device_batch_size * base.gpt_config().sequence_len
     per_step = tokens_per_step / summary["tokens_per_s"]
-    # Evals (every steps/5, eval_batches each) and saves cost roughly 15% on top of the steps.
-    return max(20, int(seconds / (per_step * 1.15)))
+    return max(20, int(seconds / (per_step * EVAL_SAVE_COST)))
 
 
 def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:

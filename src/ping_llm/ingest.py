@@ -24,12 +24,22 @@ appended, in parallel over files; re-running is idempotent):
     OUT/<input name>-<path id: 8 hex><version: 8 hex>.parquet   zstd, CANONICAL_SCHEMA, the
                                                                 per-file report in its metadata
     OUT/_rejects/<same stem>.jsonl                              that input's rejects, if any
+    OUT/_keys/<same stem>.npy                                   its results' keys (sorted uint64)
 
 The version part hashes the input's name, size and mtime, the source-address mode and the
 format version; an existing output with the same name is complete (outputs are written to a
 temporary name and renamed), so the input is skipped and its stored report reused. When the input
 changed since (or the source-address mode), its older output is replaced, never duplicated.
-stdin is named by a digest of its content. A killed run leaves only hidden `.ingest-*.tmp` files.
+stdin is named by a digest of its content. A killed run leaves only hidden `.ingest-*.tmp` files,
+which the next ingest into the same directory deletes once they are an hour old (a younger one
+may be another ingest's, still writing).
+
+Duplicates: a result whose `ripe.result_key` is already in the directory (an earlier output, or
+earlier in the same input) is skipped and counted as `skipped.duplicate`. Each output keeps its
+results' keys beside it; an ingest call memory-maps the directory's keys (8 bytes per result)
+for its workers, and afterwards re-does, with the keys of the earlier ones, any input of the
+call that shared results with an earlier input of the same call (files ingested in parallel
+cannot see each other).
 
 Python API (the CLI verb `ping-llm ingest` is a thin wrapper): `ingest(inputs, out_dir,
 source_address="auto", workers=1, rejects=None, progress=True) -> IngestReport`;
@@ -53,13 +63,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ping_llm import streams
 from ping_llm.errors import InputError
-from ping_llm.ripe import _COUNTS, SOURCE_MODES, _Batch, _Reject
+from ping_llm.ripe import _COUNTS, SOURCE_MODES, _Batch, _Reject, result_key
 from ping_llm.schema import CANONICAL_SCHEMA
 from ping_llm.streams import StreamState, decompressed, json_values, open_chunks
 
@@ -83,9 +94,10 @@ def _raw_text(raw) -> tuple[str, bool]:
 class _Converter:
     """Runs one input through framing + _Batch, yielding canonical tables chunk by chunk."""
 
-    def __init__(self, name: str, mode: str, on_reject=None, on_progress=None):
+    def __init__(self, name: str, mode: str, on_reject=None, on_progress=None, seen=None):
         self.name, self.batch = name, _Batch(mode)
         self.on_reject, self.on_progress = on_reject, on_progress
+        self.seen = seen
 
     def reject(self, line: int | None, reason: str, raw) -> None:
         self.batch.rejects[reason] += 1
@@ -99,6 +111,10 @@ class _Converter:
     def value(self, line: int, obj, raw=None) -> None:
         batch = self.batch
         batch.counts["results"] += 1
+        key = None if self.seen is None else result_key(obj)
+        if key is not None and key in self.seen:
+            batch.skipped["duplicate"] += 1
+            return
         try:
             batch.add(obj)
         except _Reject as e:
@@ -108,6 +124,9 @@ class _Converter:
                 except (TypeError, orjson.JSONEncodeError):
                     raw = repr(obj)
             self.reject(line, e.args[0], raw)
+            return
+        if key is not None:
+            self.seen.add(key)
 
     def _flush(self, force=False):
         b = self.batch
@@ -175,7 +194,7 @@ class _Converter:
 
     def _run_lines(self, first, blocks, st):
         loads, JSONDecodeError = orjson.loads, orjson.JSONDecodeError
-        batch, add, counts = self.batch, self.batch.add, self.batch.counts
+        batch, value, counts = self.batch, self.value, self.batch.counts
         carry, lineno, skipping, done = b"", 0, False, 0
 
         def gen():
@@ -203,11 +222,7 @@ class _Converter:
                     for o in obj:
                         self.value(lineno, o, ln)
                     continue
-                counts["results"] += 1
-                try:
-                    add(obj)
-                except _Reject as e:
-                    self.reject(lineno, e.args[0], ln)
+                value(lineno, obj, ln)
             if len(carry) > MAX_LINE:  # the line is dropped; its end is skipped when it comes
                 lineno += 1
                 self.reject(lineno, "line_too_long", carry)
@@ -236,20 +251,60 @@ class _Converter:
 
 
 def iter_tables(source, source_address: str = "auto", on_reject=None, on_progress=None,
-                report: dict | None = None, name: str | None = None):
+                report: dict | None = None, name: str | None = None, seen: Seen | None = None):
     """Stream one input (path, "-" for stdin, a binary file object or an iterable of byte
     chunks) -> canonical pa.Tables of <= CHUNK_RESULTS results each.
 
     on_reject(record) receives each reject record; on_progress(n) the number of results read
-    since the last call; `report`, if given, is filled with the counts at the end.
+    since the last call; `report`, if given, is filled with the counts at the end; `seen`, if
+    given, drops results already in it (and gets this input's keys).
     """
     if name is None:
         name = source if isinstance(source, str) else getattr(source, "name", "<stream>")
-    conv = _Converter(str(name), source_address, on_reject, on_progress)
+    conv = _Converter(str(name), source_address, on_reject, on_progress, seen)
     with open_chunks(source) as chunks:
         yield from conv.run(chunks)
     if report is not None:
         report.update(_file_counts(conv.batch))
+
+
+class Seen:
+    """Result keys already ingested: a sorted uint64 array (the directory's, memory-mapped) and
+    the keys added since (a set)."""
+
+    def __init__(self, before: np.ndarray | None = None):
+        self.before = np.zeros(0, np.uint64) if before is None else before
+        self.new: set[int] = set()
+
+    def __contains__(self, key: int) -> bool:
+        if key in self.new:
+            return True
+        if not len(self.before):
+            return False
+        i = int(np.searchsorted(self.before, key))
+        return i < len(self.before) and int(self.before[i]) == key
+
+    def add(self, key: int) -> None:
+        self.new.add(key)
+
+    def new_keys(self) -> np.ndarray:
+        return np.array(sorted(self.new), dtype=np.uint64)
+
+
+def _keys_file(out: Path, name: str) -> Path:
+    return out / "_keys" / (name[: -len(".parquet")] + ".npy")
+
+
+def _directory_keys(out: Path, leave_out=()) -> np.ndarray:
+    """The sorted keys of the complete outputs in `out` (not those named in leave_out)."""
+    parts = [np.load(_keys_file(out, p.name)) for p in sorted(out.glob("*.parquet"))
+             if p.name not in leave_out and _keys_file(out, p.name).exists()]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+        np.save(fh, arr)
 
 
 def _file_counts(batch: _Batch) -> dict:
@@ -348,7 +403,7 @@ def _output_name(path: str, mode: str) -> tuple[str, str]:
     ver = hashlib.sha256(
         f"{os.path.basename(real)}\0{st.st_size}\0{st.st_mtime_ns}\0{mode}\0{FORMAT_VERSION}".encode()
     ).hexdigest()[:8]
-    stem = _stem(path)
+    stem = _stem(real)  # a symlink is the file it points to: ingested once, under its name
     return f"{stem}-{pid}{ver}.parquet", f"{glob.escape(stem)}-{pid}????????.parquet"
 
 
@@ -374,13 +429,16 @@ def _bump(n: int) -> None:
 
 
 def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str | None,
-                on_progress=None) -> dict:
-    """One input -> its Parquet (+ rejects) in out_dir, atomically. Returns the file report."""
+                seen_file: str | None = None, on_progress=None) -> dict:
+    """One input -> its Parquet (+ rejects, + keys) in out_dir, atomically, leaving out the
+    results whose keys are in seen_file (a .npy). Returns the file report."""
     t0 = time.perf_counter()
     out, rej_dir = Path(out_dir), Path(out_dir) / "_rejects"
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     tmp = out / f".ingest-{tag}.parquet.tmp"
     rej_tmp = out / f".ingest-{tag}.rejects.tmp"
+    keys_tmp = out / f".ingest-{tag}.keys.tmp"
+    seen = Seen(None if seen_file is None else np.load(seen_file, mmap_mode="r"))
     digest = hashlib.sha256() if path == "-" else None
     rej_fh = None
 
@@ -403,7 +461,8 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
     writer = pq.ParquetWriter(tmp, CANONICAL_SCHEMA, compression="zstd")
     try:
         try:
-            for table in iter_tables(source, mode, on_reject, on_progress, counts, name=path):
+            for table in iter_tables(source, mode, on_reject, on_progress, counts, name=path,
+                                     seen=seen):
                 writer.write_table(table)
         finally:
             if rej_fh is not None:
@@ -418,18 +477,22 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
         if rej_fh is not None:
             rej_dir.mkdir(exist_ok=True)
             os.replace(rej_tmp, rej_dir / (name[: -len(".parquet")] + ".jsonl"))
+        _write_npy(keys_tmp, seen.new_keys())
+        _keys_file(out, name).parent.mkdir(exist_ok=True)
+        os.replace(keys_tmp, _keys_file(out, name))
         os.replace(tmp, out / name)  # the commit point: the output exists => it is complete
         if stale:
             for old in out.glob(stale):
                 if old.name != name:
                     old.unlink(missing_ok=True)
                     (rej_dir / (old.name[: -len(".parquet")] + ".jsonl")).unlink(missing_ok=True)
+                    _keys_file(out, old.name).unlink(missing_ok=True)
         return rep
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
-        rej_tmp.unlink(missing_ok=True)
+        for t in (tmp, rej_tmp, keys_tmp):
+            t.unlink(missing_ok=True)
 
 
 def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, rejects=None,
@@ -452,12 +515,22 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
         raise InputError("no input files")
     if "-" in paths and sys.stdin.isatty():
         raise InputError("input '-' is a terminal: pipe the results in (... | ping-llm ingest -)")
-    if rejects is not None and not Path(rejects).resolve().parent.is_dir():
-        raise InputError(f"rejects: directory of {str(rejects)!r} does not exist")
+    if rejects is not None:
+        if Path(rejects).is_dir():
+            raise InputError(f"rejects: {str(rejects)!r} is a directory; name a file")
+        if not Path(rejects).resolve().parent.is_dir():
+            raise InputError(f"rejects: directory of {str(rejects)!r} does not exist")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(out)
+        probe = out / f".ingest-probe-{os.getpid()}.tmp"  # writable? (before any work is done)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to --out {out}: {e.strerror}") from None
     report = IngestReport(inputs=paths)
     todo = []
     for p in paths:
@@ -476,6 +549,11 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
 
     bar = tqdm(total=None, unit=" results", unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                disable=None if progress else True, desc="ingest")
+    # The keys already in the directory, less those of outputs this call replaces.
+    replaced = {old.name for _, _, stale in todo if stale for old in out.glob(stale)}
+    before = _directory_keys(out, leave_out=replaced)
+    seen_file = out / f".ingest-seen-{os.getpid()}-{time.monotonic_ns()}.tmp"
+    _write_npy(seen_file, before)
     try:
         n_workers = min(int(workers), sum(1 for t in todo if t[0] != "-"))
         local = [t for t in todo if t[0] == "-" or n_workers <= 1]
@@ -486,8 +564,8 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
             counter = ctx.Value("q", 0)
             with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
                                         initargs=(counter,)) as ex:
-                futs = {ex.submit(_ingest_one, p, str(out), source_address, n, s): p
-                        for p, n, s in remote}
+                futs = {ex.submit(_ingest_one, p, str(out), source_address, n, s, str(seen_file)):
+                        p for p, n, s in remote}
                 pending = set(futs)
                 while pending:
                     done, pending = cf.wait(pending, timeout=0.25)
@@ -495,11 +573,16 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
                     for f in done:
                         reps[futs[f]] = f.result()
                         bar.set_postfix(files=f"{len(reps)}/{len(todo)}")
-        for p, n, s in local:
-            reps[p] = _ingest_one(p, str(out), source_address, n, s, on_progress=bar.update)
+            before = _redo_overlaps(remote, reps, out, source_address, before, seen_file)
+        for p, n, s in local:  # one after the other: each sees the keys of those before it
+            reps[p] = _ingest_one(p, str(out), source_address, n, s, str(seen_file),
+                                  on_progress=bar.update)
+            before = np.union1d(before, np.load(_keys_file(out, Path(reps[p]["output"]).name)))
+            _write_npy(seen_file, before)
             bar.set_postfix(files=f"{len(reps)}/{len(todo)}")
     finally:
         bar.close()
+        seen_file.unlink(missing_ok=True)
     for p, _, _ in todo:
         report.add(reps[p])
     report.outputs = [f["output"] for f in report.files]
@@ -507,6 +590,32 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
         _gather_rejects(report, Path(rejects))
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def _redo_overlaps(todo, reps, out: Path, mode: str, before: np.ndarray, seen_file: Path):
+    """Inputs ingested side by side saw only the keys from before the call: in input order, redo
+    any that shares results with an earlier one, leaving those out. Returns before + all keys."""
+    for p, _, stale in todo:
+        name = Path(reps[p]["output"]).name
+        keys = np.load(_keys_file(out, name))
+        if np.isin(keys, before).any():  # it holds results of an earlier input of this call
+            _write_npy(seen_file, before)
+            reps[p] = _ingest_one(p, str(out), mode, name, stale, str(seen_file))
+            keys = np.load(_keys_file(out, name))
+        before = np.union1d(before, keys)
+    return before
+
+
+def _remove_stale_tmp(out: Path, older_than_s: float = 3600.0) -> None:
+    """Delete the hidden temporaries a killed ingest left behind. Only old ones: a temporary
+    younger than an hour may belong to another ingest writing the same directory right now."""
+    now = time.time()
+    for tmp in out.glob(".ingest-*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _gather_rejects(report: IngestReport, path: Path) -> None:

@@ -49,8 +49,10 @@ tuples or RIPE Atlas ping results as downloaded). A run's calibration.json (`pin
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +83,9 @@ MC_SAMPLES = 512  # ... and sample this many completions beyond it
 # Cap on the KV cache of one batch (rows x positions x layers). Small on CPU: a fresh allocation
 # of hundreds of MB page-faults, and copying prefixes into it then costs more than the forward.
 KV_BUDGET_BYTES = {"cpu": 16 * 2**20, "cuda": 2**30}
+# The result field's share of a query's cost, in token positions: the role, byte1 and the byte2
+# rows of the refined bins (about 10-30 at BYTE2_MASS).
+RESULT_COST = 32
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 # byte1 = e << 3 | m >> 8 with m >= 1024 whenever e > 0: 8 values for e = 0, 4 for each e > 0.
@@ -225,9 +230,26 @@ class _Plan:
     n_context: int = 0  # context measurements (which calibration map applies)
     src: str | None = None  # the source address (None: a prefix), for the calibration
 
+    def cost(self, exact_limit: int, mc_samples: int) -> int:
+        """Token positions the model computes for this query (an upper bound): the prefix once,
+        then per completion (enumerated, or drawn beyond exact_limit) its tail and the result."""
+        n = self.n_completions if self.n_completions <= exact_limit else mc_samples
+        return len(self.prefix) + n * (len(self.rest) + RESULT_COST)
+
 
 # ----------------------------------------------------------------------------------------------
 # the engine
+
+
+class Cancelled(Exception):
+    """Raised inside a query whose CANCEL event was set (its asker went away)."""
+
+
+# Set to a threading.Event around a call (in the thread that runs it) to make every model forward
+# of that call check it: a long query stops within one forward of the event being set.
+CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "ping_llm_cancel", default=None
+)
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:
@@ -349,6 +371,9 @@ class Engine:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _fwd(self, idx, cache: KVCache | None) -> torch.Tensor:
+        stop = CANCEL.get()
+        if stop is not None and stop.is_set():
+            raise Cancelled("the query was cancelled")
         t = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.device)
         self.forwards += 1
         with torch.inference_mode():
@@ -399,6 +424,15 @@ class Engine:
     def check(self, query) -> None:
         """Validate one RTT query (Query, dict or tuple) without running the model."""
         self._plan(as_query(query), self.context(None))
+
+    def rtt_cost(self, queries, context=None) -> int:
+        """What `rtt_many(queries, context)` would cost, in token positions the model computes
+        (`_Plan.cost`), without running it; validates like rtt_many."""
+        shared = self.context(context)
+        return sum(
+            self._plan(as_query(q), shared).cost(self.exact_limit, self.mc_samples)
+            for q in queries
+        )
 
     def query_tokens(self, src, dst, time=None, context=None) -> list[int]:
         """The token prefix of an RTT query on full addresses (what the model reads)."""

@@ -34,6 +34,13 @@ Rules (one row per ping packet):
   not_an_object, not_ping, missing_timestamp, bad_timestamp, missing_result, bad_result,
   bad_entry, bad_rtt, bad_summary, bad_af, bad_address, af_mismatch, bad_prb_id, bad_msm_id,
   bad_size. Timestamps must lie in 2000..2100; `type`, when present, must be "ping".
+- The same result twice (same `result_key`: msm_id, prb_id and timestamp, or the same content)
+  is one result: ingest keeps the first and counts the others as `skipped.duplicate`.
+- Plausibility, also rejects: implausible_rtt (a reply over MAX_RTT_MS = 60 s: Atlas waits
+  seconds, so such a value is corruption, not latency), too_many_packets (more than
+  MAX_PACKETS = 16 pings in one result, Atlas's own maximum), scoped_address (a destination
+  with an IPv6 zone such as fe80::1%eth0: it names an address on that probe's link only, and
+  stripping the zone would merge different probes' neighbours into one address).
 
 Python API: `parse_result(obj, source_address="auto") -> ParsedResult` for one result (raises
 `RejectedResult`, an InputError with `.reason`); `is_globally_routable(address)` (the "auto"
@@ -43,6 +50,7 @@ one canonical Arrow table per chunk; addresses are parsed once per distinct stri
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 from collections import Counter
@@ -56,8 +64,12 @@ from ping_llm.errors import InputError
 from ping_llm.schema import CANONICAL_SCHEMA, FAILED_RTT
 
 SOURCE_MODES = ("auto", "from", "src_addr")
+# Plausibility: RIPE Atlas pings send 1..16 packets and wait seconds, not minutes, for a reply.
+MAX_PACKETS = 16
+MAX_RTT_MS = 60_000.0
 _MIN_TS, _MAX_TS = 946_684_800, 4_102_444_800  # 2000-01-01 .. 2100-01-01 UTC
 _I64 = 1 << 63
+_U64 = (1 << 64) - 1
 
 # ----------------------------------------------------------------------------------------------
 # addresses: parse once per distinct string (a cache), classify, normalise
@@ -173,8 +185,10 @@ def _summary_rtts(obj) -> tuple[list[float], int]:
     rcvd = _num(get("rcvd", 0), "bad_summary", int)
     sent = get("sent")
     sent = rcvd if sent is None else _num(sent, "bad_summary", int)
-    if rcvd < 0 or sent < rcvd or sent > 1024:  # RIPE pings send at most 16 packets
+    if rcvd < 0 or sent < rcvd:
         raise _Reject("bad_summary")
+    if sent > MAX_PACKETS:
+        raise _Reject("too_many_packets")
     if rcvd == 0:
         return [], sent
     avg = _num(get("avg"), "bad_summary")
@@ -182,6 +196,8 @@ def _summary_rtts(obj) -> tuple[list[float], int]:
     hi = avg if get("max") is None else _num(get("max"), "bad_summary")
     if not (0 <= lo <= avg * (1 + 1e-9) + 1e-9 and avg <= hi * (1 + 1e-9) + 1e-9):
         raise _Reject("bad_summary")
+    if hi > MAX_RTT_MS:
+        raise _Reject("implausible_rtt")
     if rcvd == 1:
         return [avg], sent - 1
     if rcvd == 2:
@@ -270,6 +286,8 @@ class _Batch:
         d = _addr(dst)
         if d is None:
             raise _Reject("bad_address")
+        if "%" in dst:  # fe80::1%eth0: only means something on that probe's own link
+            raise _Reject("scoped_address")
         af = get("af")
         if af is None:
             af = _af(get("pf")) or _af(get("mode")) or d[1]
@@ -330,6 +348,8 @@ class _Batch:
                             v = _num(v, "bad_rtt")
                         if not 0.0 <= v < math.inf:
                             raise _Reject("bad_rtt")
+                        if v > MAX_RTT_MS:
+                            raise _Reject("implausible_rtt")
                     elif "x" in e:
                         v = FAILED_RTT
                     elif "error" in e:
@@ -359,6 +379,8 @@ class _Batch:
                         self._segment(ts, src_text, d[0], af, prb, msm, size, len(rtt) - n0)
                         n0, src_text = len(rtt), target
                     rtt.append(v)
+                if len(rtt) - r0 > MAX_PACKETS:
+                    raise _Reject("too_many_packets")
             except _Reject:
                 del rtt[r0:]
                 for col in (self.ts, self.src, self.dst, self.ver, self.prb, self.msm, self.size,
@@ -417,6 +439,28 @@ class ParsedResult:
     dups: int = 0
     late: int = 0
     errors: int = 0
+
+
+def result_key(obj) -> int | None:
+    """A result's identity in 64 bits, for dropping a result seen twice (overlapping downloads,
+    a dump and an API fetch of the same hour): RIPE Atlas's own (msm_id, prb_id, timestamp) when
+    all three are there, else the result's whole content. None for what is not a result (a
+    non-object, rejected anyway). A 64-bit hash (of the three integers, or blake2b of the
+    content): two different results collide with odds ~1e-5 among 10^7 of them."""
+    if type(obj) is not dict:
+        return None
+    get = obj.get
+    ident = (get("msm_id"), get("prb_id"), get("timestamp"))
+    if type(ident[0]) is int and type(ident[1]) is int and type(ident[2]) is int:
+        return hash(ident) & _U64  # ints hash the same in every process (only str is salted)
+    if None in ident:
+        try:
+            payload = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, orjson.JSONEncodeError):
+            return None
+    else:
+        payload = repr(ident).encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
 def parse_result(obj, source_address: str = "auto") -> ParsedResult:

@@ -8,7 +8,9 @@ this step, checkpoint, exit". Rank 0 alone prints (`log0`) and shows the progres
 
 from __future__ import annotations
 
+import collections
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -63,21 +65,35 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" | "cpu" | "cuda" | "cuda:N" -> a device this machine has, else InputError.
+    "cuda" is this process's GPU (its LOCAL_RANK); "auto" is CUDA when there is one."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name != "cpu" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise InputError(f"device {name} requested, but this torch ({torch.__version__}) {why}")
+    index, count = int(name[5:]), torch.cuda.device_count()
+    if index >= count:
+        raise InputError(f"device {name} requested, but torch sees {count} GPU(s)")
+    return torch.device(name)
+
+
 def setup(device: str = "auto") -> Dist:
     """This process's rank, world and device (from torchrun's environment); joins the process
     group when WORLD_SIZE > 1 (NCCL on CUDA, gloo otherwise). device: auto | cpu | cuda ..."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        want = f"cuda:{local_rank}"
-    dev = torch.device(want)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("device cuda requested but torch sees no CUDA device")
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
@@ -116,12 +132,49 @@ class StopFlag:
         return False
 
 
+# Tensors handed to collectives stay referenced from Python until the process exits. Why: gloo's
+# worker threads drop a finished work (and the works a barrier waited for) a little after wait()
+# has returned. If that drops the last reference to a tensor whose Python object it then owns,
+# the worker needs the GIL, and once the interpreter is shutting down that aborts the process
+# ("terminate called without an active exception", exit -6 for a run that finished; seen on
+# about 1 in 40 two-rank CPU runs). With a Python reference left, the drop is a plain count
+# decrement. Holding the last few calls' tensors is enough: older works are long released.
+_HELD: collections.deque = collections.deque(maxlen=16)
+
+
+def all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum `t` over the ranks, in place (a no-op in one process)."""
+    if d.world_size > 1:
+        _HELD.append(t)
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
 def all_gather(obj, d: Dist) -> list:
+    """Every rank's `obj` (picklable), in rank order; what all_gather_object does, with the
+    tensors held (above)."""
     if d.world_size == 1:
         return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    dev = d.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(dev)
+    size = torch.tensor([data.numel()], dtype=torch.long, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(d.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=dev)
+    padded[: data.numel()] = data
+    out = [torch.empty_like(padded) for _ in range(d.world_size)]
+    dist.all_gather(out, padded)
+    _HELD.extend([size, *sizes, padded, *out])
+    return [
+        pickle.loads(t[: int(n.item())].cpu().numpy().tobytes())
+        for t, n in zip(out, sizes, strict=True)
+    ]
 
 
 def log0(d: Dist, msg: str) -> None:

@@ -17,44 +17,45 @@ Bad input never produces a 500: pydantic rejects malformed bodies, limits (batch
 length, k, n) are checked before any work, and the engine's InputError (bad address, mixed
 families, prefix too long, context too long for the model...) is mapped to 422 with its message.
 
-Batching: RTT questions from concurrent requests (/rtt and every query of /rtt_many) go into one
-asyncio queue; a single worker task takes the first, waits up to `wait_ms` for more, drains up to
-`coalesce` of them and answers all with one `Engine.rtt_many` call. The model always runs in one
-worker thread (the engine is not thread-safe, and the event loop must stay responsive), so the
-other endpoints queue behind the current batch. /healthz reports `rtt_batches` (model calls of the
-coalescer) and `rtt_queries`, which is how the tests see that 32 concurrent requests were answered
-in a few batches. Bound to 127.0.0.1 unless told otherwise: the service has no authentication.
+Cost and fairness. Every request is priced before it runs, in token positions the model will
+compute (`Engine.rtt_cost`: per completion of a CIDR query, exact or drawn, its tail plus the
+result; `_cost` below for the other endpoints). Over `max_cost` it is refused with a 422 that
+names its cost and the limit; bodies over `max_body_bytes` get a 413 before they are parsed.
+Requests run on one of two lanes, each one model thread: cheap ones (cost <= `fast_cost`) on
+the fast lane, the rest on the slow lane, so a cheap question never waits behind an expensive
+one. Work on the slow lane is cancelled (within one model forward, `query.CANCEL`) when its
+client disconnects. /docs is a page rendered from the OpenAPI schema here, with no outside links
+(FastAPI's own loads its scripts from a CDN, so it is blank offline).
+
+Batching: cheap RTT questions from concurrent requests (/rtt and /rtt_many) go into one asyncio
+queue; a worker task takes the first, waits up to `wait_ms` for more, drains up to `coalesce` of
+them and answers all with one `Engine.rtt_many` call on the fast lane. /healthz reports
+`rtt_batches` (model calls of the coalescer) and `rtt_queries`, which is how the tests see that
+32 concurrent requests were answered in a few batches. Bound to 127.0.0.1 unless told otherwise:
+the service has no authentication.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import html
+import json
+import threading
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ping_llm import __version__
+from ping_llm import tokens as tk
 from ping_llm.errors import InputError
-from ping_llm.query import Engine, Query
-from ping_llm.targets import as_context
-
-
-@dataclass
-class Limits:
-    """Per-request limits (422 beyond them) and the coalescer's settings."""
-
-    max_batch: int = 1024  # queries per /rtt_many, candidates per /rank, measurements per /score
-    max_context: int = 64  # context measurements per request (or per query)
-    max_k: int = 1000  # /destinations k
-    max_sample: int = 1000  # /sample n
-    coalesce: int = 256  # RTT queries per model batch
-    wait_ms: float = 2.0  # after the first queued query, wait this long for more to arrive
-
+from ping_llm.limits import Limits
+from ping_llm.query import CANCEL, RESULT_COST, Engine, Query
+from ping_llm.targets import as_context, parse_target
 
 # ----------------------------------------------------------------------------------------------
 # request bodies
@@ -139,14 +140,49 @@ class SampleIn(_Body):
 
 
 # ----------------------------------------------------------------------------------------------
-# the coalescer
+# lanes, cancellation, the coalescer
+
+
+class _Lane:
+    """One model thread. `run` awaits fn() there; if the client disconnects meanwhile, the work
+    is cancelled (query.CANCEL, checked before every model forward) and the thread freed."""
+
+    def __init__(self, name: str):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.cancelled = 0
+
+    async def run(self, fn, request: Request | None = None):
+        stop = threading.Event()
+
+        def work():
+            token = CANCEL.set(stop)
+            try:
+                return fn()
+            finally:
+                CANCEL.reset(token)
+
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        if request is None:
+            return await fut
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=POLL_S)
+            if done:
+                return fut.result()
+            if await request.is_disconnected():
+                stop.set()
+                self.cancelled += 1
+                fut.add_done_callback(lambda f: f.exception())  # Cancelled: nobody to tell
+                raise HTTPException(status_code=499, detail="client closed the request")
+
+
+POLL_S = 0.05  # how often a waiting slow request checks that its client is still there
 
 
 class _Coalescer:
-    """One queue of RTT questions, one worker task, one model thread."""
+    """One queue of cheap RTT questions, one worker task, answered on the fast lane."""
 
-    def __init__(self, engine: Engine, pool, limits: Limits):
-        self.engine, self.pool, self.limits = engine, pool, limits
+    def __init__(self, engine: Engine, lane: _Lane, limits: Limits):
+        self.engine, self.lane, self.limits = engine, lane, limits
         self.queue: asyncio.Queue | None = None
         self.batches = 0
         self.queries = 0
@@ -163,6 +199,7 @@ class _Coalescer:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        rtt_many = self.engine.rtt_many
         while True:
             items = [await self.queue.get()]
             deadline = loop.time() + self.limits.wait_ms / 1000
@@ -181,15 +218,13 @@ class _Coalescer:
                     break
             queries = [q for q, _ in items]
             try:
-                results = await loop.run_in_executor(self.pool, self.engine.rtt_many, queries)
+                results = await self.lane.run(lambda qs=queries: rtt_many(qs))
                 self.batches += 1
             except Exception:  # isolate the failing query, answer the others
                 results = []
                 for q in queries:
                     try:
-                        results.extend(
-                            await loop.run_in_executor(self.pool, self.engine.rtt_many, [q])
-                        )
+                        results.extend(await self.lane.run(lambda q=q: rtt_many([q])))
                     except Exception as e:  # its own error, for its own request
                         results.append(e)
                     self.batches += 1
@@ -204,6 +239,48 @@ class _Coalescer:
                     fut.set_result(r)
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before the app parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:  # read it all (bounded), then hand it on
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            more = msg.get("more_body", False)
+        first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal first
+            if first is not None:
+                msg, first = first, None
+                return msg
+            return await receive()  # later: the disconnect, for the lanes
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"detail": f"request body over {self.max_bytes:,} bytes (the "
+                           "server's max_body_bytes)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 # ----------------------------------------------------------------------------------------------
 # the app
 
@@ -211,8 +288,8 @@ class _Coalescer:
 def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app over `engine` (tests build one around an in-memory engine)."""
     limits = limits or Limits()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ping-llm")
-    co = _Coalescer(engine, pool, limits)
+    fast, slow = _Lane("ping-llm-fast"), _Lane("ping-llm-slow")
+    co = _Coalescer(engine, fast, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -222,14 +299,18 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             yield
         finally:
             task.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
+            for lane in (fast, slow):
+                lane.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="ping-llm",
         version=__version__,
         description="Latency questions to a generative model of Internet measurements.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load scripts from a CDN: ours below needs nothing
+        redoc_url=None,
     )
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)
     app.state.engine, app.state.coalescer, app.state.limits = engine, co, limits
 
     @app.exception_handler(InputError)
@@ -250,14 +331,28 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
               f"{where} has {n} measurements; the limit is {limits.max_context}")
         return ms
 
-    async def in_thread(fn, *args, **kw):
-        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*args, **kw))
+    def priced(cost: int) -> _Lane:
+        """The lane for a request of this cost; 422 over the budget."""
+        check(cost <= limits.max_cost,
+              f"this request would cost {cost:,} token positions; the limit is "
+              f"{limits.max_cost:,} (max_cost): use longer prefixes (fewer completions), fewer "
+              "queries or candidates, or a shorter context")
+        return fast if cost <= limits.fast_cost else slow
+
+    def context_len(ctx) -> int:
+        return len(engine.context(ctx).tokens)
 
     def to_query(q: QueryIn, shared: list | None = None) -> Query:
         own = context_of(q.context, f"query {q.src} -> {q.dst}: context")
         query = Query(q.src, q.dst, q.time, shared if own is None else own, q.seed)
         engine.check(query)  # InputError -> 422 before the query joins a batch
         return query
+
+    async def rtt_answers(queries: list[Query], request: Request) -> list:
+        lane = priced(engine.rtt_cost(queries))
+        if lane is fast:
+            return await co.ask(queries)
+        return await slow.run(lambda: engine.rtt_many(queries), request)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -270,84 +365,113 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
             "rtt_batches": co.batches,
             "rtt_queries": co.queries,
             "largest_batch": co.largest,
+            "cancelled": slow.cancelled,
             "limits": asdict(limits),
         }
 
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def docs() -> str:
+        return _docs_page(app.openapi())
+
     @app.post("/rtt")
-    async def rtt(body: RTTIn) -> dict:
-        (d,) = await co.ask([to_query(body)])
+    async def rtt(body: RTTIn, request: Request) -> dict:
+        (d,) = await rtt_answers([to_query(body)], request)
         return d.to_dict(histogram=body.histogram)
 
     @app.post("/rtt_many")
-    async def rtt_many(body: RTTManyIn) -> dict:
+    async def rtt_many(body: RTTManyIn, request: Request) -> dict:
         n = len(body.queries)
         check(0 < n <= limits.max_batch, f"queries must hold 1..{limits.max_batch} items, got {n}")
         shared = context_of(body.context)
-        dists = await co.ask([to_query(q, shared) for q in body.queries])
+        dists = await rtt_answers([to_query(q, shared) for q in body.queries], request)
         return {"results": [d.to_dict(histogram=body.histogram) for d in dists]}
 
     @app.post("/rank")
-    async def rank(body: RankIn) -> dict:
+    async def rank(body: RankIn, request: Request) -> dict:
         n = len(body.candidates)
         check(
             0 < n <= limits.max_batch, f"candidates must hold 1..{limits.max_batch} items, got {n}"
         )
         ctx = context_of(body.context)
-        ranked = await in_thread(
-            engine.rank,
-            body.src,
-            body.candidates,
-            by=body.by,
-            threshold_ms=body.threshold_ms,
-            time=body.time,
-            context=ctx,
+        lane = priced(engine.rtt_cost([Query(body.src, c, body.time) for c in body.candidates],
+                                      ctx))
+        ranked = await lane.run(
+            lambda: engine.rank(body.src, body.candidates, by=body.by,
+                                threshold_ms=body.threshold_ms, time=body.time, context=ctx),
+            request,
         )
         return {"ranking": [r.to_dict() for r in ranked]}
 
     @app.post("/destinations")
-    async def destinations(body: DestinationsIn) -> dict:
+    async def destinations(body: DestinationsIn, request: Request) -> dict:
         check(1 <= body.k <= limits.max_k, f"k must be in 1..{limits.max_k}, got {body.k}")
         ctx = context_of(body.context)
-        found = await in_thread(
-            engine.destinations,
-            body.src,
-            body.k,
-            rtt_below=body.rtt_below,
-            within=body.within,
-            method=body.method,
-            seed=body.seed,
-            time=body.time,
-            context=ctx,
+        n_bytes = tk.ADDRESS_BYTES[parse_target(body.src).version]
+        paths = max(4 * body.k, 64) if body.method == "beam" else body.k  # generate's beam width
+        lane = priced(context_len(ctx) + paths * (n_bytes + 2)
+                      + body.k * (2 * n_bytes + 4 + RESULT_COST))  # + the rtt of each found
+        found = await lane.run(
+            lambda: engine.destinations(body.src, body.k, rtt_below=body.rtt_below,
+                                        within=body.within, method=body.method, seed=body.seed,
+                                        time=body.time, context=ctx),
+            request,
         )
         return {"destinations": [d.to_dict() for d in found]}
 
     @app.post("/score")
-    async def score(body: ScoreIn) -> dict:
+    async def score(body: ScoreIn, request: Request) -> dict:
         n = len(body.measurements)
         check(0 < n <= limits.max_batch, f"measurements must hold 1..{limits.max_batch}, got {n}")
         ctx = context_of(body.context)
-        scores = await in_thread(
-            engine.score_many, [m.plain() for m in body.measurements], context=ctx
+        lane = priced(n * (context_len(ctx) + MEASUREMENT_COST))  # each scored after the context
+        scores = await lane.run(
+            lambda: engine.score_many([m.plain() for m in body.measurements], context=ctx),
+            request,
         )
         return {"scores": [s.to_dict() for s in scores]}
 
     @app.post("/sample")
-    async def sample(body: SampleIn) -> dict:
+    async def sample(body: SampleIn, request: Request) -> dict:
         check(
             1 <= body.n <= limits.max_sample, f"n must be in 1..{limits.max_sample}, got {body.n}"
         )
         ctx = context_of(body.context)
-        ms = await in_thread(
-            engine.sample,
-            body.n,
-            body.src,
-            seed=body.seed,
-            temperature=body.temperature,
-            context=ctx,
+        lane = priced(context_len(ctx) + 2 * body.n * MEASUREMENT_COST)  # x2: window roll-overs
+        ms = await lane.run(
+            lambda: engine.sample(body.n, body.src, seed=body.seed,
+                                  temperature=body.temperature, context=ctx),
+            request,
         )
         return {"measurements": [m.to_dict() for m in ms]}
 
     return app
+
+
+MEASUREMENT_COST = 48  # token positions of one measurement at most (IPv6, timestamp, result)
+
+
+def _docs_page(spec: dict) -> str:
+    """The endpoints and their request fields as one self-contained HTML page (no scripts)."""
+    schemas = spec.get("components", {}).get("schemas", {})
+    out = [f"<!doctype html><meta charset=utf-8><title>{html.escape(spec['info']['title'])}"
+           "</title><style>body{font:15px/1.45 system-ui,sans-serif;max-width:52em;margin:2em auto}"
+           "code{background:#f3f3f3;padding:0 .2em}td{padding:0 .8em .2em 0;vertical-align:top}"
+           f"</style><h1>{html.escape(spec['info']['title'])} {spec['info']['version']}</h1>",
+           f"<p>{html.escape(spec['info'].get('description', ''))} The machine-readable schema "
+           "is <a href=/openapi.json>/openapi.json</a>.</p>"]
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            out.append(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>")
+            ref = (op.get("requestBody", {}).get("content", {}).get("application/json", {})
+                   .get("schema", {}).get("$ref", ""))
+            props = schemas.get(ref.rsplit("/", 1)[-1], {}).get("properties", {})
+            required = set(schemas.get(ref.rsplit("/", 1)[-1], {}).get("required", []))
+            rows = [f"<tr><td><code>{html.escape(k)}</code>{'' if k in required else '?'}</td>"
+                    f"<td>{html.escape(v.get('description', ''))}</td></tr>"
+                    for k, v in props.items()]
+            if rows:
+                out.append("<table>" + "".join(rows) + "</table>")
+    return "\n".join(out)
 
 
 def serve(

@@ -56,7 +56,17 @@ import torch
 import torch.distributed as dist
 
 from ping_llm.errors import InputError
-from ping_llm.runtime import Dist, StopFlag, all_gather, log0, peak_flops_for, progress_bar, setup
+from ping_llm.runtime import (
+    Dist,
+    StopFlag,
+    all_gather,
+    all_reduce,
+    barrier,
+    log0,
+    peak_flops_for,
+    progress_bar,
+    setup,
+)
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -119,6 +129,10 @@ class TrainConfig:
     wandb_project: str = "ping-llm"
     peak_flops: float | None = None  # per device, for MFU; None = PEAK_BF16_FLOPS / null on CPU
     time_limit_s: float | None = None  # stop cleanly (checkpoint) before this wall time
+    # Follow the schedule by training time: the lr decays over the last warmdown_frac of this
+    # many seconds of steps, and the run is complete when they are spent (`steps` is then an upper
+    # bound). For a machine whose speed is not known in advance; not bit-reproducible.
+    time_budget_s: float | None = None
     stop_at: int | None = None  # stop cleanly (checkpoint) after this global step, as if preempted
     resume: bool = False  # continue from out_dir's checkpoint if there is one
 
@@ -161,7 +175,7 @@ class TrainConfig:
             raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
         if not isinstance(self.model, dict):
             raise InputError(f"model overrides must be a dict, got {type(self.model).__name__}")
-        for name in ("peak_flops", "time_limit_s"):
+        for name in ("peak_flops", "time_limit_s", "time_budget_s"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int | float) or not v > 0):
                 raise InputError(f"{name} must be a positive number or None, got {v!r}")
@@ -394,8 +408,7 @@ def _evaluate(model, batches, device, autocast, d: Dist) -> tuple[float, int]:
             _, loss = model(x, y, loss_reduction="sum", feats=feats)
         acc[0] += loss.double()
         acc[1] += (y != -1).sum()
-    if d.world_size > 1:
-        dist.all_reduce(acc)
+    all_reduce(acc, d)
     model.train(was_training)
     total, count = acc.tolist()
     return (total / count if count else float("nan")), int(count)
@@ -440,7 +453,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
 
     cfg = config
     d = setup(cfg.device)
-    wb = None
+    wb = lock = None
     try:
         gpt_config = cfg.gpt_config()
         T = gpt_config.sequence_len
@@ -458,6 +471,9 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             return contextlib.nullcontext()
 
         run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+        if run_dir is not None and d.master:
+            lock = ckpt_mod.RunLock(run_dir)
+            lock.acquire()
         ckpt = None
         if run_dir is not None:
             found = ckpt_mod.find_checkpoint(run_dir)
@@ -584,17 +600,16 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                     optimizers=optimizers, loader_states=loader_states, rng_states=rng_states,
                     step=step, trainer=trainer,
                 )
-            if d.world_size > 1:
-                dist.barrier()
+            barrier(d)
             last_saved = step
 
         last_eval = None
 
-        def maybe_eval(step: int) -> None:
+        def maybe_eval(step: int, final: bool = False) -> None:
             nonlocal last_eval
             if not eval_batches or cfg.eval_every == 0:
                 return
-            if step % cfg.eval_every and step != cfg.steps:
+            if step % cfg.eval_every and not final:
                 return
             t0 = time.perf_counter()
             last_eval, count = _evaluate(eval_model, eval_batches, d.device, autocast, d)
@@ -607,9 +622,12 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             maybe_eval(0)
         step, stopped, last_loss = start_step, None, None
         step_times, t_start = [], time.perf_counter()
+        budget_s = cfg.time_budget_s or math.inf
+        budget_done = trainer["train_time_s"] >= budget_s  # a resumed run that already ended
+
         with StopFlag() as flag:
             progress = progress_bar(d, cfg.steps, start_step)
-            while step < cfg.steps:
+            while step < cfg.steps and not budget_done:
                 t0 = time.perf_counter()
                 loss_sum = torch.zeros((), device=d.device)
                 for micro in range(accum):
@@ -639,12 +657,16 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                     or (cfg.time_limit_s is not None
                         and time.perf_counter() - t_start > cfg.time_limit_s)
                 )
+                # Training time after this step, as a fraction of the budget (0 without one);
+                # averaged over the ranks so that all of them use the same lr and stop together.
+                spent = (trainer["train_time_s"] + time.perf_counter() - t0) / budget_s
                 stats = torch.stack([loss_sum / accum, grad_norm.float().to(d.device),
+                                     torch.tensor(spent, device=d.device),
                                      torch.tensor(float(want_stop), device=d.device)])
                 if d.world_size > 1:
-                    dist.all_reduce(stats)
-                    stats[:2] /= d.world_size
-                loss_f, norm_f, stop_f = stats.tolist()
+                    all_reduce(stats, d)
+                    stats[:3] /= d.world_size
+                loss_f, norm_f, spent_f, stop_f = stats.tolist()
                 if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
                     model.zero_grad(set_to_none=True)
                     where = (f"the last good checkpoint (step {last_saved}) is in "
@@ -656,7 +678,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                         "learning rates, more warmup, or dtype float32.",
                         step + 1, last_saved,
                     )
-                mult = lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.warmdown_frac)
+                at = min(cfg.steps, max(step, round(spent_f * cfg.steps)))  # where in the plan
+                mult = lr_multiplier(at, cfg.steps, cfg.warmup_steps, cfg.warmdown_frac)
                 for opt in optimizers:
                     for group in opt.param_groups:
                         group["lr"] = group["initial_lr"] * mult
@@ -671,9 +694,12 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                 last_loss = loss_f
                 trainer["tokens_seen"] += tokens_per_step
                 trainer["train_time_s"] += dt
+                budget_done = spent_f >= 1.0  # the ranks' agreed value, not each one's clock
+                if budget_done:  # recorded, so that a resumed run knows it is complete
+                    trainer["train_time_s"] = max(trainer["train_time_s"], cfg.time_budget_s)
                 step_times.append(dt)
                 progress.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps or stop_f > 0:
+                if step % cfg.log_every == 0 or step == cfg.steps or stop_f > 0 or spent_f >= 1:
                     tps = tokens_per_step / dt
                     mfu = flops_per_token * tps / (peak * d.world_size) if peak else None
                     record({"kind": "train", "step": step, "loss": loss_f, "lr_mult": mult,
@@ -684,13 +710,13 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                     log0(d, f"step {step:6d}/{cfg.steps} | loss {loss_f:.4f} | lr x{mult:.3f} | "
                             f"grad {norm_f:.3f} | {tps:,.0f} tok/s | mfu {mfu_s} | "
                             f"{dt * 1e3:.0f}ms")
-                maybe_eval(step)
-                if stop_f > 0 and step < cfg.steps:
+                done = step == cfg.steps or budget_done
+                maybe_eval(step, final=done)
+                if stop_f > 0 and not done:
                     stopped = (flag.signal_name if flag.signal_name is not None
                                else "stop_at" if cfg.stop_at is not None and step >= cfg.stop_at
                                else "time_limit")
-                if (step == cfg.steps or stopped
-                        or (cfg.save_every and step % cfg.save_every == 0)):
+                if done or stopped or (cfg.save_every and step % cfg.save_every == 0):
                     save(step)
                 if stopped:
                     log0(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
@@ -705,7 +731,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             "step": step,
             "start_step": start_step,
             "steps": cfg.steps,
-            "completed": step >= cfg.steps,
+            "completed": step >= cfg.steps or budget_done,
             "stopped": stopped,
             "final_loss": last_loss,
             "final_eval_loss": last_eval,
@@ -725,10 +751,12 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             "elapsed_s": time.perf_counter() - t_start,
         }
         if d.owns_group:
-            dist.barrier()  # nobody tears down the group while a peer still talks (gloo aborts)
+            barrier(d)  # nobody tears down the group while a peer still talks (gloo aborts)
         return summary
     finally:
         if wb is not None:
             wb.finish()
+        if lock is not None:
+            lock.release()
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
