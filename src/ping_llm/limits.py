@@ -20,8 +20,9 @@ class Limits:
 
     max_batch: int = _limit(1024, "queries per /rtt_many, candidates per /rank, measurements "
                             "per /score")
-    max_context: int = _limit(60, "context measurements per request (60 timed IPv4 ones fill a "
-                              "1024-token window)")
+    max_context: int = _limit(60, "context measurements per request (60 IPv4 ones 4 minutes "
+                              "apart take 967 of a 1024-token window; what does not fit the "
+                              "model's window is refused by its own length check)")
     max_k: int = _limit(1000, "/destinations k")
     max_sample: int = _limit(1000, "/sample n")
     max_cost: int = _limit(50_000, "token positions one request may cost (an IPv4 0/0 -> 0/0 "
