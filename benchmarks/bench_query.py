@@ -31,6 +31,7 @@ import torch
 from ping_llm import tokens as tk
 from ping_llm.model import GPT, GPTConfig, KVCache
 from ping_llm.query import CANON_B1, Engine, Query
+from ping_llm.runtime import resolve_device
 
 QS = (0.05, 0.5, 0.95)
 
@@ -55,7 +56,8 @@ def make_queries(n: int, k: int, seed: int) -> list[Query]:
 def naive(engine: Engine, q: Query, n: int, gen: torch.Generator) -> dict:
     prefix = engine.query_tokens(q.src, q.dst, q.time, q.context)
     with torch.inference_mode():
-        out = engine.model.generate(torch.tensor([prefix] * n), 3, generator=gen).numpy()
+        idx = torch.tensor([prefix] * n, device=engine.device)
+        out = engine.model.generate(idx, 3, generator=gen).cpu().numpy()
     role, b1, b2 = out[:, 0], out[:, 1] - tk.BYTE0, out[:, 2] - tk.BYTE0
     ok_role = np.isin(role, [tk.RTT_START, tk.FAILED])
     ok = (role == tk.RTT_START) & np.isin(b1, CANON_B1) & (b2 >= 0)
@@ -73,20 +75,22 @@ def sampled(engine: Engine, q: Query, n: int, gen: torch.Generator) -> dict:
     m = engine.model
     with torch.inference_mode():
         cache = KVCache(m.config, 1, len(prefix) + 2)
-        logits = m(torch.tensor([prefix]), kv_cache=cache)[0][0, -1]
+        dev = engine.device
+        logits = m(torch.tensor([prefix], device=dev), kv_cache=cache)[0][0, -1]
         role = torch.softmax(logits[[tk.RTT_START, tk.FAILED]], -1)
         failed = torch.multinomial(role, n, replacement=True, generator=gen) == 1
-        lg = m(torch.tensor([[tk.RTT_START]]), kv_cache=cache)[0][0, -1]
-        p1 = torch.softmax(lg[tk.BYTE0 + torch.as_tensor(CANON_B1)], -1)
-        b1 = CANON_B1[torch.multinomial(p1, n, replacement=True, generator=gen).numpy()]
+        lg = m(torch.tensor([[tk.RTT_START]], device=dev), kv_cache=cache)[0][0, -1]
+        p1 = torch.softmax(lg[tk.BYTE0 + torch.as_tensor(CANON_B1, device=dev)], -1)
+        b1 = CANON_B1[torch.multinomial(p1, n, replacement=True, generator=gen).cpu().numpy()]
         uniq, inv = np.unique(b1, return_inverse=True)
         rows = cache.expand(len(uniq))
-        lg2 = m(torch.as_tensor(tk.BYTE0 + uniq)[:, None], kv_cache=rows)[0][:, -1, tk.BYTE0 :]
-        p2 = torch.softmax(lg2, -1)[torch.as_tensor(inv)]  # (n, 256)
-        b2 = torch.multinomial(p2, 1, generator=gen)[:, 0].numpy()
+        lg2 = m(torch.as_tensor(tk.BYTE0 + uniq, device=dev)[:, None], kv_cache=rows)[0][:, -1,
+                                                                                      tk.BYTE0:]
+        p2 = torch.softmax(lg2, -1)[torch.as_tensor(inv, device=dev)]  # (n, 256)
+        b2 = torch.multinomial(p2, 1, generator=gen)[:, 0].cpu().numpy()
     values = tk.RTT_GRID_MS[(b1 << 8) | b2]
     return {
-        "p_failed": float(failed.float().mean()),
+        "p_failed": float(failed.float().mean().cpu()),
         "quantiles": np.quantile(values, QS, method="inverted_cdf"),
     }
 
@@ -118,6 +122,8 @@ def main() -> None:
         "closer to a trained model (few byte1 bins refined)",
     )
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    ap.add_argument("--preset", default="tiny", help="random-weight model preset (tiny)")
     ap.add_argument("--context", type=int, default=0, help="context measurements per query")
     ap.add_argument("--single", type=int, default=30, help="queries timed one at a time")
     ap.add_argument("--batch", type=int, default=256, help="queries in the batched call")
@@ -127,17 +133,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
-        engine = Engine.load(args.run)
+        engine = Engine.load(args.run, device=args.device)
         name = args.run
     else:
         torch.manual_seed(0)
-        model = GPT(GPTConfig.preset("tiny"))
+        model = GPT(GPTConfig.preset(args.preset))
         if args.lm_head_std:
             with torch.no_grad():
                 model.lm_head.weight.normal_(0.0, args.lm_head_std)
-        engine = Engine(model)
-        name = f"tiny, random weights (lm_head std {args.lm_head_std or 0.001})"
-    gen = torch.Generator().manual_seed(0)
+        engine = Engine(model.to(resolve_device(args.device)))
+        name = f"{args.preset}, random weights (lm_head std {args.lm_head_std or 0.001})"
+    gen = torch.Generator(device=engine.device).manual_seed(0)
     queries = make_queries(max(args.single, args.batch, args.naive), args.context, seed=1)
 
     engine.rtt_many(queries[:2])  # warm-up (allocator, kernels)
@@ -166,6 +172,7 @@ def main() -> None:
         "model": name,
         "params": engine.model.num_params(),
         "threads": torch.get_num_threads(),
+        "device": str(engine.device),
         "context": args.context,
         "byte1_bins_refined": float(np.mean(refined)),
         "exact_single_p50_ms": pct(single, 50),

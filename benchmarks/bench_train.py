@@ -73,14 +73,18 @@ def measure(preset: str, device: str, batch_size: int, steps: int, compile: bool
                       eval_every=0, log_every=10**9, save_every=0, device=device,
                       compile=compile, peak_flops=peak)
     T = cfg.gpt_config().sequence_len
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     with contextlib.redirect_stdout(sys.stderr):  # train()'s log; stdout is the report
         s = train(cfg, loader=CachedLoader(batch_size, T))
+    peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     return {
         "preset": preset, "device": s["device"], "bf16": s["bf16"], "compile": compile,
         "batch_size": batch_size, "seq_len": T, "steps": steps, "num_params": s["num_params"],
         "flops_per_token": s["flops_per_token"], "tokens_per_s": s["tokens_per_s"],
         "mfu": s["mfu"], "peak_flops": peak,
         "step_s": s["tokens_per_step"] / s["tokens_per_s"],
+        "peak_memory_gib": None if peak_mem is None else peak_mem / 2**30,
     }
 
 

@@ -3,16 +3,21 @@
 The README's main command installs `pip install -e .` without extras, so every third-party module
 the code imports must be a plain (not extra-only) requirement of the installed distribution; the
 one exception is wandb, an extra that only `train --wandb` loads and whose error names the extra.
+The scripts that ship (the GPU check) are run too, in the mode a CPU can run.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.metadata as md
+import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from ping_llm.cli import build_parser
@@ -65,3 +70,17 @@ def test_every_verb_the_readme_tours_exists():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
     assert {"demo", "ingest", "serve", "query"} <= verbs  # the tour is what it says it is
     assert verbs <= set(sub.choices), verbs - set(sub.choices)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_end_to_end_in_its_cpu_smoke_mode(tmp_path):
+    """scripts/gpu_check.sh must work the day a GPU is lent: its smoke mode runs the same
+    stages on the CPU with tiny shapes and must write a complete summary."""
+    env = dict(os.environ, GPU_CHECK_SMOKE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["rc"] for s in summary["stages"]] == [0, 0, 0]
+    assert summary["train"]["results"][0]["tokens_per_s"] > 0
+    assert summary["query_k16"]["context"] == 16 and summary["query_k0"]["exact_batched_qps"] > 0
