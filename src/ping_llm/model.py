@@ -215,6 +215,10 @@ class KVCache:
         self.kv[layer, 1, :, :, self.pos : end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values stored so far in `layer`, (B, n_kv_head, pos, head_dim) views."""
+        return self.kv[layer, 0, :, :, : self.pos], self.kv[layer, 1, :, :, : self.pos]
+
     def history(self, idx: torch.Tensor) -> torch.Tensor:
         """The last ADDRESS_LOOKBACK cached token ids followed by the new ones idx (B, T)."""
         if self.idx is None:
@@ -238,6 +242,17 @@ class KVCache:
             new.kv = self.kv.index_select(2, rows.to(self.kv.device))
         if self.idx is not None:
             new.idx = self.idx.index_select(0, rows.to(self.idx.device))
+        new.pos = self.pos
+        return new
+
+    def narrow(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache that shares this one's storage: for reading (siblings),
+        not for writing, which would write here too."""
+        new = KVCache(self.config, stop - start, self.max_len)
+        if self.kv is not None:
+            new.kv = self.kv[:, :, start:stop]
+        if self.idx is not None:
+            new.idx = self.idx[start:stop]
         new.pos = self.pos
         return new
 
@@ -282,7 +297,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(C, C, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache: KVCache | None):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None, siblings: bool = False):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -295,6 +310,10 @@ class CausalSelfAttention(nn.Module):
 
         if kv_cache is None:
             prefix = 0  # training / full forward: plain causal attention
+        elif siblings:  # read the cache, write nothing: the T tokens are alternatives
+            prefix = kv_cache.pos
+            ck, cv = kv_cache.view(self.layer_idx)
+            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # (B, Hkv, prefix+T, D)
         else:
             prefix = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, Hkv, prefix+T, D)
@@ -304,7 +323,11 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(n_rep, dim=1)
 
         # Python branches on shapes/ints only (no tensor data), so torch.compile stays happy.
-        if prefix == 0:
+        if siblings:  # each new token sees the cache and itself, not the other alternatives
+            own = torch.eye(T, dtype=torch.bool, device=q.device)
+            mask = torch.cat([own.new_ones(T, prefix), own], dim=1)  # (T, prefix+T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif prefix == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v)  # one new query sees the whole cache
@@ -333,8 +356,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, siblings=False):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, siblings)
         x = x + self.mlp(norm(x))
         return x
 
@@ -455,6 +478,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
         feats: tuple[torch.Tensor, torch.Tensor] | None = None,
+        siblings: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) int64 token ids -> (logits, loss).
 
@@ -467,32 +491,45 @@ class GPT(nn.Module):
             the cache advances by T; logits are for the new positions only.
         feats: address knowledge for idx's positions, `address_features(idx)`; computed here
             when None (training passes it, computed on the CPU beside the batch).
+        siblings: with a kv_cache, the T tokens of a row are alternatives for its next position
+            (each at position cache.pos, attending to the cache and itself only), and the cache
+            is neither written nor advanced: how the query engine scores every refined byte1 bin
+            of a row without copying the row's cache once per bin.
         """
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
-        if t0 + T > self.config.sequence_len:
+        if siblings and t0 == 0:
+            raise InputError("siblings need a kv_cache that holds a prefix")
+        n_pos = 1 if siblings else T  # siblings all sit at position t0
+        if t0 + n_pos > self.config.sequence_len:
             raise InputError(
-                f"sequence of {t0 + T} tokens exceeds the model's sequence_len "
+                f"sequence of {t0 + n_pos} tokens exceeds the model's sequence_len "
                 f"{self.config.sequence_len}"
             )
-        cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]  # (1, T, 1, D/2)
+        cos, sin = self.cos[:, t0 : t0 + n_pos], self.sin[:, t0 : t0 + n_pos]  # (1, T, 1, D/2)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         c = self.config
         if c.prefix_buckets or c.knowledge_dim:
-            hist = idx if kv_cache is None else kv_cache.history(idx)  # (B, lookback + T)
+            if siblings:  # each alternative follows the cached tokens on its own
+                tail = kv_cache.history(idx[:, :0])  # (B, lookback)
+                hist = torch.cat([tail.repeat_interleave(T, 0), idx.reshape(B * T, 1)], 1)
+            else:
+                hist = idx if kv_cache is None else kv_cache.history(idx)  # (B, lookback + T)
             if c.prefix_buckets:
-                x = x + self.transformer.pte(prefix_slots(hist, c.prefix_buckets)[:, -T:])
+                slots = prefix_slots(hist, c.prefix_buckets)[:, -n_pos:]
+                x = x + self.transformer.pte(slots.reshape(B, T))
             if c.knowledge_dim:
                 if feats is None:
-                    feats = tuple(f[:, -T:] for f in self.address_features(hist))
+                    feats = tuple(f[:, -n_pos:].reshape(B, T, *f.shape[2:])
+                                  for f in self.address_features(hist))
                 dense, ids = feats  # (B, T, knowledge_dim), (B, T, K)
                 x = x + self.transformer.kproj(dense.to(x.dtype)) + self.transformer.kte(ids).sum(2)
         x = norm(x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, siblings)
         x = norm(x)
-        if kv_cache is not None:
+        if kv_cache is not None and not siblings:
             kv_cache.advance(idx)
 
         logits = self.lm_head(x)  # (B, T, V)

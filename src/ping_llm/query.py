@@ -9,8 +9,9 @@ dst [time]` gives the next field role; it is constrained to {RTT_START, FAILED} 
 (the model must not wander into another field), which is P(failed). Feeding RTT_START gives byte1,
 constrained to the 132 canonical byte1 values (a log-scale bin, 4 per octave) and renormalised.
 The most probable bins that together carry >= 1 - 1e-4 of that mass (`BYTE2_MASS`) are refined:
-one batched forward feeds each kept byte1 to a row of the expanded cache and reads byte2 (256
-codes per bin). The mass of the bins not refined (< 1e-4 of P(rtt | reply) in all) stays at the
+one batched forward feeds all of a row's kept byte1 values as siblings of its next position
+(`GPT.forward(..., siblings=True)`: each reads the row's cache, none copies it) and reads byte2
+(256 codes per bin). The mass of the bins not refined (< 1e-4 of P(rtt | reply) in all) stays at the
 centre code of its bin, so the byte1 histogram is exact and `coarse_mass` says how much sits
 there. Nothing is sampled. (Tails matter for the mean: a model that spreads 1e-5 over bins of
 hours moves the mean by seconds; median and quantiles are robust.)
@@ -370,14 +371,14 @@ class Engine:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _fwd(self, idx, cache: KVCache | None) -> torch.Tensor:
+    def _fwd(self, idx, cache: KVCache | None, siblings: bool = False) -> torch.Tensor:
         stop = CANCEL.get()
         if stop is not None and stop.is_set():
             raise Cancelled("the query was cancelled")
         t = torch.as_tensor(np.asarray(idx, dtype=np.int64), device=self.device)
         self.forwards += 1
         with torch.inference_mode():
-            logits, _ = self.model(t, kv_cache=cache)
+            logits, _ = self.model(t, kv_cache=cache, siblings=siblings)
         return logits  # (R, T, V) fp32
 
     def _max_rows(self, max_len: int) -> int:
@@ -453,12 +454,22 @@ class Engine:
         n_keep = np.minimum((np.cumsum(srt, axis=1) < self.byte2_mass).sum(1) + 1, len(CANON_B1))
         keep = p1 >= srt[np.arange(R), n_keep - 1][:, None]
         rows, bins = np.nonzero(keep)  # row-major: grouped by row, bins ascending
-        p2 = np.empty((len(rows), 256))
-        step = self._max_rows(cache.max_len)
-        for s in range(0, len(rows), step):
-            sub = cache.select(rows[s : s + step])
-            b1 = tk.BYTE0 + CANON_B1[bins[s : s + step]]
-            p2[s : s + step] = _softmax(self._fwd(b1[:, None], sub)[:, -1, tk.BYTE0 :])
+        # Every kept bin of a row is one sibling of that row's next position (GPT.forward's
+        # `siblings`): all of them read the row's cache in one forward, none copies it. Rows
+        # keep different numbers of bins; the shorter ones are padded with bins not kept (their
+        # answers are dropped). Rows per forward: its attention scores within the KV budget.
+        n_kept = keep.sum(1)
+        K = int(n_kept.max())
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :K]  # kept bins first, ascending
+        b1 = tk.BYTE0 + CANON_B1[order]  # (R, K)
+        c = self.config
+        step = max(1, self.kv_budget_bytes // (K * (cache.pos + K) * c.n_head * 8))
+        p2 = np.empty((R, K, 256))
+        for s in range(0, R, step):
+            sub = cache.narrow(s, min(s + step, R))
+            logits = self._fwd(b1[s : s + step], sub, siblings=True)  # (rows, K, V)
+            p2[s : s + step] = _softmax(logits[..., tk.BYTE0 :])
+        p2 = p2[np.arange(K)[None, :] < n_kept[:, None]]  # (kept pairs, 256), row-major
         return _Rows(role[:, 1], p1, keep, rows, bins, p2)
 
     def _rtt_bucket(self, prefixes: np.ndarray) -> _Rows:
