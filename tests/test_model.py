@@ -275,6 +275,23 @@ def test_kv_cache_prefix_once_then_batched_continuations_equals_full_forward(n_k
         torch.testing.assert_close(got, full[:, 12:], rtol=0, atol=CACHE_ATOL)
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_siblings_are_alternatives_for_one_position_read_from_the_cache(n_kv_head):
+    model = randomized(GPT(small_config(n_kv_head=n_kv_head)))
+    x, alts = tokens(3, 16), tokens(3, 5, seed=4)
+    with torch.no_grad():
+        cache = KVCache(model.config, batch_size=3, max_len=17)  # room for one more, not five
+        model(x, kv_cache=cache)
+        rows = cache.narrow(1, 3)  # rows 1 and 2, sharing the storage
+        got, _ = model(alts[1:], kv_cache=rows, siblings=True)  # (2, 5, V)
+        assert cache.pos == rows.pos == 16  # nothing written, nothing advanced
+        for j in range(5):  # each alternative as the one next token
+            full, _ = model(torch.cat([x[1:], alts[1:, j : j + 1]], dim=1))
+            torch.testing.assert_close(got[:, j], full[:, -1], rtol=0, atol=CACHE_ATOL)
+    with pytest.raises(InputError, match="siblings need"):
+        model(alts, kv_cache=KVCache(model.config, 3, 8), siblings=True)
+
+
 def test_greedy_generate_with_cache_equals_greedy_decoding_by_full_forwards():
     model = randomized(GPT(small_config()))
     x = tokens(2, 8)
