@@ -60,3 +60,48 @@ def test_split_invariants_key_on_the_probe_not_its_address(canonical_table):
     assert inv["checked"]["test_probe probes in train"] == 0
     assert inv["violations"] == {"test_probe source addresses in train": 2,
                                  "test_probe measurements in train": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# a run started from another (`train --init-from`): every ancestor is checked too
+
+
+def _card(train_fp="sha256:train", **tests):
+    splits = {"train": {"fingerprint": train_fp, "measurements": 1}}
+    splits.update({k: {"fingerprint": v, "measurements": 1} for k, v in tests.items()})
+    return {"splits": splits}
+
+
+def test_a_parent_trained_on_a_test_split_makes_the_child_a_leak(canonical_table):
+    train = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100)])
+    test = {"test_probe": canonical_table([("1.0.0.9", "2.0.0.5", 20.0, 900)])}
+    card = _card(test_probe="sha256:probe")
+    child = {"dataset": {"train_fingerprint": "sha256:train"}}
+    ok = L.check_leak(card, {**child, "lineage": [{"run": "p", "fingerprint": "sha256:train"}]},
+                      train, test, external=True)
+    assert ok["lineage"] == [{"run": "p", "mode": "fingerprint"}]  # pretrained on this train
+    leaky = {**child, "lineage": [{"run": "p", "step": 9, "fingerprint": "sha256:train"},
+                                  {"run": "gp", "step": 3, "fingerprint": "sha256:probe"}]}
+    with pytest.raises(InputError, match=r"started from gp \(step 3\).*test_probe split"):
+        L.check_leak(card, leaky, train, test, external=True)
+    nowhere = {**child, "lineage": [{"run": "p", "fingerprint": "sha256:else"}]}
+    with pytest.raises(InputError, match="does not say where its training data is"):
+        L.check_leak(card, nowhere, train, test, external=True)
+
+
+def test_a_parent_from_another_dataset_is_checked_on_its_content(trained_run, canonical_table):
+    from ping_llm.prepare import load_card
+    from ping_llm.schema import read_canonical
+
+    other = load_card(trained_run.data_dir)
+    other_train = read_canonical(trained_run.data_dir / other["splits"]["train"]["parquet"])
+    parent = {"run": "pretrained", "step": 5, "data_dir": str(trained_run.data_dir),
+              "fingerprint": other["splits"]["train"]["fingerprint"]}
+    child = {"dataset": {"train_fingerprint": "sha256:train"}, "lineage": [parent]}
+    train = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100)])
+    clean = {"test_pair": canonical_table([("1.0.0.9", "2.0.0.5", 20.0, 900)])}
+    info = L.check_leak(_card(test_pair="sha256:pair"), child, train, clean, external=True)
+    assert info["lineage"] == [{"run": "pretrained", "mode": "content"}]
+    seen = {"test_pair": other_train.slice(0, 3)}  # measurements the parent trained on
+    with pytest.raises(InputError, match="3 measurements of test_pair are in the data"):
+        L.check_leak(_card(test_pair="sha256:pair"), child, train, seen, external=True)

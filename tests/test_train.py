@@ -483,3 +483,65 @@ def test_training_lowers_held_out_loss_well_below_the_unigram_baseline(tmp_path)
     unigram = nll / n
     assert unigram > 5.0  # the chain visits most of the 267 tokens about evenly
     assert s["final_eval_loss"] < 0.5 * unigram, (s["final_eval_loss"], unigram)
+
+
+# ------------------------------------------------------------------------------------------------
+# stages: a run started from another, a finished run extended
+
+
+def test_init_from_starts_a_new_run_from_the_parent_s_weights_and_records_its_lineage(tmp_path):
+    parent, child, grandchild = tmp_path / "parent", tmp_path / "child", tmp_path / "grand"
+    train(_cfg(parent, steps=4, eval_every=4, save_every=0), loader=SyntheticLoader(B, T),
+          eval_loader=SyntheticLoader(B, T, split="val"))
+    train(_cfg(child, steps=2, eval_every=2, save_every=0, init_from=str(parent)),
+          loader=SyntheticLoader(B, T, seed=1), eval_loader=SyntheticLoader(B, T, split="val"))
+    # before its first step the child is its parent: the same held-out loss
+    assert _curve(child, "eval", "eval_loss")[0][1] == _curve(parent, "eval", "eval_loss")[-1][1]
+    lineage = ck.read_config(child)["lineage"]
+    assert [(e["run"], e["step"]) for e in lineage] == [(str(parent.resolve()), 4)]
+    train(_cfg(grandchild, steps=1, eval_every=0, save_every=0, init_from=str(child)),
+          loader=SyntheticLoader(B, T))
+    assert [e["step"] for e in ck.read_config(grandchild)["lineage"]] == [2, 4]  # nearest first
+    with pytest.raises(InputError, match="its model is"):
+        train(_cfg(tmp_path / "other", steps=1, init_from=str(parent),
+                   model={**MODEL, "n_layer": 3}), loader=SyntheticLoader(B, T))
+
+
+def test_init_optimizer_takes_the_parent_s_moments_but_this_run_s_learning_rates(tmp_path):
+    parent = tmp_path / "parent"
+    train(_cfg(parent, steps=3, eval_every=0, save_every=0), loader=SyntheticLoader(B, T))
+    runs = {}
+    for moments in (False, True):
+        run = tmp_path / f"child_{moments}"
+        train(_cfg(run, steps=1, eval_every=0, save_every=0, init_from=str(parent),
+                   init_optimizer=moments, matrix_lr=0.01), loader=SyntheticLoader(B, T, seed=1))
+        runs[moments] = ck.load_checkpoint(run)
+        assert _curve(run, key="lr_matrix")[0][1] == pytest.approx(0.01)
+    adam = [k for k in runs[True].optimizer_tensors if k.endswith("exp_avg_sq")]
+    p = ck.load_checkpoint(parent).optimizer_tensors
+    for k in adam:  # one more step on top of the parent's moments, not moments from zero
+        assert not torch.equal(runs[True].optimizer_tensors[k], runs[False].optimizer_tensors[k])
+        assert runs[True].optimizer_tensors[k].sum() > p[k].sum() * 0.5
+
+
+def test_a_finished_run_resumed_with_more_steps_is_extended_on_a_replanned_schedule(prepared,
+                                                                                   tmp_path):
+    model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
+    base = dict(data_dir=str(prepared), model=model, device_batch_size=2, total_batch_tokens=512,
+                eval_every=0, seq_warmup_frac=0.5, seq_warmup_len=64, warmdown_frac=0.5,
+                log_every=1)
+    run = tmp_path / "run"
+    assert train(TrainConfig(out_dir=str(run), steps=6, **base))["seq_warmup_steps"] == 3
+    s = train(TrainConfig(out_dir=str(run), steps=10, resume=True, **base))
+    assert s["completed"] and s["step"] == 10 and s["start_step"] == 6
+    assert s["seq_warmup_steps"] == 3  # the warmup keeps its plan (its switch is behind it)
+    lr = dict(_curve(run, key="lr_mult"))
+    assert sorted(lr) == list(range(1, 11))
+    # steps 7..10 follow the plan for 10 steps: flat to step 5, down over the last 5
+    from ping_llm.optim import lr_multiplier
+
+    for step in range(7, 11):
+        assert lr[step] == pytest.approx(lr_multiplier(step - 1, 10, 0, 0.5))
+    assert lr[6] == pytest.approx(lr_multiplier(5, 6, 0, 0.5))  # the first plan, as it was
+    again = train(TrainConfig(out_dir=str(run), steps=10, resume=True, **base))
+    assert again["step"] == 10 and again["start_step"] == 10  # done is done

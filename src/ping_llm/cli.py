@@ -145,6 +145,8 @@ def _cmd_train(args) -> int:
             model[key] = value
     overrides = dict(
         data_dir=args.data,
+        init_from=args.init_from,
+        init_optimizer=args.init_optimizer or None,
         preset=args.preset,
         model=model or None,
         steps=args.steps,
@@ -210,7 +212,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="optimiser steps of the whole run (1000)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR's checkpoint (its settings unless given again); "
-                        "starts fresh if there is none")
+                        "starts fresh if there is none. With a larger --steps it extends a "
+                        "finished run: the lr schedule is re-planned for the new total")
+    p.add_argument("--init-from", metavar="PARENT_RUN",
+                   help="start a new run from another run's weights (fine-tune on --data); "
+                        "the lineage is recorded and eval's leak check follows it")
+    p.add_argument("--init-optimizer", action="store_true",
+                   help="with --init-from: also take the parent's optimizer moments")
     p.add_argument("--model", action="append", metavar="KEY=VALUE",
                    help="override a model field, e.g. --model n_layer=2 --model sequence_len=256")
     p.add_argument("--batch-size", type=int, help="sequences per device per micro-step (8)")
@@ -792,7 +800,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train the Transformer on a prepared dataset",
         "ping-llm train --data data/prepared --out runs/tiny --preset tiny --steps 2000\n"
         "  torchrun --nproc_per_node 8 -m ping_llm.cli train --data D --out R --preset small\n"
-        "  ping-llm train --data data/prepared --out runs/tiny --resume",
+        "  ping-llm train --data data/prepared --out runs/tiny --resume --steps 3000  # extend\n"
+        "  ping-llm train --data data/may --out runs/may --init-from runs/tiny --steps 300",
         _cmd_train,
     )
     _train_arguments(p)

@@ -134,6 +134,11 @@ class TrainConfig:
     # bound). For a machine whose speed is not known in advance; not bit-reproducible.
     time_budget_s: float | None = None
     stop_at: int | None = None  # stop cleanly (checkpoint) after this global step, as if preempted
+    # A new run that starts from another run's weights (fine-tuning, a later campaign); its
+    # lineage is recorded and eval's leak check follows it. init_optimizer also takes the
+    # parent's optimizer moments (its learning rates and schedule are this run's own).
+    init_from: str | None = None
+    init_optimizer: bool = False
     resume: bool = False  # continue from out_dir's checkpoint if there is one
 
     def __post_init__(self):
@@ -221,10 +226,14 @@ def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
 
     base: dict = {}
     ckpt = find_checkpoint(out_dir) if resume else None
+    given = {k: v for k, v in overrides.items() if v is not None}
     if ckpt is not None:
         base = {**LEGACY_DEFAULTS, **read_config(ckpt)["train"]}
         base = {k: v for k, v in base.items() if k not in ("stop_at", "time_limit_s")}
-    given = {k: v for k, v in overrides.items() if v is not None}
+    elif given.get("init_from"):  # a child has its parent's shape unless told otherwise
+        parent = {**LEGACY_DEFAULTS, **read_config(given["init_from"])["train"]}
+        base = {k: parent[k] for k in ("preset", "model", "prefix_buckets", "knowledge",
+                                        "geo_db") if k in parent}
     if "model" in given:  # --model KEY=VALUE changes one field of the model, not all of them
         given["model"] = {**base.get("model", {}), **given["model"]}
     base.update(given)
@@ -383,6 +392,50 @@ def seq_warmup_steps(cfg: TrainConfig, seq_len: int) -> int:
     return round(cfg.seq_warmup_frac * cfg.steps)
 
 
+def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) -> list[dict]:
+    """--init-from: the parent run's weights (and, with init_optimizer, its optimizer moments)
+    into this new run. Returns the lineage: the parent's entry, then the parent's own lineage."""
+    from ping_llm import checkpoint as ckpt_mod
+
+    parent = ckpt_mod.load_checkpoint(cfg.init_from)
+    if parent.config["model"] != gpt_config.to_dict():
+        raise InputError(
+            f"--init-from {cfg.init_from}: its model is {parent.config['model']}, this run's is "
+            f"{gpt_config.to_dict()}; leave out --preset/--model to take the parent's")
+    if raw.knowledge is not None:
+        ckpt_mod.check_knowledge(parent.config, raw.knowledge)
+    raw.load_state_dict({k: v.to(d.device) for k, v in parent.model_state.items()})
+    if cfg.init_optimizer:
+        own = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+               for opt in optimizers]
+        parent.load_optimizers(optimizers)
+        for opt, groups in zip(optimizers, own, strict=True):  # moments the parent's,
+            for g, mine in zip(opt.param_groups, groups, strict=True):  # rates this run's
+                g.update(mine)
+    dataset = parent.config.get("dataset") or {}
+    entry = {
+        "run": str(Path(cfg.init_from).resolve()),
+        "step": parent.step,
+        "data_dir": parent.config["train"].get("data_dir"),
+        "fingerprint": dataset.get("train_fingerprint"),
+        "split_fingerprints": dataset.get("split_fingerprints"),
+    }
+    log0(d, f"init from {cfg.init_from} at step {parent.step}"
+            f"{' with its optimizer state' if cfg.init_optimizer else ''}")
+    return [entry, *parent.config.get("lineage", [])]
+
+
+def _planned_warmup(ckpt, seq_len: int) -> int:
+    """The sequence-length warmup a checkpointed run planned when it started. Extending a run
+    (resuming with more steps) re-plans the lr schedule for the new total but not the warmup:
+    its switch may already lie behind, and the loader's state was written for that plan."""
+    recorded = ckpt.meta.get("trainer", {}).get("seq_warmup_steps")
+    if recorded is not None:
+        return int(recorded)
+    first = TrainConfig.from_dict({**LEGACY_DEFAULTS, **ckpt.config["train"]})
+    return seq_warmup_steps(first, seq_len)  # older runs: their own config's plan
+
+
 def _eval_set(eval_loader, cfg: TrainConfig, d: Dist) -> list:
     """This rank's share of the fixed held-out set: global micro-batches r, r+W, ... < n."""
     n_local = len(range(d.rank, cfg.eval_batches, d.world_size))
@@ -492,6 +545,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
         warmup = 0
         if loader is None:
             warmup = seq_warmup_steps(cfg, T)
+            if ckpt is not None:  # extended (more --steps): the warmup keeps its first plan
+                warmup = _planned_warmup(ckpt, T)
             loader, eval_loader = _build_data_loaders(cfg, T, accum, warmup, d)
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -510,7 +565,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             memory_lr=cfg.memory_lr,
             weight_decay=cfg.weight_decay,
         )
-        start_step, trainer = 0, {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None}
+        start_step, trainer = 0, {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None,
+                                  "seq_warmup_steps": warmup}
         if ckpt is not None:
             if raw.knowledge is not None:
                 ckpt_mod.check_knowledge(ckpt.config, raw.knowledge)
@@ -523,6 +579,12 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             log0(d, f"resumed from {ckpt.path} at step {start_step}")
         else:
             torch.manual_seed(_mix_seed(cfg.seed, "rank", d.rank))
+        if ckpt is not None:
+            lineage = ckpt.config.get("lineage", [])
+        elif cfg.init_from is not None:
+            lineage = _init_from_parent(cfg, raw, optimizers, gpt_config, d)
+        else:
+            lineage = []
         del ckpt  # the CPU copies of weights and optimizer state
 
         if cfg.compile:
@@ -534,6 +596,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
             model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
         full_config = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
+        if lineage:  # the runs whose weights this one started from, nearest first
+            full_config["lineage"] = lineage
         if raw.knowledge is not None:  # which database: queries must open the same one
             full_config["knowledge"] = raw.knowledge.describe()
         if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
