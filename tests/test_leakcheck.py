@@ -79,10 +79,10 @@ def test_a_parent_trained_on_a_test_split_makes_the_child_a_leak(canonical_table
     child = {"dataset": {"train_fingerprint": "sha256:train"}}
     ok = L.check_leak(card, {**child, "lineage": [{"run": "p", "fingerprint": "sha256:train"}]},
                       train, test, external=True)
-    assert ok["lineage"] == [{"run": "p", "mode": "fingerprint"}]  # pretrained on this train
+    assert ok["lineage"] == [{"source": "p (step None)", "mode": "fingerprint"}]
     leaky = {**child, "lineage": [{"run": "p", "step": 9, "fingerprint": "sha256:train"},
                                   {"run": "gp", "step": 3, "fingerprint": "sha256:probe"}]}
-    with pytest.raises(InputError, match=r"started from gp \(step 3\).*test_probe split"):
+    with pytest.raises(InputError, match=r"learnt from gp \(step 3\).*test_probe split"):
         L.check_leak(card, leaky, train, test, external=True)
     nowhere = {**child, "lineage": [{"run": "p", "fingerprint": "sha256:else"}]}
     with pytest.raises(InputError, match="does not say where its training data is"):
@@ -101,7 +101,11 @@ def test_a_parent_from_another_dataset_is_checked_on_its_content(trained_run, ca
     train = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100)])
     clean = {"test_pair": canonical_table([("1.0.0.9", "2.0.0.5", 20.0, 900)])}
     info = L.check_leak(_card(test_pair="sha256:pair"), child, train, clean, external=True)
-    assert info["lineage"] == [{"run": "pretrained", "mode": "content"}]
+    assert info["lineage"] == [{"source": "pretrained (step 5)", "mode": "content"}]
     seen = {"test_pair": other_train.slice(0, 3)}  # measurements the parent trained on
-    with pytest.raises(InputError, match="3 measurements of test_pair are in the data"):
+    with pytest.raises(InputError, match="3 measurements of test_pair are in the data of pre"):
         L.check_leak(_card(test_pair="sha256:pair"), child, train, seen, external=True)
+    mixed = {"dataset": {"train_fingerprint": "sha256:train"},  # trained on it alongside
+             "mixture": [{k: parent[k] for k in ("data_dir", "fingerprint")}]}
+    with pytest.raises(InputError, match="in the data of the dataset"):
+        L.check_leak(_card(test_pair="sha256:pair"), mixed, train, seen, external=True)

@@ -251,6 +251,49 @@ def test_resume_in_a_fresh_process_continues_with_the_exact_next_batches(data, w
     assert switched == want[n:]  # also with another worker count
 
 
+class _Counting:
+    """A stand-in dataset loader (loader contract): yields (its name, its batch number)."""
+
+    def __init__(self, name):
+        self.name, self.i = name, 0
+
+    def __next__(self):
+        self.i += 1
+        return self.name, self.i - 1
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = state["i"]
+
+
+def test_a_mixture_draws_datasets_by_weight_deterministically_and_resumes_exactly():
+    def make(seed=3, rank=0):
+        return loader.MixtureLoader([_Counting("a"), _Counting("b"), _Counting("c")],
+                                    [0.6, 0.3, 0.1], seed, rank)
+
+    m = make()
+    first = [next(m) for _ in range(3000)]
+    shares = Counter(name for name, _ in first)
+    assert stats.chisquare([shares[k] for k in "abc"], [1800, 900, 300]).pvalue > 1e-3
+    for k in "abc":  # each dataset's own batches in order, none skipped
+        assert [i for name, i in first if name == k] == list(range(shares[k]))
+    assert [next(make()) for _ in range(1)] == first[:1]  # same seed, same draws
+    other = make(rank=1)
+    assert [next(other) for _ in range(50)] != first[:50]  # ranks draw their own sequences
+    resumed = make()
+    resumed.set_state(json.loads(json.dumps(m.get_state())))
+    again = make()
+    for _ in range(3000):
+        next(again)
+    assert [next(resumed) for _ in range(200)] == [next(again) for _ in range(200)]
+    with pytest.raises(InputError, match="mixture of 3 datasets"):
+        make().set_state({"format": "ping-llm-mixture/1", "n": 0, "states": [{}]})
+    with pytest.raises(InputError, match="non-negative weight"):
+        loader.MixtureLoader([_Counting("a")], [0.5, 0.5], 0)
+
+
 def test_curriculum_serves_short_contexts_first_then_full_ones_and_resumes_in_either_phase(
         data):
     ds = str(data["big"])

@@ -545,3 +545,24 @@ def test_a_finished_run_resumed_with_more_steps_is_extended_on_a_replanned_sched
     assert lr[6] == pytest.approx(lr_multiplier(5, 6, 0, 0.5))  # the first plan, as it was
     again = train(TrainConfig(out_dir=str(run), steps=10, resume=True, **base))
     assert again["step"] == 10 and again["start_step"] == 10  # done is done
+
+
+def test_a_mixture_of_datasets_trains_resumes_exactly_and_records_its_datasets(prepared,
+                                                                              tmp_path):
+    model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
+    base = dict(data_dir=str(prepared), extra_data=[str(prepared)], mix=[0.7, 0.3], model=model,
+                steps=6, device_batch_size=2, total_batch_tokens=512, eval_every=3,
+                eval_batches=2, seq_warmup_frac=0.5, seq_warmup_len=64)
+    train(TrainConfig(out_dir=str(tmp_path / "straight"), **base))
+    run = tmp_path / "stopped"
+    train(TrainConfig(out_dir=str(run), stop_at=2, **base))
+    train(TrainConfig(out_dir=str(run), resume=True, **base))
+    _assert_same_weights(tmp_path / "straight", run, exact=True)
+    state = ck.load_checkpoint(run).loader_states[0]["state"]
+    assert state["format"] == "ping-llm-mixture/1" and len(state["states"]) == 2
+    mix = ck.read_config(run)["mixture"]
+    assert [(m["data_dir"], m["weight"]) for m in mix] == [(str(prepared), 0.3)]
+    with pytest.raises(InputError, match="extra_data"):  # another mixture is another run
+        train(TrainConfig(out_dir=str(run), resume=True, **{**base, "extra_data": [], "steps": 8}))
+    with pytest.raises(InputError, match="2 weights for 1 datasets"):
+        train(TrainConfig(out_dir=str(tmp_path / "bad"), **{**base, "extra_data": []}))

@@ -144,7 +144,9 @@ def _cmd_train(args) -> int:
         except json.JSONDecodeError:
             model[key] = value
     overrides = dict(
-        data_dir=args.data,
+        data_dir=args.data[0],
+        extra_data=args.data[1:] or None,
+        mix=_weights(args.mix),
         init_from=args.init_from,
         init_optimizer=args.init_optimizer or None,
         preset=args.preset,
@@ -205,8 +207,22 @@ def _cmd_train(args) -> int:
     return EXIT_OK
 
 
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise InputError(f"--mix takes comma-separated weights (e.g. 0.7,0.3), got {text!r}") \
+            from None
+
+
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DATASET_DIR", help="prepared dataset")
+    p.add_argument("--data", required=True, action="append", metavar="DATASET_DIR",
+                   help="prepared dataset; repeat it to train on a mixture (the first one's val "
+                        "is the held-out set)")
+    p.add_argument("--mix", metavar="W1,W2,...",
+                   help="the mixture's weights, one per --data (default: by train measurements)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (checkpoint)")
     p.add_argument("--preset", choices=["tiny", "small", "full"], help="model size (tiny)")
     p.add_argument("--steps", type=int, help="optimiser steps of the whole run (1000)")

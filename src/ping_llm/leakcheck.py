@@ -13,7 +13,8 @@ test split's. The splits' content is then checked for exact shared measurements
 some: refused). `allow_foreign_run` accepts a run trained on another dataset only if that
 dataset is still on disk with the recorded fingerprint and none of its train measurements is
 in the evaluated sets (checked on content). A run started from another (`train --init-from`)
-records its lineage, and every ancestor is held to the same rule: trained on this dataset's
+records its lineage, a run trained on a mixture its other datasets, and every ancestor and
+dataset is held to the same rule: trained on this dataset's
 train split, or on data still on disk that shares nothing with the evaluated sets. Any failure
 raises InputError (CLI exit 2).
 """
@@ -100,7 +101,7 @@ def recorded_train_fingerprint(run_config: dict) -> str | None:
     def walk(node, path):
         if isinstance(node, dict):
             for key, value in node.items():
-                if key == "lineage":  # the parents' data: checked one by one (check_leak)
+                if key in ("lineage", "mixture"):  # other data: checked one by one (check_leak)
                     continue
                 in_card = key == "fingerprint" and path[-2:] == ("splits", "train")
                 if isinstance(value, str) and (key == "train_fingerprint" or in_card):
@@ -161,7 +162,8 @@ def check_leak(card: dict, run_config: dict, train: pa.Table, test_sets: dict, *
             what = "the external set" if external else f"split {name}"
             raise InputError(f"leak: {n} measurements of {what} are also in this dataset's train "
                              "split (the model trained on them); remove them first")
-    for parent in run_config.get("lineage", []):  # the runs it started from, nearest first
+    # the other datasets it trained on, and the runs it started from (nearest first)
+    for parent in [*run_config.get("mixture", []), *run_config.get("lineage", [])]:
         _check_parent(parent, card_fp, test_fps, test_sets, info)
     if not external:  # the dataset's own splits: their invariants, checked again on the data
         inv = split_invariants({"train": train, **test_sets})
@@ -177,22 +179,24 @@ def _check_parent(parent: dict, card_fp: str, test_fps: dict, test_sets: dict, i
     """A run's ancestor (`--init-from`) may not have seen the evaluated measurements either: on
     this dataset it must have trained on its train split; on another, its data must still be on
     disk and share no measurement with the evaluated sets (checked on content)."""
-    fp, where = parent.get("fingerprint"), f"{parent.get('run')} (step {parent.get('step')})"
+    fp = parent.get("fingerprint")
+    where = (f"{parent['run']} (step {parent.get('step')})" if "run" in parent
+             else f"the dataset {parent.get('data_dir')}")
     hit = [s for s, f in test_fps.items() if f == fp]
     if hit:
-        raise InputError(f"leak: the run started from {where}, which was trained on the "
+        raise InputError(f"leak: the run learnt from {where}, which is (or was trained on) the "
                          f"{hit[0]} split of this dataset; refusing to evaluate on it")
     if fp == card_fp:
-        info.setdefault("lineage", []).append({"run": parent.get("run"), "mode": "fingerprint"})
+        info.setdefault("lineage", []).append({"source": where, "mode": "fingerprint"})
         return
     train = _foreign_train({"train": {"data_dir": parent.get("data_dir")}}, fp,
-                           f"the run started from {where}, trained on another dataset")
+                           f"the run learnt from {where}, another dataset")
     for name, tbl in test_sets.items():
         n = content_overlap(tbl, train)
         if n:
-            raise InputError(f"leak: {n} measurements of {name} are in the data {where} was "
-                             "trained on, and the run started from it; refusing to evaluate")
-    info.setdefault("lineage", []).append({"run": parent.get("run"), "mode": "content"})
+            raise InputError(f"leak: {n} measurements of {name} are in the data of {where}, "
+                             "which the run learnt from; refusing to evaluate")
+    info.setdefault("lineage", []).append({"source": where, "mode": "content"})
 
 
 def _foreign_train(run_config: dict, run_fp, why: str) -> pa.Table:

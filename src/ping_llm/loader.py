@@ -674,6 +674,51 @@ class CurriculumLoader:
                 ld.close()
 
 
+class MixtureLoader:
+    """Batches from several loaders (one per prepared dataset) drawn with fixed weights: batch n
+    of this rank comes from loader i with probability weights[i], decided by (seed, rank, n)
+    alone, so the sequence is the same in every run and after a resume. Each batch is wholly
+    one dataset's (a context is one source's measurements). Follows the loader contract; its
+    state is the batch count and every loader's own state."""
+
+    def __init__(self, loaders: list, weights, seed: int, rank: int = 0):
+        w = np.asarray(weights, dtype=np.float64)
+        if len(loaders) != len(w) or len(w) < 1 or not (np.all(w >= 0) and w.sum() > 0):
+            raise InputError(f"a mixture needs one non-negative weight per dataset, got {weights}")
+        self.loaders, self.cdf = loaders, np.cumsum(w / w.sum())
+        self.seed, self.rank, self.n = int(seed), int(rank), 0
+
+    def which(self, n: int) -> int:
+        """The loader that batch n comes from."""
+        u = np.random.default_rng([self.seed, 0x6D6978, self.rank, n]).random()
+        return int(min(np.searchsorted(self.cdf, u, side="right"), len(self.cdf) - 1))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.loaders[self.which(self.n)])
+        self.n += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"format": "ping-llm-mixture/1", "n": self.n,
+                "states": [ld.get_state() for ld in self.loaders]}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("format") != "ping-llm-mixture/1" or len(state["states"]) != len(self.loaders):
+            raise InputError(f"the loader state is not a mixture of {len(self.loaders)} datasets "
+                             "(resume with the same --data list)")
+        self.n = int(state["n"])
+        for ld, st in zip(self.loaders, state["states"], strict=True):
+            ld.set_state(st)
+
+    def close(self) -> None:
+        for ld in self.loaders:
+            if hasattr(ld, "close"):
+                ld.close()
+
+
 def build_loader(data_dir, split, batch_size, seq_len, seed, rank, world_size, **kwargs) -> Loader:
     """A never-ending (unless num_epochs=) iterator of (inputs, targets) int64 (B, T) tensors
     over one split of a prepared dataset; get_state()/set_state() resume at the exact next batch.

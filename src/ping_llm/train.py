@@ -83,6 +83,10 @@ class TrainConfig:
     """
 
     data_dir: str | None = None  # prepared dataset (has card.json); None when loaders are given
+    # More prepared datasets to train on together with data_dir (whose val is the held-out set),
+    # and the mixture's weights for [data_dir, *extra_data] (None: by train measurements).
+    extra_data: list = field(default_factory=list)
+    mix: list | None = None
     out_dir: str | None = None  # run directory; None writes nothing (benchmarks)
     preset: str = "tiny"
     model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 2}
@@ -212,11 +216,11 @@ class TrainConfig:
 
 # Fields that must not change when resuming: they fix the weights' shapes or the data order.
 RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac",
-                "seq_warmup_len", "prefix_buckets", "knowledge")
+                "seq_warmup_len", "prefix_buckets", "knowledge", "extra_data")
 # What runs recorded before a field existed trained with (so they resume as they were).
 LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
                    "readdress_dst": 0.0, "prefix_buckets": 0, "knowledge": False, "geo_db": None,
-                   "memory_lr": 0.2}
+                   "memory_lr": 0.2, "extra_data": [], "mix": None}
 
 
 def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
@@ -357,17 +361,22 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int,
     data = Path(cfg.data_dir)
     if not (data / "card.json").is_file():
         raise InputError(f"{data} is not a prepared dataset (no card.json); run `ping-llm prepare`")
-    from ping_llm.loader import CurriculumLoader, SamplerConfig, build_loader
+    from ping_llm.loader import CurriculumLoader, MixtureLoader, SamplerConfig, build_loader
 
-    def make(split, batch_size=cfg.device_batch_size, length=seq_len, **kw):
+    def make(split, batch_size=cfg.device_batch_size, length=seq_len, data=data, **kw):
         return build_loader(
             str(data), split, batch_size, length, cfg.seed, d.rank, d.world_size, **kw
         )
 
+    sources, weights = mixture(cfg)
+
     def make_train(batch_size=cfg.device_batch_size, length=seq_len):
         sampler = SamplerConfig(seq_len=length, readdress_src=cfg.readdress_src,
                                 readdress_dst=cfg.readdress_dst)
-        return make("train", batch_size, length, config=sampler)
+        loaders = [make("train", batch_size, length, data=p, config=sampler) for p in sources]
+        if len(loaders) == 1:
+            return loaders[0]
+        return MixtureLoader(loaders, weights, cfg.seed, d.rank)
 
     # The held-out set is read once (a few batches): no worker processes for it. It is never
     # re-addressed: it measures the real task.
@@ -422,7 +431,20 @@ def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) ->
     }
     log0(d, f"init from {cfg.init_from} at step {parent.step}"
             f"{' with its optimizer state' if cfg.init_optimizer else ''}")
-    return [entry, *parent.config.get("lineage", [])]
+    return [entry, *parent.config.get("mixture", []), *parent.config.get("lineage", [])]
+
+
+def mixture(cfg: TrainConfig) -> tuple[list[Path], list[float]]:
+    """The datasets a run trains on ([data_dir, *extra_data]) and their weights: `mix` as
+    given, else each one's share of the train measurements (what concatenating them gives)."""
+    from ping_llm.prepare import load_card
+
+    sources = [Path(cfg.data_dir), *map(Path, cfg.extra_data)]
+    if cfg.mix is not None:
+        if len(cfg.mix) != len(sources):
+            raise InputError(f"--mix has {len(cfg.mix)} weights for {len(sources)} datasets")
+        return sources, [float(w) for w in cfg.mix]
+    return sources, [float(load_card(p)["splits"]["train"]["measurements"]) for p in sources]
 
 
 def _planned_warmup(ckpt, seq_len: int) -> int:
@@ -608,6 +630,13 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                 "train_fingerprint": card["splits"]["train"]["fingerprint"],
                 "split_fingerprints": {k: v.get("fingerprint") for k, v in card["splits"].items()},
             }
+            if cfg.extra_data:  # the other datasets of the mixture: eval checks them too
+                sources, weights = mixture(cfg)
+                full_config["mixture"] = [
+                    {"data_dir": str(p), "weight": w,
+                     "fingerprint": load_card(p)["splits"]["train"]["fingerprint"]}
+                    for p, w in zip(sources[1:], weights[1:], strict=True)
+                ]
         if run_dir is not None and d.master:
             run_dir.mkdir(parents=True, exist_ok=True)
             ckpt_mod.write_json_atomic(run_dir / ckpt_mod.CONFIG_FILE, full_config)
