@@ -398,3 +398,28 @@ def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsy
                    "--contexts", "0,1", "--examples", "0", "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 0 and "source_failure_rate k=1" in text and "vivaldi k=1" in text
+
+
+def test_kept_checkpoints_give_a_learning_curve_in_the_report(trained_run, tmp_path):
+    """train --keep-every keeps earlier weights; eval scores each on the same queries (k = 0)."""
+    from ping_llm import checkpoint as ck
+    from ping_llm.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(data_dir=str(trained_run.data_dir), out_dir=str(run),
+                      model={"n_layer": 1, "n_embd": 32, "n_head": 1, "sequence_len": 128},
+                      steps=6, device_batch_size=4, eval_every=0, save_every=0, keep_every=3,
+                      seq_warmup_frac=0))
+    assert [p.name for p in ck.kept_checkpoints(run)] == ["step-0000003", "step-0000006"]
+    res = ev.evaluate(trained_run.data_dir, run, tmp_path / "rep", splits=("val", "test_pair"),
+                      max_queries=8, contexts=(0,), n_examples=0, progress=False)
+    pts = res["learning_curve"]["points"]
+    assert [(p["step"], p["set"]) for p in pts] == [(3, "val"), (3, "test_pair"),
+                                                     (6, "val"), (6, "test_pair")]
+    assert pts[0]["tokens_seen"] == 3 * 4 * 128 and all(p["n"] > 0 for p in pts)
+    # the curve's last point is the final model on the same raw k=0 task as the main table
+    assert all(np.isfinite(p["median_ae_ms"]) and p["crps_ms"] > 0 for p in pts)
+    assert "Learning curve" in (tmp_path / "rep" / "report.html").read_text()
+    without = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, splits=("val",),
+                          max_queries=4, contexts=(0,), n_examples=0, progress=False)
+    assert without["learning_curve"] is None  # nothing kept, nothing drawn

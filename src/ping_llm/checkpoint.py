@@ -19,6 +19,7 @@ Layout (everything a reader needs is plain JSON or safetensors)::
       checkpoint.tmp/      only while a save is in progress (never read)
       checkpoint.old/      only during the swap (read if `checkpoint/` is missing: crash mid-swap)
       train.lock           the pid of the trainer writing the run (see RunLock)
+      kept/step-NNNNNNN/   with --keep-every: weights + meta + config of earlier steps
 
 Atomic save: everything is written into `checkpoint.tmp/`, each file fsynced, `meta.json` last;
 then `checkpoint/` -> `checkpoint.old/`, `checkpoint.tmp/` -> `checkpoint/`, fsync the run
@@ -283,6 +284,32 @@ def save_checkpoint(
     _fsync_path(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+KEPT_DIR = "kept"
+
+
+def keep_weights(run_dir, step: int) -> Path:
+    """Copy the latest checkpoint's weights, meta and config to RUN/kept/step-NNNNNNN/ (no
+    optimizer state: enough to load and evaluate it, e.g. for a learning curve). Atomic."""
+    src = Path(run_dir) / CHECKPOINT_DIR
+    dst = Path(run_dir) / KEPT_DIR / f"step-{step:07d}"
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("model.safetensors", "meta.json", CONFIG_FILE):
+        shutil.copyfile(src / name, tmp / name)
+        _fsync_path(tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.rename(tmp, dst)
+    return dst
+
+
+def kept_checkpoints(run_dir) -> list[Path]:
+    """The kept checkpoint directories of a run, by step."""
+    root = Path(run_dir) / KEPT_DIR
+    return sorted(p for p in root.glob("step-*") if (p / "meta.json").is_file()
+                  and not p.name.endswith(".tmp")) if root.is_dir() else []
 
 
 def find_checkpoint(path) -> Path | None:

@@ -173,6 +173,7 @@ def _cmd_train(args) -> int:
         eval_batches=args.eval_batches,
         eval_split=args.eval_split,
         save_every=args.save_every,
+        keep_every=args.keep_every,
         log_every=args.log_every,
         seed=args.seed,
         compile=args.compile,
@@ -271,6 +272,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, help="micro-batches in the held-out set (8)")
     p.add_argument("--eval-split", help="held-out split of the dataset (val)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = end only (250)")
+    p.add_argument("--keep-every", type=int, metavar="N",
+                   help="also keep the weights of every N-th step in RUN/kept/: `eval` then "
+                        "draws the learning curve (0 = none)")
     p.add_argument("--log-every", type=int, help="steps between log lines (10)")
     p.add_argument("--seed", type=int, help="seed of init and data order (0)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -668,6 +668,14 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         results["splits"][name] = res
         results["plot_data"][name] = plot
         timings[f"{name}_s"] = res["seconds"]
+    if not readdress:  # the run's kept checkpoints on the same sets (k = 0, raw)
+        from ping_llm.curve import CURVE_QUERIES, learning_curve
+
+        t0 = time.perf_counter()
+        curve_sets = {n: Queries.of(t, CURVE_QUERIES, seed, n) for n, t in sets.items()}
+        results["learning_curve"] = learning_curve(run_dir, curve_sets, GRID, device, seed=seed,
+                                                   geo_db=geo_db)
+        timings["learning_curve_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     results["timings"] = timings
     if out_dir is not None:

@@ -334,3 +334,26 @@ def fig_kl(results: dict) -> str | None:
         ax.legend()
     fig.tight_layout()
     return _png(fig)
+
+
+def fig_learning_curve(results: dict) -> str | None:
+    """Median AE and CRPS (k = 0, raw) per evaluated set against the tokens seen."""
+    curve = results.get("learning_curve")
+    if not curve:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(dict.fromkeys(p["set"] for p in curve["points"]))
+    for name in names:
+        pts = sorted((p for p in curve["points"] if p["set"] == name),
+                     key=lambda p: p["tokens_seen"])
+        tokens = [p["tokens_seen"] / 1e6 for p in pts]
+        for ax, key in zip(axes, ("median_ae_ms", "crps_ms"), strict=True):
+            ax.plot(tokens, [p[key] for p in pts], marker="o", label=name)
+    for ax, what in zip(axes, ("median abs error (ms)", "CRPS, censored at 10 s (ms)"),
+                        strict=True):
+        ax.set(xlabel="tokens seen (millions)", ylabel=what, yscale="log",
+               title=f"{what.split(' (')[0]} during training (k=0)")
+        ax.legend()
+    fig.tight_layout()
+    return _png(fig)

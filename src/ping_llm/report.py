@@ -25,6 +25,7 @@ from ping_llm.plots import (
     fig_error_cdfs,
     fig_examples,
     fig_kl,
+    fig_learning_curve,
     fig_nll,
     fig_reliability,
 )
@@ -381,6 +382,13 @@ def report_html(results: dict) -> str:
     kl = fig_kl(results)
     if kl:
         body += ["<h2>KL to the truth</h2>", _img(kl, "kl")]
+    curve = fig_learning_curve(results)
+    if curve:
+        lc = results["learning_curve"]
+        body += ["<h2>Learning curve</h2>",
+                 f'<p class="note">The run\'s kept checkpoints (train --keep-every), each on the '
+                 f"same {lc['queries_per_set']} queries per set, without context and without "
+                 "calibration.</p>", _img(curve, "learning curve")]
     body += ["<h2>Definitions</h2>", "<ul>"]
     for item in DEFINITIONS.split("\n- ")[1:]:
         body.append(f"<li>{html.escape(' '.join(item.split()))}</li>")

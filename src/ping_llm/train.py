@@ -143,6 +143,7 @@ class TrainConfig:
     # parent's optimizer moments (its learning rates and schedule are this run's own).
     init_from: str | None = None
     init_optimizer: bool = False
+    keep_every: int = 0  # also keep the weights of every N-th step (RUN/kept/): learning curves
     resume: bool = False  # continue from out_dir's checkpoint if there is one
 
     def __post_init__(self):
@@ -154,7 +155,8 @@ class TrainConfig:
 
         for name in ("steps", "device_batch_size", "log_every", "eval_batches"):
             positive_int(name)
-        for name in ("warmup_steps", "eval_every", "save_every", "seed", "prefix_buckets"):
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "prefix_buckets",
+                     "keep_every"):
             positive_int(name, allow_zero=True)
         if self.total_batch_tokens is not None:
             positive_int("total_batch_tokens")
@@ -693,6 +695,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                     optimizers=optimizers, loader_states=loader_states, rng_states=rng_states,
                     step=step, trainer=trainer,
                 )
+                if cfg.keep_every and step % cfg.keep_every == 0:
+                    ckpt_mod.keep_weights(run_dir, step)
             barrier(d)
             last_saved = step
 
@@ -809,7 +813,8 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
                     stopped = (flag.signal_name if flag.signal_name is not None
                                else "stop_at" if cfg.stop_at is not None and step >= cfg.stop_at
                                else "time_limit")
-                if done or stopped or (cfg.save_every and step % cfg.save_every == 0):
+                keep = cfg.keep_every and step % cfg.keep_every == 0
+                if done or stopped or keep or (cfg.save_every and step % cfg.save_every == 0):
                     save(step)
                 if stopped:
                     log0(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
