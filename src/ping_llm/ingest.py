@@ -303,8 +303,11 @@ def _directory_keys(out: Path, leave_out=()) -> np.ndarray:
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a file object: np.save would append ".npy" to a name
+    """Atomically (a reader's memory map of the old file stays valid: it is a new inode)."""
+    tmp = path.with_name(path.name + ".w.tmp")
+    with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
         np.save(fh, arr)
+    os.replace(tmp, path)
 
 
 def _file_counts(batch: _Batch) -> dict:
