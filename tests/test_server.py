@@ -411,3 +411,16 @@ def test_load_mixed_valid_invalid_and_expensive_requests(server, capsys):
               f"plain /rtt and invalid ones p50 {cheap[len(cheap) // 2] * 1e3:.0f} ms, max "
               f"{cheap[-1] * 1e3:.0f} ms; RSS {rss0:.0f} -> {_rss_mb():.0f} MB")
     assert cheap[-1] < 2.0  # the /24 queries queue on the slow lane, not in front of these
+
+
+def test_a_context_shared_by_a_request_s_queries_is_priced_once(server):
+    ctx = [{"src": SRC, "dst": f"192.0.2.{i + 100}", "rtt_ms": 10.0 + i, "time": T0 + 240 * i}
+           for i in range(3)]
+    queries = [{"src": SRC, "dst": f"192.0.2.{i}"} for i in range(40)]
+    engine = server.expected
+    shared = engine.rtt_cost([(q["src"], q["dst"]) for q in queries], context=ctx)
+    each = engine.rtt_cost([{"src": q["src"], "dst": q["dst"], "context": list(ctx)}
+                            for q in queries])
+    assert shared < each - 30 * len(engine.context(ctx).tokens)  # 39 copies not paid for
+    r = post(server, "/rtt_many", {"queries": queries, "context": ctx})
+    assert r.status_code == 200 and len(r.json()["results"]) == 40

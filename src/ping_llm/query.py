@@ -428,12 +428,21 @@ class Engine:
 
     def rtt_cost(self, queries, context=None) -> int:
         """What `rtt_many(queries, context)` would cost, in token positions the model computes
-        (`_Plan.cost`), without running it; validates like rtt_many."""
+        (`_Plan.cost`), without running it; validates like rtt_many. The shared context is
+        counted once (rtt_many runs a common prefix once), and so is a context object that
+        several queries carry (the server gives each query the request's shared list)."""
         shared = self.context(context)
-        return sum(
-            self._plan(as_query(q), shared).cost(self.exact_limit, self.mc_samples)
-            for q in queries
-        )
+        total, seen = 0, {}
+        for q in map(as_query, queries):
+            total += self._plan(q, shared).cost(self.exact_limit, self.mc_samples)
+            ctx = context if q.context is None else q.context
+            if ctx is None:
+                continue
+            if id(ctx) in seen:  # its tokens are already counted
+                total -= seen[id(ctx)]
+            else:
+                seen[id(ctx)] = len(self.context(ctx).tokens)
+        return total
 
     def query_tokens(self, src, dst, time=None, context=None) -> list[int]:
         """The token prefix of an RTT query on full addresses (what the model reads)."""
