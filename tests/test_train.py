@@ -505,6 +505,14 @@ def test_init_from_starts_a_new_run_from_the_parent_s_weights_and_records_its_li
     with pytest.raises(InputError, match="its model is"):
         train(_cfg(tmp_path / "other", steps=1, init_from=str(parent),
                    model={**MODEL, "n_layer": 3}), loader=SyntheticLoader(B, T))
+    # a parent recorded before the model had its newer fields (defaults then) is the same shape
+    cfg_file = parent / "checkpoint" / "config.json"
+    old = json.loads(cfg_file.read_text())
+    for key in ("prefix_buckets", "knowledge_dim", "knowledge_vocab"):
+        old["model"].pop(key)
+    cfg_file.write_text(json.dumps(old))
+    train(_cfg(tmp_path / "of_old", steps=1, eval_every=0, save_every=0, init_from=str(parent)),
+          loader=SyntheticLoader(B, T))
 
 
 def test_init_optimizer_takes_the_parent_s_moments_but_this_run_s_learning_rates(tmp_path):

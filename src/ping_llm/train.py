@@ -407,9 +407,10 @@ def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) ->
     """--init-from: the parent run's weights (and, with init_optimizer, its optimizer moments)
     into this new run. Returns the lineage: the parent's entry, then the parent's own lineage."""
     from ping_llm import checkpoint as ckpt_mod
+    from ping_llm.model import GPTConfig
 
     parent = ckpt_mod.load_checkpoint(cfg.init_from)
-    if parent.config["model"] != gpt_config.to_dict():
+    if GPTConfig.from_dict(parent.config["model"]) != gpt_config:  # older runs: fewer fields
         raise InputError(
             f"--init-from {cfg.init_from}: its model is {parent.config['model']}, this run's is "
             f"{gpt_config.to_dict()}; leave out --preset/--model to take the parent's")
