@@ -422,10 +422,6 @@ class Engine:
             str(src) if src.is_full else None,
         )
 
-    def check(self, query) -> None:
-        """Validate one RTT query (Query, dict or tuple) without running the model."""
-        self._plan(as_query(query), self.context(None))
-
     def rtt_cost(self, queries, context=None) -> int:
         """What `rtt_many(queries, context)` would cost, in token positions the model computes
         (`_Plan.cost`), without running it; validates like rtt_many. The shared context is
