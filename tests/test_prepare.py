@@ -3,6 +3,7 @@ card that describes it all (SPEC §2.3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -313,6 +314,25 @@ def test_reads_the_authors_files_and_selects_the_rtt_column(tmp_path, epoch_int)
     assert sorted(got["rtt"].to_pylist()) == sorted(tbl["rtt_avg"].to_pylist())
     first = int(tbl["event_time"].cast(pa.int64())[0].as_py()) // (1 if epoch_int else 1000)
     assert card["time_range"]["first_epoch_s"] == first
+
+
+def test_a_small_memory_limit_and_another_spill_directory_give_the_same_dataset(canonical,
+                                                                               tmp_path):
+    src = canonical["ripe_atlas_builtin_v4v6_2019"]
+    base = prepare.PrepareConfig(seed=7, limit=40_000, row_splits=("train",))
+    tight = dataclasses.replace(base, memory_limit="64MB", temp_dir=str(tmp_path / "spill"))
+    a = prepare.prepare([src], tmp_path / "a", base, progress=False)
+    b = prepare.prepare([src], tmp_path / "b", tight, progress=False)
+    assert {s: a["splits"][s]["fingerprint"] for s in prepare.SPLITS} == \
+        {s: b["splits"][s]["fingerprint"] for s in prepare.SPLITS}
+    assert b["config"]["memory_limit"] == "64MB"
+    assert list((tmp_path / "spill").iterdir()) == []  # its spill files are gone
+    with pytest.raises(InputError, match="memory_limit"):
+        prepare.PrepareConfig(memory_limit="lots")
+    with pytest.raises(InputError, match="spill directory"):
+        prepare.prepare([src], tmp_path / "c", dataclasses.replace(
+            base, temp_dir=str(tmp_path / "a" / "card.json")), progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_input_is_an_input_error(tmp_path):

@@ -516,6 +516,8 @@ def _cmd_prepare(args) -> int:
         max_record_bytes=int(args.max_record_mb * (1 << 20)),
         rtt_column=args.rtt_column,
         limit=args.limit,
+        memory_limit=args.memory_limit,
+        temp_dir=args.temp_dir,
     )
     card = prepare.prepare(args.inputs, args.out, cfg, overwrite=args.force,
                            progress=not args.no_progress)
@@ -805,6 +807,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap of one probe row; larger probes are split (default 8)")
     p.add_argument("--rtt-column", default="rtt",
                    help="column holding the RTT in ms, e.g. rtt_avg for the author's files")
+    p.add_argument("--memory-limit", default="2GB", metavar="SIZE",
+                   help="DuckDB's memory; it spills to disk beyond it (default 2GB; Python "
+                        "adds ~0.5 GB)")
+    p.add_argument("--temp-dir", metavar="DIR",
+                   help="where DuckDB spills (default: inside the dataset's work directory)")
     p.add_argument("--limit", type=int, help="use at most this many measurements")
     p.add_argument("--force", action="store_true", help="replace an existing dataset")
     p.add_argument("--stats", action="store_true",

@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -107,7 +108,11 @@ class PrepareConfig:
     rtt_column: str = "rtt"  # e.g. "rtt_avg" for the author's files with several RTT columns
     limit: int | None = None  # keep at most this many measurements (in input order)
     row_splits: tuple[str, ...] = SPLITS  # splits that get ArrayRecord rows
-    memory_limit: str = "2GB"  # DuckDB; it spills to disk beyond this
+    # DuckDB's memory (it spills to disk beyond it) and where it spills: a directory on a disk
+    # with room for about the canonical input's size; default inside the work directory that
+    # becomes --out. Python's own share is ~0.5 GB on top, whatever the input's size.
+    memory_limit: str = "2GB"
+    temp_dir: str | None = None
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -137,6 +142,9 @@ class PrepareConfig:
         bad = [s for s in self.row_splits if s not in SPLITS]
         if bad:
             raise InputError(f"unknown split(s) {bad}; splits are {list(SPLITS)}")
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B|B)\s*", str(self.memory_limit), re.I):
+            raise InputError(f"memory_limit must be a size such as 2GB or 512MiB, got "
+                             f"{self.memory_limit!r}")
         if not self.rtt_column.isidentifier():
             raise InputError(f"rtt_column must be a column name, got {self.rtt_column!r}")
 
@@ -534,10 +542,18 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
     if work.exists():
         shutil.rmtree(work)
     (work / "splits").mkdir(parents=True)
+    spill = (Path(cfg.temp_dir) / f"ping-llm-prepare-{os.getpid()}" if cfg.temp_dir
+             else work / "duckdb_tmp")
+    try:
+        spill.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise InputError(f"cannot use {cfg.temp_dir} as the spill directory: "
+                         f"{e.strerror}") from None
     try:
         con = duckdb.connect(str(work / "stage.duckdb"))
         con.execute(f"SET memory_limit = '{cfg.memory_limit}'")
-        con.execute(f"SET temp_directory = '{work / 'duckdb_tmp'}'")
+        con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
         con.execute("SET preserve_insertion_order = false")
         staged = _stage(con, files, cfg, progress)
         addr, version, bad = _addresses(con)
@@ -577,7 +593,7 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
         bar.close()
         con.close()
         invariants = split_invariants({n: work / "splits" / f"{n}.parquet" for n in SPLITS},
-                                      cfg.memory_limit, work / "duckdb_tmp")
+                                      cfg.memory_limit, spill)
         if invariants["violations"]:  # a bug in the rules above, never the user's input
             raise RuntimeError(f"prepare produced leaking splits: {invariants['violations']}")
         o = [int(x or 0) for x in overall]
@@ -623,13 +639,14 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         (work / "stage.duckdb").unlink()
-        shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
         (work / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
         return card
     finally:
+        shutil.rmtree(spill, ignore_errors=True)
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
 

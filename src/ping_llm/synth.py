@@ -250,7 +250,11 @@ class Truth:
     def sample(self, rng: np.random.Generator, rows=None) -> np.ndarray:
         """One RTT (ms) per entry of `rows` (indices into the N queries; default: each once)."""
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
-        z, u, v = rng.standard_normal(len(rows)), rng.random(len(rows)), rng.random(len(rows))
+        n = len(rows)
+        return self.draw(rows, rng.standard_normal(n), rng.random(n), rng.random(n))
+
+    def draw(self, rows, z, u, v) -> np.ndarray:
+        """`sample` from given draws: z standard normal, u and v uniform on [0, 1), per row."""
         z_tail = (self.xm / self._ymax()[rows]) ** self.alpha
         x = np.where(u < self.w[rows], self.xm * (1.0 - v * (1 - z_tail)) ** (-1.0 / self.alpha),
                      np.exp(self.sigma * z))
