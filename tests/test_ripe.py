@@ -17,6 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -544,6 +545,19 @@ def test_a_result_repeated_in_one_file_is_kept_once(africa_lines, tmp_path):
     path.write_bytes(b"\n".join(africa_lines[:50] + africa_lines[10:20]))
     rep = ingest1(path, tmp_path)
     assert rep.rows == rows_of(africa_lines[:50]) and rep.skipped["duplicate"] == 10
+
+
+def test_duplicates_are_found_across_the_merged_key_array_too(africa_lines, tmp_path,
+                                                              monkeypatch):
+    # Keys move from a set into a sorted array every FLUSH results (8 bytes a key): a repeat of
+    # a result from before the merge is still caught, and the key file holds every key once.
+    monkeypatch.setattr(ingest.Seen, "FLUSH", 16)
+    path = tmp_path / "twice.jsonl"
+    path.write_bytes(b"\n".join(africa_lines[:100] + africa_lines[5:25] + africa_lines[90:95]))
+    rep = ingest1(path, tmp_path)
+    assert rep.rows == rows_of(africa_lines[:100]) and rep.skipped["duplicate"] == 25
+    keys = np.load(next((tmp_path / "out" / "_keys").glob("*.npy")))
+    assert len(keys) == len(set(keys.tolist())) == 100
 
 
 def test_results_already_in_the_directory_are_not_ingested_again(africa_lines, tmp_path):
