@@ -109,3 +109,33 @@ def test_a_parent_from_another_dataset_is_checked_on_its_content(trained_run, ca
              "mixture": [{k: parent[k] for k in ("data_dir", "fingerprint")}]}
     with pytest.raises(InputError, match="in the data of the dataset"):
         L.check_leak(_card(test_pair="sha256:pair"), mixed, train, seen, external=True)
+
+
+def test_a_dataset_learnt_alongside_may_not_hold_the_held_out_probes(trained_run,
+                                                                     canonical_table):
+    # Another campaign of the same platform shares probes: a probe it trained on is not new to
+    # the model, even when none of the evaluated measurements is in that data.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ping_llm.prepare import load_card
+    from ping_llm.schema import read_canonical
+
+    other = load_card(trained_run.data_dir)
+    other_train = read_canonical(trained_run.data_dir / other["splits"]["train"]["parquet"])
+    mixed = {"dataset": {"train_fingerprint": "sha256:train"},
+             "mixture": [{"data_dir": str(trained_run.data_dir),
+                          "fingerprint": other["splits"]["train"]["fingerprint"]}]}
+    train = canonical_table([("1.0.0.1", "2.0.0.1", 10.0, 100)])
+    row = other_train.slice(0, 1)  # the same probe and addresses, a measurement never made
+    later = row.set_column(row.schema.get_field_index("rtt"), "rtt",
+                           pc.add(row["rtt"], pa.scalar(1234.5)))
+    with pytest.raises(InputError, match="1 test_probe probes, 1 test_probe source addresses "
+                                         "are in the data of the dataset"):
+        L.check_leak(_card(test_probe="sha256:probe"), mixed, train, {"test_probe": later},
+                     external=True)
+    # the same row as a test_time measurement is fine: known probes are what test_time asks about
+    info = L.check_leak(_card(test_time="sha256:time"), mixed, train, {"test_time": later},
+                        external=True)
+    assert info["lineage"] == [{"source": f"the dataset {trained_run.data_dir}",
+                                "mode": "content"}]

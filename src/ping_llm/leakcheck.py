@@ -15,8 +15,9 @@ dataset is still on disk with the recorded fingerprint and none of its train mea
 in the evaluated sets (checked on content). A run started from another (`train --init-from`)
 records its lineage, a run trained on a mixture its other datasets, and every ancestor and
 dataset is held to the same rule: trained on this dataset's
-train split, or on data still on disk that shares nothing with the evaluated sets. Any failure
-raises InputError (CLI exit 2).
+train split, or on data still on disk that shares nothing with the evaluated sets — no
+measurement, and no probe of test_probe nor (probe, destination) pair of test_pair (the split
+invariants, across datasets). Any failure raises InputError (CLI exit 2).
 """
 
 from __future__ import annotations
@@ -196,6 +197,15 @@ def _check_parent(parent: dict, card_fp: str, test_fps: dict, test_sets: dict, i
         if n:
             raise InputError(f"leak: {n} measurements of {name} are in the data of {where}, "
                              "which the run learnt from; refusing to evaluate")
+    # Another dataset may hold the same probes (another campaign of the same platform): then
+    # test_probe's probes are not new to the model, nor test_pair's pairs unseen.
+    held = {n: t for n, t in test_sets.items() if n in ("test_probe", "test_pair")}
+    bad = split_invariants({"train": train, **held})["violations"] if held else {}
+    if bad:
+        what = ", ".join(f"{n} {k.replace(' in train', '')}" for k, n in bad.items())
+        raise InputError(f"leak: {what} are in the data of {where}, which the run learnt from "
+                         "(they are not new to it); evaluate the other splits, or prepare those "
+                         "datasets together so that their splits agree")
     info.setdefault("lineage", []).append({"source": where, "mode": "content"})
 
 

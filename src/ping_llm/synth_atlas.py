@@ -202,7 +202,7 @@ class _Streams:
         cnt = hi[live] - lo[live]
         idx = np.repeat(live, cnt)
         k = lo[idx] + np.arange(len(idx)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        bg = np.random.PCG64()
+        bg = np.random.PCG64()  # one, re-positioned per stream (`_at` makes a new one: slower)
         jitter = np.empty(len(idx))
         at = 0
         for i, c in zip(live.tolist(), cnt.tolist(), strict=True):
@@ -215,7 +215,8 @@ class _Streams:
         return {"m": self.m[idx][keep], "e": self.e[idx][keep], "t": t[keep].astype(np.int64)}
 
     def windows(self, max_results: int) -> list[tuple[float, float]]:
-        """Time windows, in order, of about max_results results each (the last ends at t1)."""
+        """Time windows [a, b), in order, of about max_results results each; together they
+        cover every time (the first starts at -inf, the last ends at +inf)."""
         t0 = float(self.base.min()) if len(self.base) else 0.0
         count = max(1, math.ceil(int(self.n.sum()) / max_results))
         edges = [t0 + math.floor(i * (self.t1 - t0) / count) for i in range(count + 1)]
