@@ -50,6 +50,7 @@ processes are spawned (not forked: pyarrow's threads make fork unsafe), so scrip
 
 from __future__ import annotations
 
+import array
 import concurrent.futures as cf
 import glob
 import hashlib
@@ -271,34 +272,52 @@ def iter_tables(source, source_address: str = "auto", on_reject=None, on_progres
 class Seen:
     """Result keys already ingested: sorted uint64 arrays (the directory's, memory-mapped, and
     this input's so far) and the latest keys, a set that is merged into the array every `FLUSH`
-    keys, so that remembering a result costs 8 bytes rather than a Python int in a set (~60)."""
+    keys, so that remembering a result costs 8 bytes rather than a Python int in a set (~60).
+    A bit per hash slot (32 MB) answers "never seen" for most keys without a binary search."""
 
     FLUSH = 1 << 20
+    SLOTS = 1 << 28
 
     def __init__(self, before: np.ndarray | None = None):
         self.before = np.zeros(0, np.uint64) if before is None else before
         self.added = np.zeros(0, np.uint64)
-        self.new: set[int] = set()
+        self.new: set[int] = set()  # the keys of `pending`, for membership
+        self.pending = array.array("Q")
+        self.bits = bytearray(self.SLOTS >> 3)
+        if len(self.before):
+            slot = (np.asarray(self.before) & np.uint64(self.SLOTS - 1)).astype(np.int64)
+            view = np.frombuffer(self.bits, np.uint8)
+            np.bitwise_or.at(view, slot >> 3, (1 << (slot & 7)).astype(np.uint8))
 
     def __contains__(self, key: int) -> bool:
+        slot = key & (self.SLOTS - 1)
+        if not self.bits[slot >> 3] >> (slot & 7) & 1:
+            return False
         if key in self.new:
             return True
+        k = np.uint64(key)  # a Python int above 2**63 would make numpy convert the whole array
         for keys in (self.added, self.before):
             if len(keys):
-                i = int(np.searchsorted(keys, key))
-                if i < len(keys) and int(keys[i]) == key:
+                i = int(np.searchsorted(keys, k))
+                if i < len(keys) and keys[i] == k:
                     return True
         return False
 
     def add(self, key: int) -> None:
+        """Remember a key that is not in (`key in self` was False)."""
+        slot = key & (self.SLOTS - 1)
+        self.bits[slot >> 3] |= 1 << (slot & 7)
         self.new.add(key)
-        if len(self.new) >= self.FLUSH:
+        self.pending.append(key)
+        if len(self.pending) >= self.FLUSH:
             self.added = self.new_keys()
-            self.new = set()
+            self.new, self.pending = set(), array.array("Q")
 
     def new_keys(self) -> np.ndarray:
         """Every key added, sorted."""
-        return np.union1d(self.added, np.fromiter(self.new, np.uint64, len(self.new)))
+        fresh = np.sort(np.frombuffer(self.pending, np.uint64))
+        # two sorted runs: the stable sort (timsort) merges them in linear time
+        return np.sort(np.concatenate([self.added, fresh]), kind="stable")
 
 
 def _keys_file(out: Path, name: str) -> Path:
