@@ -24,7 +24,7 @@ appended, in parallel over files; re-running is idempotent):
     OUT/<input name>-<path id: 8 hex><version: 8 hex>.parquet   zstd, CANONICAL_SCHEMA, the
                                                                 per-file report in its metadata
     OUT/_rejects/<same stem>.jsonl                              that input's rejects, if any
-    OUT/_keys/<same stem>.npy                                   its results' keys (sorted uint64)
+    OUT/_keys/<same stem>.npy                                   its results' keys (uint64 runs)
 
 The version part hashes the input's name, size and mtime, the source-address mode and the
 format version; an existing output with the same name is complete (outputs are written to a
@@ -270,23 +270,25 @@ def iter_tables(source, source_address: str = "auto", on_reject=None, on_progres
 
 
 class Seen:
-    """Result keys already ingested: sorted uint64 arrays (the directory's, memory-mapped, and
-    this input's so far) and the latest keys, a set that is merged into the array every `FLUSH`
-    keys, so that remembering a result costs 8 bytes rather than a Python int in a set (~60).
-    A bit per hash slot (32 MB) answers "never seen" for most keys without a binary search."""
+    """Result keys already ingested: the directory's (a sorted uint64 array, memory-mapped), this
+    input's so far in sorted runs of `FLUSH` keys, and the latest keys (a set). Remembering a
+    result costs its 8 bytes, never copied again; a bit per hash slot (128 MB) answers "never
+    seen" for nearly every new key, so the runs are searched only for the rare duplicate and the
+    ~2% of new keys whose slot is taken."""
 
     FLUSH = 1 << 20
-    SLOTS = 1 << 28
+    SLOTS = 1 << 30
 
     def __init__(self, before: np.ndarray | None = None):
         self.before = np.zeros(0, np.uint64) if before is None else before
-        self.added = np.zeros(0, np.uint64)
+        self.runs: list[np.ndarray] = []
         self.new: set[int] = set()  # the keys of `pending`, for membership
         self.pending = array.array("Q")
         self.bits = bytearray(self.SLOTS >> 3)
-        if len(self.before):
-            slot = (np.asarray(self.before) & np.uint64(self.SLOTS - 1)).astype(np.int64)
-            view = np.frombuffer(self.bits, np.uint8)
+        view = np.frombuffer(self.bits, np.uint8)
+        for c0 in range(0, len(self.before), self.FLUSH):
+            slot = (np.asarray(self.before[c0: c0 + self.FLUSH])
+                    & np.uint64(self.SLOTS - 1)).astype(np.int64)
             np.bitwise_or.at(view, slot >> 3, (1 << (slot & 7)).astype(np.uint8))
 
     def __contains__(self, key: int) -> bool:
@@ -296,7 +298,7 @@ class Seen:
         if key in self.new:
             return True
         k = np.uint64(key)  # a Python int above 2**63 would make numpy convert the whole array
-        for keys in (self.added, self.before):
+        for keys in (*self.runs, self.before):
             if len(keys):
                 i = int(np.searchsorted(keys, k))
                 if i < len(keys) and keys[i] == k:
@@ -310,14 +312,26 @@ class Seen:
         self.new.add(key)
         self.pending.append(key)
         if len(self.pending) >= self.FLUSH:
-            self.added = self.new_keys()
+            self.runs.append(np.sort(np.frombuffer(self.pending, np.uint64)))
             self.new, self.pending = set(), array.array("Q")
 
-    def new_keys(self) -> np.ndarray:
-        """Every key added, sorted."""
-        fresh = np.sort(np.frombuffer(self.pending, np.uint64))
-        # two sorted runs: the stable sort (timsort) merges them in linear time
-        return np.sort(np.concatenate([self.added, fresh]), kind="stable")
+    def write(self, path: Path) -> None:
+        """Every key added, as a .npy (run after run: readers sort what they combine), written
+        in place a run at a time and renamed into `path`."""
+        parts = [*self.runs, np.frombuffer(self.pending, np.uint64)]
+        n = sum(len(x) for x in parts)
+        if n == 0:  # numpy cannot memory-map an empty array
+            _write_npy(path, np.zeros(0, np.uint64))
+            return
+        tmp = path.with_name(path.name + ".w.tmp")
+        keys = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint64, shape=(n,))
+        at = 0
+        for x in parts:
+            keys[at: at + len(x)] = x
+            at += len(x)
+        keys.flush()
+        del keys
+        os.replace(tmp, path)
 
 
 def _keys_file(out: Path, name: str) -> Path:
@@ -509,7 +523,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
         if rej_fh is not None:
             rej_dir.mkdir(exist_ok=True)
             os.replace(rej_tmp, rej_dir / (name[: -len(".parquet")] + ".jsonl"))
-        _write_npy(keys_tmp, seen.new_keys())
+        seen.write(keys_tmp)
         _keys_file(out, name).parent.mkdir(exist_ok=True)
         os.replace(keys_tmp, _keys_file(out, name))
         os.replace(tmp, out / name)  # the commit point: the output exists => it is complete
