@@ -809,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="column holding the RTT in ms, e.g. rtt_avg for the author's files")
     p.add_argument("--memory-limit", default="2GB", metavar="SIZE",
                    help="DuckDB's memory; it spills to disk beyond it (default 2GB; Python "
-                        "adds ~0.5 GB)")
+                        "adds ~0.7 GB)")
     p.add_argument("--temp-dir", metavar="DIR",
                    help="where DuckDB spills (default: inside the dataset's work directory)")
     p.add_argument("--limit", type=int, help="use at most this many measurements")
