@@ -316,21 +316,16 @@ class Seen:
             self.new, self.pending = set(), array.array("Q")
 
     def write(self, path: Path) -> None:
-        """Every key added, as a .npy (run after run: readers sort what they combine), written
-        in place a run at a time and renamed into `path`."""
+        """Every key added, as a .npy (run after run: readers sort what they combine), streamed
+        a run at a time (no copy of them all) to a temporary renamed into `path`."""
         parts = [*self.runs, np.frombuffer(self.pending, np.uint64)]
-        n = sum(len(x) for x in parts)
-        if n == 0:  # numpy cannot memory-map an empty array
-            _write_npy(path, np.zeros(0, np.uint64))
-            return
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint64)),
+                  "fortran_order": False, "shape": (sum(len(x) for x in parts),)}
         tmp = path.with_name(path.name + ".w.tmp")
-        keys = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint64, shape=(n,))
-        at = 0
-        for x in parts:
-            keys[at: at + len(x)] = x
-            at += len(x)
-        keys.flush()
-        del keys
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, header)
+            for x in parts:
+                x.tofile(fh)
         os.replace(tmp, path)
 
 
