@@ -30,7 +30,7 @@ import torch
 
 from ping_llm import tokens as tk
 from ping_llm.model import GPT, GPTConfig, KVCache
-from ping_llm.query import CANON_B1, Engine, Query
+from ping_llm.query import Engine, Query
 from ping_llm.runtime import resolve_device
 
 QS = (0.05, 0.5, 0.95)
@@ -60,7 +60,7 @@ def naive(engine: Engine, q: Query, n: int, gen: torch.Generator) -> dict:
         out = engine.model.generate(idx, 3, generator=gen).cpu().numpy()
     role, b1, b2 = out[:, 0], out[:, 1] - tk.BYTE0, out[:, 2] - tk.BYTE0
     ok_role = np.isin(role, [tk.RTT_START, tk.FAILED])
-    ok = (role == tk.RTT_START) & np.isin(b1, CANON_B1) & (b2 >= 0)
+    ok = (role == tk.RTT_START) & np.isin(b1, tk.CANON_B1) & (b2 >= 0)
     values = tk.RTT_GRID_MS[(b1[ok] << 8) | b2[ok]] if ok.any() else np.array([np.nan])
     return {
         "p_failed": float((role[ok_role] == tk.FAILED).mean()) if ok_role.any() else float("nan"),
@@ -80,8 +80,8 @@ def sampled(engine: Engine, q: Query, n: int, gen: torch.Generator) -> dict:
         role = torch.softmax(logits[[tk.RTT_START, tk.FAILED]], -1)
         failed = torch.multinomial(role, n, replacement=True, generator=gen) == 1
         lg = m(torch.tensor([[tk.RTT_START]], device=dev), kv_cache=cache)[0][0, -1]
-        p1 = torch.softmax(lg[tk.BYTE0 + torch.as_tensor(CANON_B1, device=dev)], -1)
-        b1 = CANON_B1[torch.multinomial(p1, n, replacement=True, generator=gen).cpu().numpy()]
+        p1 = torch.softmax(lg[tk.BYTE0 + torch.as_tensor(tk.CANON_B1, device=dev)], -1)
+        b1 = tk.CANON_B1[torch.multinomial(p1, n, replacement=True, generator=gen).cpu().numpy()]
         uniq, inv = np.unique(b1, return_inverse=True)
         rows = cache.expand(len(uniq))
         lg2 = m(torch.as_tensor(tk.BYTE0 + uniq, device=dev)[:, None], kv_cache=rows)[0][:, -1,

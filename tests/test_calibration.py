@@ -14,7 +14,7 @@ from scipy import stats
 
 from ping_llm import checkpoint, schema
 from ping_llm.calibrate import calibrate
-from ping_llm.calibration import CALIBRATION_FILE, Calibration
+from ping_llm.calibration import CALIBRATION_FILE, Calibration, pair_keys
 from ping_llm.cli import main
 from ping_llm.errors import InputError
 from ping_llm.query import Engine
@@ -63,7 +63,7 @@ def test_an_over_confident_forecaster_gets_nominal_coverage_on_fresh_outcomes():
     fit, test = slice(0, n), slice(n, 2 * n)
     assert _coverage(pmf[test], y[test], 0.9) < 0.7  # over-confident before
     cal = Calibration.fit(_pit(pmf[fit], y[fit], rng), np.zeros(n, int), np.full(n, 0.1),
-                          rng.random(n) < 0.1, np.ones(n, bool))
+                          rng.random(n) < 0.1, np.full(n, "known"))
     out = cal.probs(pmf[test])
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-12)
     assert (out >= 0).all()
@@ -77,28 +77,61 @@ def test_an_over_confident_forecaster_gets_nominal_coverage_on_fresh_outcomes():
 
 def test_each_population_and_context_size_band_gets_its_own_map():
     rng = np.random.default_rng(1)
-    n = 4000
+    n = 6000
     mu = rng.normal(0, 1, n)
     pmf = _normal_pmf(mu, 0.5)
     n_ctx = np.where(np.arange(n) % 2 == 0, 0, 20)
-    known = np.arange(n) < n // 2
-    # known sources calibrated without context and over-confident with it; new ones 3x too sharp
-    wide = np.where(known, np.where(n_ctx == 0, 0.5, 1.5), 1.5)
-    y = mu + rng.normal(0, 1, n) * wide
+    pop = np.array(["known", "new_pair", "new"]).repeat(n // 3)
+    # known pairs calibrated without context and over-confident with it; a known source's new
+    # destinations 2x too sharp; new sources 3x
+    wide = np.where(pop == "known", np.where(n_ctx == 0, 0.5, 1.5),
+                    np.where(pop == "new_pair", 1.0, 1.5))
+    y = mu + rng.normal(0, 1, n) * wide + np.where(pop == "new_pair", 0.5, 0.0)  # + a bias
     cal = Calibration.fit(_pit(pmf, y, rng), n_ctx, np.full(n, 0.1), rng.random(n) < 0.1,
-                          known, known_sources=["10.0.0.1", "10.0.0.2"])
+                          pop, known_sources=["10.0.0.1", "10.0.0.2"],
+                          known_pairs=pair_keys(["10.0.0.1"], ["10.9.9.9"]))
     assert [m["min_context"] for m in cal.maps["known"]] == [0, 1, 4, 16]
     assert cal.fitted["replies_per_band"] == {
-        "known 0+": n // 4, "known 1+": 0, "known 4+": 0, "known 16+": n // 4,
-        "new 0+": n // 4, "new 1+": 0, "new 4+": 0, "new 16+": n // 4}
+        f"{p} {b}+": (n // 6 if b in (0, 16) else 0)
+        for p in ("known", "new_pair", "new") for b in (0, 1, 4, 16)}
     u = np.linspace(0.05, 0.95, 19)
     assert np.abs(cal.cdf(u, 0, "known") - u).max() < 0.05  # close to the identity
     assert cal.cdf(np.array([0.05]), 20, "known")[0] > 0.2  # the tails get much more mass
-    assert cal.cdf(np.array([0.05]), 0, "new")[0] > 0.2  # new sources: wider even at k = 0
+    at_k0 = [cal.cdf(np.array([0.05]), 0, p)[0] for p in ("known", "new_pair", "new")]
+    assert at_k0[0] < 0.1 < at_k0[1] < at_k0[2]  # wider the less the model knows, even at k = 0
+    # new pairs' maps are symmetric: their spread is corrected, their median kept (their bias
+    # belongs to val's pairs, not to the next ones)
+    for k in (0, 20):
+        assert cal.cdf(np.array([0.5]), k, "new_pair")[0] == pytest.approx(0.5, abs=1e-12)
+        lo, hi = cal.cdf(np.array([0.1, 0.9]), k, "new_pair")
+        assert lo == pytest.approx(1 - hi, abs=1e-12)
     # bands without val data fall back to the map of the population's replies
     assert cal.map_for(2, "new")["u"] == cal.map_for(5, "new")["u"] != cal.map_for(0, "new")["u"]
-    assert cal.population("10.0.0.2") == "known"
-    assert cal.population("10.0.0.3") == cal.population(None) == "new"
+    assert cal.population("10.0.0.1", "10.9.9.9") == "known"
+    assert cal.population("10.0.0.1", "10.9.9.8") == cal.population("10.0.0.2", "10.9.9.9") \
+        == cal.population("10.0.0.1", None) == "new_pair"  # None: a destination prefix
+    assert cal.population("10.0.0.3", "10.9.9.9") == cal.population(None, "10.9.9.9") == "new"
+
+
+def test_pair_keys_are_the_same_in_every_process():
+    import subprocess
+    import sys
+    code = "from ping_llm.calibration import pair_keys; print(pair_keys(['a'], ['b'])[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={"PYTHONHASHSEED": "123"}).stdout
+    assert int(out) == int(pair_keys(["a"], ["b"])[0]) != int(pair_keys(["b"], ["a"])[0])
+
+
+def test_a_calibration_from_before_pairs_were_told_apart_still_loads(tmp_path):
+    same = [{"min_context": 0, "u": [0.0, 0.5, 1.0], "r": [0.0, 0.3, 1.0]}]
+    wide = [{"min_context": 0, "u": [0.0, 0.5, 1.0], "r": [0.0, 0.45, 1.0]}]
+    old = {"format": "ping-llm-calibration/1", "maps": {"known": same, "new": wide},
+           "platt": {"known": [1.0, 0.5], "new": [2.0, 0.0]}, "known_sources": ["10.0.0.1"],
+           "fitted": {"step": 3}}
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(old))
+    cal = Calibration.load(tmp_path)
+    assert cal.population("10.0.0.1", "10.9.9.9") == "known"  # no pairs: as it was
+    assert cal.maps["new_pair"] == same and cal.platt["new_pair"] == [1.0, 0.5]
 
 
 def test_platt_scaling_corrects_a_failure_rate_and_keeps_the_ranking():
@@ -106,7 +139,7 @@ def test_platt_scaling_corrects_a_failure_rate_and_keeps_the_ranking():
     p = rng.uniform(0.01, 0.2, 20000)
     y = rng.random(len(p)) < np.minimum(1.0, 2.5 * p)  # failures 2.5x more likely than said
     cal = Calibration.fit(np.full(len(p), 0.5), np.zeros(len(p), int), p, y,
-                          np.ones(len(p), bool))
+                          np.full(len(p), "known"))
     q = cal.p_failed(p, "known")
     assert np.mean(q) == pytest.approx(np.mean(y), abs=0.01)
     assert (np.diff(q[np.argsort(p)]) >= 0).all()
@@ -115,7 +148,8 @@ def test_platt_scaling_corrects_a_failure_rate_and_keeps_the_ranking():
 def test_save_load_round_trip_and_bad_files(tmp_path):
     rng = np.random.default_rng(3)
     cal = Calibration.fit(rng.random(500), rng.integers(0, 30, 500), rng.random(500) * 0.2,
-                          rng.random(500) < 0.1, rng.random(500) < 0.5, ["192.0.2.1"],
+                          rng.random(500) < 0.1, rng.choice(["known", "new"], 500),
+                          ["192.0.2.1"], pair_keys(["192.0.2.1"], ["192.0.2.9"]),
                           fitted={"step": 7})
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
@@ -132,7 +166,10 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
         Calibration.load(tmp_path)
     with pytest.raises(InputError, match="too few"):
         Calibration.fit(rng.random(10), np.zeros(10, int), np.full(10, 0.1), np.zeros(10, bool),
-                        np.ones(10, bool))
+                        np.full(10, "known"))
+    with pytest.raises(InputError, match="populations must be among"):
+        Calibration.fit(rng.random(60), np.zeros(60, int), np.full(60, 0.1), np.zeros(60, bool),
+                        np.full(60, "old"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +195,10 @@ def test_calibrate_fits_on_val_and_writes_the_run_calibration(calibrated_run, tr
     assert s["populations"] == cal.fitted["populations"] == ["known sources", "new sources"]
     train = schema.read_canonical(trained_run.data_dir / "splits" / "train.parquet")
     assert cal.known_sources == sorted(set(train["src_addr"].to_pylist()))
+    pairs = set(zip(train["src_addr"].to_pylist(), train["dst_addr"].to_pylist(), strict=True))
+    assert s["known_pairs"] == len(pairs)
+    assert all(cal.population(a, b) == "known" for a, b in list(pairs)[:50])
+    assert set(cal.maps) == {"known", "new_pair", "new"}
     for rows in s["val"].values():
         assert set(rows) == {"k=0", "k=1", "k=4", "k=16", "k=64"}
         for v in rows.values():
@@ -185,11 +226,14 @@ def test_every_distribution_of_a_calibrated_run_is_the_raw_one_mapped(calibrated
     assert eng.calibration == cal and raw.calibration is None
     src, dsts, ctx = _busiest_source(trained_run.canonical)
     stranger = "203.0.113.77"  # never a train source: the "new" maps
-    assert cal.population(src) == "known" and cal.population(stranger) == "new"
+    nowhere = "198.51.100.9"  # never a destination: a known source's new pair
+    assert cal.population(stranger, dsts[0]) == "new"
+    assert cal.population(src, nowhere) == "new_pair"
     assert cal.maps["known"] != cal.maps["new"]
-    for who, pop in ((src, "known"), (stranger, "new")):
+    for who, dst in ((src, dsts[0]), (src, nowhere), (stranger, dsts[0])):
+        pop = cal.population(who, dst)
         for context in (None, ctx):
-            a, b = eng.rtt(who, dsts[0], context=context), raw.rtt(who, dsts[0], context=context)
+            a, b = eng.rtt(who, dst, context=context), raw.rtt(who, dst, context=context)
             n = len(context or [])
             assert a.calibrated and not b.calibrated
             np.testing.assert_array_equal(a.codes, b.codes)

@@ -1,4 +1,4 @@
-"""The `ping-llm` command line contract (SPEC §10): help with examples, exit codes, --json."""
+"""The `ping-llm` command line contract: help with examples, exit codes, --json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Geolocation (SPEC 6.1): the packaged GeoLite2-City database, great-circle distances, and the
+"""Geolocation: the packaged GeoLite2-City database, great-circle distances, and the
 distance-bin latency baseline with its in-context rescaling. Addresses are real public ones the
 database places on three continents (from the MENOG RIPE Atlas sample and the root servers)."""
 

@@ -22,7 +22,7 @@ from ping_llm.errors import InputError
 from ping_llm.geo import GeoDB, default_db_path
 from ping_llm.knowledge import AddressKnowledge
 from ping_llm.model import GPT, PREFIX_LEVELS, GPTConfig, KVCache, prefix_slots
-from ping_llm.query import CANON_B1, Engine
+from ping_llm.query import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,9 +163,9 @@ def test_engine_rtt_reads_the_model_exactly_with_memory_and_knowledge(model64):
     d = engine.rtt(SRC, DST, time=T0 + 100, context=CONTEXT)
     p_role = full_forward_probs(model64, prefix, [tk.RTT_START, tk.FAILED])
     assert d.p_failed == pytest.approx(p_role[1], abs=1e-9)
-    p1 = full_forward_probs(model64, prefix + [tk.RTT_START], tk.BYTE0 + CANON_B1)
+    p1 = full_forward_probs(model64, prefix + [tk.RTT_START], tk.BYTE0 + tk.CANON_B1)
     marginal = np.bincount(d.codes.astype(int) >> 8, weights=d.probs, minlength=256)
-    np.testing.assert_allclose(marginal[CANON_B1], p1, atol=1e-9)
+    np.testing.assert_allclose(marginal[tk.CANON_B1], p1, atol=1e-9)
 
 
 def test_cidr_marginal_gives_each_completion_its_own_knowledge(model64):

@@ -1,4 +1,4 @@
-"""loader: contexts per SPEC §4 that always parse, configured mode and window distributions,
+"""loader: contexts (docs/tokens.md) that always parse, configured mode and window distributions,
 exact resume in a fresh process, disjoint data-parallel ranks, little padding."""
 
 from __future__ import annotations

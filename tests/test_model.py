@@ -13,13 +13,7 @@ from ping_llm.model import GPT, PRESETS, GPTConfig, KVCache
 V = 267
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one OpenMP thread is far faster than two fighting other test processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread on 2 shared cores
 
 
 def expected_param_count(n_layer, n_embd, n_head, n_kv_head=None, vocab=V):
@@ -61,7 +55,7 @@ def tokens(B, T, seed=0):
     "name, nominal, tol",
     [
         ("tiny", None, None),
-        # SPEC says "~95M"; the specified shape has 98.6M (= 94 Mi): allow 5%.
+        # The original author's notes say "~95M"; the shape has 98.6M (= 94 Mi): allow 5%.
         ("small", 95e6, 0.05),
         ("full", 680e6, 0.01),
     ],

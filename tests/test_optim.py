@@ -22,14 +22,7 @@ from ping_llm.optim import (
 SHAPES = [(64, 128), (128, 128), (256, 64)]  # wide, square, tall
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI box has 2 cores shared with other test processes; two OpenMP threads fighting
-    # other processes run these small matmuls ~15x slower than one thread does.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread on 2 shared cores
 
 
 def rand(shape, seed):

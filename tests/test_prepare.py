@@ -1,5 +1,5 @@
 """prepare: leak-free deterministic splits, probe-centric rows that hold exactly their split, and a
-card that describes it all (SPEC §2.3)."""
+card that describes it all."""
 
 from __future__ import annotations
 

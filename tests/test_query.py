@@ -1,4 +1,4 @@
-"""The query engine (SPEC §6): exact RTT distributions, CIDR marginals, rank, destinations, score,
+"""The query engine: exact RTT distributions, CIDR marginals, rank, destinations, score,
 sample, input validation, and the `ping-llm query` verbs.
 
 Most properties here are identities that hold for any weights (the KV-cached, batched answer
@@ -33,7 +33,7 @@ from ping_llm import tokens as tk
 from ping_llm.cli import main
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, GPTConfig
-from ping_llm.query import CANON_B1, Engine, Query, RTTDistribution
+from ping_llm.query import Engine, Query, RTTDistribution
 
 SRC = "10.0.0.1"
 DST = "192.0.2.7"
@@ -79,13 +79,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny batch-1 forwards are dominated by thread-pool overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread on 2 shared cores
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +223,10 @@ def test_p_failed_byte1_and_byte2_equal_an_uncached_forward(engine64, model64):
     d = engine.rtt(SRC, DST, time=T0 + 100, context=CONTEXT)
     p_role = full_forward_probs(model, prefix, [tk.RTT_START, tk.FAILED])
     assert d.p_failed == pytest.approx(p_role[1], abs=1e-6)
-    p1 = full_forward_probs(model, prefix + [tk.RTT_START], tk.BYTE0 + CANON_B1)
+    p1 = full_forward_probs(model, prefix + [tk.RTT_START], tk.BYTE0 + tk.CANON_B1)
     marginal = np.bincount(d.codes.astype(int) >> 8, weights=d.probs, minlength=256)
-    np.testing.assert_allclose(marginal[CANON_B1], p1, atol=1e-6)
-    b1 = int(CANON_B1[np.argmax(p1)])  # the most probable bin is always refined
+    np.testing.assert_allclose(marginal[tk.CANON_B1], p1, atol=1e-6)
+    b1 = int(tk.CANON_B1[np.argmax(p1)])  # the most probable bin is always refined
     p2 = full_forward_probs(model, prefix + [tk.RTT_START, tk.BYTE0 + b1], range(tk.BYTE0, 267))
     np.testing.assert_allclose(d.pmf()[b1 << 8 : (b1 + 1) << 8] / p1.max(), p2, atol=1e-6)
 
@@ -247,7 +241,7 @@ def test_quantiles_agree_with_monte_carlo_sampling_from_the_model(trained):
     role = role[np.isin(role, [tk.RTT_START, tk.FAILED])]
     rb = eng.model.generate(torch.tensor([prefix + [tk.RTT_START]] * n), 2, generator=g).numpy()
     b1, b2 = rb[:, 0] - tk.BYTE0, rb[:, 1] - tk.BYTE0
-    ok = np.isin(b1, CANON_B1) & (b2 >= 0)
+    ok = np.isin(b1, tk.CANON_B1) & (b2 >= 0)
     sample = np.sort(tk.RTT_GRID_MS[(b1[ok] << 8) | b2[ok]])
     # A trained model follows the grammar, so nearly every draw is accepted; random weights
     # rarely pick a result role (~0.5%), so the binomial bound then uses the few accepted draws.

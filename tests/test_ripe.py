@@ -1,4 +1,4 @@
-"""RIPE Atlas ping results -> canonical rows (SPEC §2.2), checked on the real samples in
+"""RIPE Atlas ping results -> canonical rows, checked on the real samples in
 ../shared/data against counts derived here, independently, from the raw JSON; plus every firmware
 shape, the NAT source rule, hostile input, idempotent re-runs and the CLI's exit codes."""
 
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from ping_llm import ingest, ripe, streams
+from ping_llm import ingest, ripe, seen, streams
 from ping_llm.cli import main
 from ping_llm.schema import CANONICAL_SCHEMA, read_canonical, validate
 
@@ -547,17 +547,18 @@ def test_a_result_repeated_in_one_file_is_kept_once(africa_lines, tmp_path):
     assert rep.rows == rows_of(africa_lines[:50]) and rep.skipped["duplicate"] == 10
 
 
-def test_duplicates_are_found_across_the_merged_key_array_too(africa_lines, tmp_path,
-                                                              monkeypatch):
-    # Keys move from a set into a sorted array every FLUSH results (8 bytes a key): a repeat of
-    # a result from before the merge is still caught, and the key file holds every key once.
-    monkeypatch.setattr(ingest.Seen, "FLUSH", 16)
+def test_duplicates_are_found_across_the_runs_on_disk_too(africa_lines, tmp_path, monkeypatch):
+    # Keys move from a set into sorted runs on disk every FLUSH results: a repeat of a result
+    # from before the spill is still caught, the key file holds every key once, sorted, and no
+    # spilled run is left behind.
+    monkeypatch.setattr(seen.Seen, "FLUSH", 16)
     path = tmp_path / "twice.jsonl"
     path.write_bytes(b"\n".join(africa_lines[:100] + africa_lines[5:25] + africa_lines[90:95]))
     rep = ingest1(path, tmp_path)
     assert rep.rows == rows_of(africa_lines[:100]) and rep.skipped["duplicate"] == 25
     keys = np.load(next((tmp_path / "out" / "_keys").glob("*.npy")))
-    assert len(keys) == len(set(keys.tolist())) == 100
+    assert len(keys) == 100 and (np.diff(keys) > 0).all()
+    assert not list((tmp_path / "out").glob(".ingest-*"))
 
 
 def test_results_already_in_the_directory_are_not_ingested_again(africa_lines, tmp_path):

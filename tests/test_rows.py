@@ -1,5 +1,5 @@
 """rows: one probe's measurements as one compact binary record; exact token lengths; a writer
-that caps records and rotates ArrayRecord shards (SPEC §2.3)."""
+that caps records and rotates ArrayRecord shards."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The canonical measurement table (SPEC §2.1): the exact schema of the shared contract, readers
+"""The canonical measurement table: the exact schema of the shared contract, readers
 that accept our files and the original author's, and a validator that catches bad tables."""
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from ping_llm.targets import (
     as_query,
     parse_target,
     parse_time,
-    time_tokens,
 )
 
 
@@ -80,19 +79,6 @@ def test_queries_come_as_records_dicts_or_tuples():
     for bad in (("192.0.2.1",), {"src": "a", "dst": "b", "rtt": 1}, 7):
         with pytest.raises(InputError):
             as_query(bad)
-
-
-def test_time_blocks_follow_the_token_language_delta_rules():
-    t = 1_700_000_000
-    assert time_tokens(t, None)[0] == tk.TIMESTAMP_ABS
-    assert time_tokens(t, t - 255) == [tk.TIMESTAMP_DELTA1, tk.BYTE0 + 255]
-    assert time_tokens(t, t - 256)[0] == tk.TIMESTAMP_DELTA4
-    assert time_tokens(t, t + 1)[0] == tk.TIMESTAMP_ABS  # back in time: absolute again
-    for prev in (None, t - 3, t - 70_000, t + 5):
-        toks = time_tokens(t, prev)
-        ms = [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, prev)] if prev else []
-        ref = tk.encode_reference(ms + [tk.Measurement("192.0.2.1", "198.51.100.7", 1.0, t)])
-        assert ref[-len(toks) - 3:-3] == toks  # the reference encoder's time block, RTT after
 
 
 # ----------------------------------------------------------------------------------------------

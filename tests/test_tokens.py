@@ -1,4 +1,4 @@
-"""The token language (SPEC §3): vocabulary, RTT codec, timestamps, both encoders, the decoder."""
+"""The token language (docs/tokens.md): vocabulary, RTT codec, timestamps, encoders, decoding."""
 
 from __future__ import annotations
 
@@ -147,6 +147,14 @@ def test_rtt_rounds_to_the_nearest_code_everywhere():
         nearest, np.abs(grid[np.searchsorted(grid, us).clip(0, len(grid) - 1)] - us)
     )
     assert np.allclose(np.abs(T.code_to_rtt(code) * 1000 - us), nearest, rtol=0, atol=1e-6)
+
+
+def test_the_canonical_grid_is_132_byte1_bins_of_256_codes_in_rtt_order():
+    b1 = [b for b in range(256) if b >> 3 == 0 or b & 7 >= 4]  # e = b1 >> 3, m >> 8 = b1 & 7
+    assert T.CANON_B1.tolist() == b1 and len(b1) == 132
+    assert (((T.CANON_B1[:, None] << 8) | np.arange(256)).ravel() == T.CANON_CODES).all()
+    assert T.is_canonical_code(T.CANON_CODES).all()
+    assert (np.diff(T.RTT_GRID_MS[T.CANON_CODES]) > 0).all()  # ascending codes = ascending RTTs
 
 
 def test_every_code_the_encoder_emits_is_canonical_and_in_its_own_cell():
@@ -360,3 +368,16 @@ def test_address_progress_counts_the_bytes_of_each_address_and_nothing_else():
             assert tok >= T.BYTE0
     cut = T.address_progress(torch.tensor([toks[3:]]))[0][0].tolist()  # no role token in view
     assert cut[:1] == [0]
+
+
+def test_time_blocks_follow_the_token_language_delta_rules():
+    t = 1_700_000_000
+    assert T.time_tokens(t, None)[0] == T.TIMESTAMP_ABS
+    assert T.time_tokens(t, t - 255) == [T.TIMESTAMP_DELTA1, T.BYTE0 + 255]
+    assert T.time_tokens(t, t - 256)[0] == T.TIMESTAMP_DELTA4
+    assert T.time_tokens(t, t + 1)[0] == T.TIMESTAMP_ABS  # back in time: absolute again
+    for prev in (None, t - 3, t - 70_000, t + 5):
+        toks = T.time_tokens(t, prev)
+        ms = [T.Measurement("192.0.2.1", "198.51.100.7", 1.0, prev)] if prev else []
+        ref = T.encode_reference(ms + [T.Measurement("192.0.2.1", "198.51.100.7", 1.0, t)])
+        assert ref[-len(toks) - 3:-3] == toks  # the reference encoder's time block, RTT after

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from ping_llm.calibration import Calibration
+from ping_llm.calibration import Calibration, pair_keys
 from ping_llm.errors import InputError
 from ping_llm.evaluate import (
     BYTE2_MASS,
@@ -43,9 +43,28 @@ def _coverage(dm: dict) -> dict:
             "coverage_90": float(np.mean(dm["in90"][ok])) if ok.any() else None}
 
 
-def _population(engine, q, pool, contexts, budget, rng, new_src, bar) -> dict:
-    """Raw distributions of the queries q at every k: PITs, P(failed), context sizes, pmfs.
-    new_src: None (the sources as they are) or their new addresses (queries and contexts)."""
+def known_of(train) -> tuple[list, np.ndarray]:
+    """What a run trained on, as the calibration tells populations apart: the train split's
+    source addresses and the `pair_keys` of its (source, destination) address pairs."""
+    pairs = train.select(["src_addr", "dst_addr"]).group_by(["src_addr", "dst_addr"]).aggregate([])
+    return (pc.unique(train["src_addr"]).to_pylist(),
+            pair_keys(pairs["src_addr"].to_pylist(), pairs["dst_addr"].to_pylist()))
+
+
+def populations(src, dst, sources, pairs) -> np.ndarray:
+    """Each query's population, as `Calibration.population` decides it at query time: "known"
+    (a train pair), "new_pair" (a train source, another destination: val's held-out pairs) or
+    "new" (a val probe that renumbered after the cut is a new source too)."""
+    src, dst = np.asarray(src).astype(str), np.asarray(dst).astype(str)
+    is_src = np.isin(src, np.asarray(sources, dtype=str))
+    is_pair = np.isin(pair_keys(src, dst), pairs)
+    return np.where(is_src & is_pair, "known", np.where(is_src, "new_pair", "new"))
+
+
+def raw_distributions(engine, q, pool, contexts, budget, rng, new_src, bar) -> dict:
+    """Raw distributions of the queries q at every k: PITs, P(failed), context sizes, pmfs
+    (lists over contexts). new_src: None (the sources as they are) or their new addresses
+    (queries and contexts)."""
     from ping_llm.query import Query
 
     lo, p = pool.before(q.src, q.time)
@@ -107,37 +126,39 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
     q = Queries.of(val, max_queries, seed, SPLIT)
     budget = engine.config.sequence_len - 50  # as evaluate: room for the query and its result
     rng = np.random.default_rng([seed, 0xCA1])
-    populations = {"known sources": (ContextPool(train), None)}
+    asked = {"known sources": (ContextPool(train), None)}
     if cold:
-        populations["new sources"] = (ContextPool(train, other_destinations=True),
+        asked["new sources"] = (ContextPool(train, other_destinations=True),
                                       new_sources(q.src, seed, SPLIT))
-    bar = tqdm(total=len(q) * len(contexts) * len(populations), desc="calibrate on val",
+    bar = tqdm(total=len(q) * len(contexts) * len(asked), desc="calibrate on val",
                unit="q", file=sys.stderr, disable=not progress)
-    got = {name: _population(engine, q, pool, contexts, budget, rng, new, bar)
-           for name, (pool, new) in populations.items()}
+    got = {name: raw_distributions(engine, q, pool, contexts, budget, rng, new, bar)
+           for name, (pool, new) in asked.items()}
     bar.close()
     cat = {key: np.concatenate([np.concatenate(g[key]) for g in got.values()])
            for key in ("pit", "p_failed", "n_context")}
-    failed = np.tile(q.failed, len(contexts) * len(populations))
-    # Known = the address is a train source, as Engine decides at query time (a val probe that
-    # renumbered after the cut is "new" too); re-addressed sources never are.
-    train_sources = pc.unique(train["src_addr"]).to_pylist()
-    is_train = np.isin(q.src.astype(str), np.asarray(train_sources, dtype=str))
-    known = np.concatenate([np.tile(is_train if new is None else np.zeros(len(q), bool),
-                                    len(contexts)) for _, new in populations.values()])
-    cal = Calibration.fit(cat["pit"], cat["n_context"], cat["p_failed"], failed, known,
-                          known_sources=train_sources, fitted={
+    failed = np.tile(q.failed, len(contexts) * len(asked))
+    # Each query counts for the population Engine puts it in at query time; re-addressed
+    # sources are new sources.
+    train_sources, train_pairs = known_of(train)
+    as_is = populations(q.src, q.dst, train_sources, train_pairs)
+    pops = np.concatenate([np.tile(as_is if new is None else np.full(len(q), "new"),
+                                   len(contexts)) for _, new in asked.values()])
+    cal = Calibration.fit(cat["pit"], cat["n_context"], cat["p_failed"], failed, pops,
+                          known_sources=train_sources, known_pairs=train_pairs, fitted={
         "step": step, "data_dir": str(data_dir), "split": SPLIT,
         "split_fingerprint": info.get("fingerprint"), "queries": len(q),
-        "contexts": list(contexts), "populations": list(populations), "seed": seed,
+        "contexts": list(contexts), "populations": list(asked), "seed": seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     path = cal.save(run_dir)
     summary = {"file": str(path), "step": step, "queries": len(q), "contexts": list(contexts),
-               "populations": list(populations), "replies": cal.fitted["replies"],
-               "known_sources": len(cal.known_sources), "platt": cal.platt, "val": {}}
-    for (name, g), (_, new) in zip(got.items(), populations.values(), strict=True):
+               "populations": list(asked), "replies": cal.fitted["replies"],
+               "known_sources": len(cal.known_sources), "known_pairs": len(train_pairs),
+               "platt": cal.platt, "val": {}}
+    for (name, g), (_, new) in zip(got.items(), asked.values(), strict=True):
         rows = summary["val"][name] = {}
-        pops = [cal.population(str(x)) for x in (q.src if new is None else new)]
+        pops = [cal.population(str(a), str(b))
+                for a, b in zip(q.src if new is None else new, q.dst, strict=True)]
         for j, k in enumerate(contexts):
             after = np.stack([cal.probs(row, n, pop) for row, n, pop in zip(
                 g["pmf"][j], g["n_context"][j], pops, strict=True)])

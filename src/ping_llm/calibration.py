@@ -15,19 +15,26 @@ place, mass moves between codes, the distribution stays on the grid. P(failed) g
 logit p' = a logit p + b, fitted by logistic regression on the val outcomes. There is one RTT map
 per band of context sizes (CONTEXT_FROM: 0, 1-3, 4-15, 16+ measurements), since how far the
 model is from calibrated depends on how much context it reads, and one set of maps (and Platt
-pair) per source population: "known" sources (an address the model trained on: the run's train
-split, stored as `known_sources`) and "new" ones (any other address, and prefixes), since the
-model is far more over-confident about a source it has to guess from context than about one it
-memorised.
+pair) per population of queries, by what the model trained on (the run's train split):
+"known" (a pair of addresses it trained on), "new_pair" (a source it trained on, towards a
+destination it never measured from there) and "new" (any other source, and prefixes). The model
+is far more over-confident about a source it has to guess from context than about one it
+memorised, and sharper than it should be about a known source's new destinations (menog: cov90
+0.81 on held-out pairs with the known maps, against 0.93 on known pairs). The train split's
+source addresses are stored as `known_sources`, its pairs as `known_pairs` (`pair_keys`: 64-bit
+hashes, base64, 11 bytes a pair).
 
 What it does not touch: token log-probabilities (`Engine.score`, eval's token NLL) and sampled
 measurements are the model's own; distributions (`rtt`, `rtt_many`, `rank`, partial addresses,
 the server) are calibrated. `ping-llm calibrate` fits the "new" maps on val asked about its
-probes re-addressed (`calibrate.calibrate`): val itself holds known probes only.
+probes re-addressed (`calibrate.calibrate`): val itself holds known probes only (its held-out
+pairs, a third of it on menog, are the "new_pair" population).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -51,26 +58,51 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-POPULATIONS = ("known", "new")  # is the query's source address one the model trained on?
+POPULATIONS = ("known", "new_pair", "new")  # did the model train on this pair? this source?
+# Too few val replies of new pairs to fit on: a known source's maps serve them (as they did
+# before pairs were told apart), not everyone's, which new sources dominate.
+FALLBACK = {"new_pair": "known"}
+# Populations whose maps are symmetric about the median (fitted on the PITs u and their mirror
+# 1 - u, so R(1/2) = 1/2): they widen or narrow the model's distribution but keep its median.
+# Val's held-out pairs tell how wrong the spread is for a pair the model never saw, but the side
+# its errors fall on belongs to those pairs: learnt, it moved other pairs' medians away
+# (docs/results.md, "Defaults chosen on val: calibration").
+SYMMETRIC = {"new_pair"}
+
+
+def pair_keys(src, dst) -> np.ndarray:
+    """A 64-bit key per (source, destination) address pair: blake2b of the two addresses as
+    written (the same in every process, unlike Python's salted str hash)."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(f"{s} {d}".encode(), digest_size=8).digest(), "little")
+         for s, d in zip(src, dst, strict=True)], np.uint64)
 
 
 @dataclass
 class Calibration:
     """RTT maps per source population and context size, and Platt scaling per population.
 
-    maps[pop] (pop "known" or "new") is a list of {"min_context": m, "u": knots, "r": R(knots)}:
+    maps[pop] (pop one of POPULATIONS) is a list of {"min_context": m, "u": knots, "r": R(knots)}:
     map i serves queries with at least m (and fewer than the next map's m) context
     measurements; knots 0 = u_0 < ... < u_n = 1, values 0 = R(u_0) <= ... <= R(u_n) = 1.
-    platt[pop] = (a, b). A query's source is "known" when its address is one of
-    `known_sources` (the train split's source addresses), "new" otherwise (any other address,
-    and every prefix). `fitted` says on what (run step, dataset, split, outcomes): provenance."""
+    platt[pop] = (a, b). A query is "known" when its source is one of `known_sources` (the
+    train split's source addresses) and the pair one of `known_pairs` (base64 of the sorted
+    `pair_keys` of the train split's pairs), "new_pair" when only its source is known (or the
+    destination is a prefix), "new" otherwise (any other source, and every source prefix).
+    Calibrations from before pairs were told apart have no "new_pair": their "known" maps serve
+    those queries, as they did. `fitted` says on what (run step, dataset, split, outcomes)."""
 
     maps: dict
     platt: dict
     known_sources: list = field(default_factory=list)
     fitted: dict = field(default_factory=dict)
+    known_pairs: str | None = None
 
     def __post_init__(self):
+        if self.known_pairs is None and isinstance(self.maps, dict) and "new_pair" not in self.maps:
+            self.maps = {**self.maps, "new_pair": self.maps.get("known")}  # an older file
+            if isinstance(self.platt, dict):
+                self.platt = {**self.platt, "new_pair": self.platt.get("known")}
         ok = (isinstance(self.maps, dict) and set(self.maps) == set(POPULATIONS)
               and isinstance(self.platt, dict) and set(self.platt) == set(POPULATIONS))
         for pop in POPULATIONS if ok else ():
@@ -89,13 +121,19 @@ class Calibration:
             a, b = self.platt[pop] if ok else (0.0, 0.0)
             ok = ok and math.isfinite(a) and math.isfinite(b) and a > 0
         if not ok:
-            raise InputError("a calibration needs, for the known and the new sources, maps "
+            raise InputError("a calibration needs, for each of the populations "
+                             f"{', '.join(POPULATIONS)}, maps "
                              "ordered by min_context from 0, each with knots 0 = u_0 < ... < "
                              "u_n = 1 and values 0 = R(u_0) <= ... <= R(u_n) = 1, and Platt "
                              "(a, b) with a finite slope a > 0")
         self.platt = {p: [float(x) for x in self.platt[p]] for p in POPULATIONS}
         self.known_sources = sorted(self.known_sources)
         self._known = frozenset(self.known_sources)
+        try:
+            self._pairs = (None if self.known_pairs is None else
+                           np.frombuffer(base64.b64decode(self.known_pairs, validate=True), "<u8"))
+        except ValueError:
+            raise InputError("known_pairs must be base64 of 8-byte keys") from None
 
     @classmethod
     def identity(cls) -> Calibration:
@@ -104,9 +142,17 @@ class Calibration:
 
     # -- applying ------------------------------------------------------------------------------
 
-    def population(self, src: str | None) -> str:
-        """"known" for a source address the model trained on, else "new" (None: a prefix)."""
-        return "known" if src is not None and src in self._known else "new"
+    def population(self, src: str | None, dst: str | None = None) -> str:
+        """"known" for a pair of addresses the model trained on, "new_pair" for a known source
+        towards anything else, "new" for any other source (None: a prefix)."""
+        if src is None or src not in self._known:
+            return "new"
+        if self._pairs is None:
+            return "known"
+        k = pair_keys([src], [dst])[0] if dst is not None else None
+        i = 0 if k is None else int(np.searchsorted(self._pairs, k))
+        return "known" if k is not None and i < len(self._pairs) and self._pairs[i] == k \
+            else "new_pair"
 
     def map_for(self, n_context: int, population: str = "known") -> dict:
         bands = self.maps[population]
@@ -134,18 +180,25 @@ class Calibration:
     # -- fitting -------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, pit, n_context, p_failed, failed, known, known_sources=(),
-            context_from=CONTEXT_FROM, fitted: dict | None = None) -> Calibration:
+    def fit(cls, pit, n_context, p_failed, failed, population, known_sources=(),
+            known_pairs: np.ndarray | None = None, context_from=CONTEXT_FROM,
+            fitted: dict | None = None) -> Calibration:
         """From val: PITs of the replies (NaN for failed pings), the context size of each
-        query, predicted P(failed), the outcomes, and whether the query's source is known.
-        A band with too few replies uses its population's map over all context sizes, and a
-        population with too few replies (or failures) uses everyone's."""
+        query, predicted P(failed), the outcomes, and each query's population (one of
+        POPULATIONS, as `population` puts it at query time); known_pairs: `pair_keys` of the
+        train split. A band with too few replies uses its population's map over all context
+        sizes, and a population with too few replies (or failures) uses its FALLBACK's maps
+        (Platt pair), or else everyone's."""
         pit = np.asarray(pit, np.float64)
         n_context = np.asarray(n_context, np.int64)
-        known = np.asarray(known, bool)
+        population = np.asarray(population, str)
         p_failed, failed = np.asarray(p_failed, np.float64), np.asarray(failed, bool)
-        if not (pit.shape == n_context.shape == known.shape == p_failed.shape == failed.shape):
-            raise InputError("pit, n_context, p_failed, failed and known must be equally long")
+        if not (pit.shape == n_context.shape == population.shape == p_failed.shape
+                == failed.shape):
+            raise InputError("pit, n_context, p_failed, failed and population must be equally "
+                             "long")
+        if not np.isin(population, POPULATIONS).all():
+            raise InputError(f"populations must be among {POPULATIONS}")
         ok = np.isfinite(pit)
         everyone = _quantile_map(pit[ok])
         if everyone is None:
@@ -154,18 +207,31 @@ class Calibration:
         platt_all = _platt(p_failed, failed)
         bands = list(context_from) + [np.iinfo(np.int64).max]
         maps, platt, used = {}, {}, {}
-        for pop, mine in (("known", known), ("new", ~known)):
-            pooled = _quantile_map(pit[ok & mine]) or everyone
+        def fit_map(sel, pop):
+            u = pit[sel]
+            return _quantile_map(np.r_[u, 1 - u] if pop in SYMMETRIC else u, len(u))
+
+        for pop in POPULATIONS:  # "known" first: "new_pair" falls back on it
+            mine = population == pop
+            own = fit_map(ok & mine, pop)
+            like = FALLBACK.get(pop)
             maps[pop] = []
             for lo, hi in zip(bands[:-1], bands[1:], strict=True):
                 sel = ok & mine & (n_context >= lo) & (n_context < hi)
-                maps[pop].append({"min_context": int(lo), **(_quantile_map(pit[sel]) or pooled)})
                 used[f"{pop} {lo}+"] = int(sel.sum())
+                if own is None and like is not None:
+                    maps[pop].append(maps[like][len(maps[pop])])
+                else:
+                    maps[pop].append({"min_context": int(lo),
+                                      **(fit_map(sel, pop) or own or everyone)})
             enough = mine.sum() >= 2 * KNOTS and failed[mine].any() and (~failed[mine]).any()
-            platt[pop] = _platt(p_failed[mine], failed[mine]) if enough else platt_all
+            platt[pop] = (_platt(p_failed[mine], failed[mine]) if enough
+                          else platt[like] if like is not None else platt_all)
+        pairs = (None if known_pairs is None else base64.b64encode(
+            np.sort(np.asarray(known_pairs, np.uint64)).astype("<u8").tobytes()).decode())
         return cls(maps, platt, sorted(set(known_sources)),
                    dict(fitted or {}, replies=int(ok.sum()), replies_per_band=used,
-                        outcomes=int(len(pit))))
+                        outcomes=int(len(pit))), pairs)
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -195,13 +261,14 @@ class Calibration:
             raise InputError(f"{path}: {e}") from None
 
 
-def _quantile_map(pit: np.ndarray) -> dict | None:
+def _quantile_map(pit: np.ndarray, replies: int | None = None) -> dict | None:
     """R = the empirical CDF of these PITs at KNOTS quantiles, plus its two extremes: the
     smallest and largest PIT of n get levels 1/(n+1) and n/(n+1). Without them the outer
     segments would hand 1/KNOTS of the mass each to wherever the model's own CDF is flat near 0
-    or 1 -- its far tail (RTTs of hours), where no outcome ever fell. None when too few."""
+    or 1 -- its far tail (RTTs of hours), where no outcome ever fell. None when fewer than
+    2 * KNOTS replies (`replies`: how many the PITs stand for; mirrored ones count once)."""
     n = len(pit)
-    if n < 2 * KNOTS:
+    if (n if replies is None else replies) < 2 * KNOTS:
         return None
     levels = np.r_[1 / (n + 1), np.arange(1, KNOTS) / KNOTS, n / (n + 1)]
     q = np.r_[pit.min(), np.quantile(pit, levels[1:-1]), pit.max()]

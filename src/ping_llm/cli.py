@@ -1,4 +1,4 @@
-"""`ping-llm`: the command line. One verb per Python API entry point (SPEC §10).
+"""`ping-llm`: the command line. One verb per Python API entry point.
 
 Each verb is a thin adapter: parse arguments, call the library, print (plain text or `--json`).
 Exit status: 0 success, 2 usage or input error (one line on stderr, also for a path the OS refuses),

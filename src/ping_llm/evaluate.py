@@ -1,4 +1,4 @@
-"""The leak-free evaluation harness (SPEC §7, issue 7): a trained run against the classic baselines.
+"""The leak-free evaluation harness: a trained run against the classic baselines.
 
 `evaluate(data_dir, run_dir, out_dir)` scores a checkpoint on the test splits of the prepared
 dataset it was trained on (or on external canonical Parquet, `test_paths`) and writes the report
@@ -62,7 +62,6 @@ from ping_llm.observations import SourceContext
 from ping_llm.scoring import (
     BASELINE_LADDER,
     BLOCK,
-    CANON,
     CENSOR_MS,
     DIST_KEYS,
     GRID,
@@ -79,7 +78,6 @@ from ping_llm.scoring import (
     fit_baselines,
     kl_to_truth,
     nll_summary,
-    score_queries,
     summarize,
     truth_pass,
     truth_pdf,
@@ -245,6 +243,7 @@ class Queries:
 
 def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> dict:
     """Per-query model results for one context setting (arrays of length N)."""
+    from ping_llm.generate import teacher_forced
     from ping_llm.query import Query
 
     n = len(q)
@@ -254,8 +253,8 @@ def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> di
         starts.append(len(tk.encode_reference(ctx)))
         seqs.append(tk.encode_reference(ctx + [q.measurement(i)]))
         seqs_nt.append(tk.encode_reference(ctx + [q.measurement(i, with_time=False)]))
-    sc = score_queries(engine.model, seqs, starts, engine.device)
-    sc_nt = score_queries(engine.model, seqs_nt, starts, engine.device)
+    sc = teacher_forced(engine, seqs, starts)
+    sc_nt = teacher_forced(engine, seqs_nt, starts)
     out = {k: np.full(n, np.nan) for k in ("median", "p_failed", "kl_rtt", "kl_byte1", "kl_full")
            + DIST_KEYS}
     out["logp"] = np.array([s["result"] for s in sc])
@@ -336,7 +335,7 @@ def _examples(engine, name, table, q_all: Queries, pool, truth_world, kmax, budg
             try:
                 tr = truth_world.truth(q_all.src[pick].astype(str), q_all.dst[pick].astype(str),
                                        q_all.time[pick].astype(float))
-                ex["truth"] = {"p_byte1": tr.pdf_byte1()[:, _B1].mean(0).tolist(),
+                ex["truth"] = {"p_byte1": tr.pdf_byte1()[:, tk.CANON_B1].mean(0).tolist(),
                                "p_failed": float(tr.p_fail.mean())}
             except InputError:
                 pass
@@ -344,7 +343,6 @@ def _examples(engine, name, table, q_all: Queries, pool, truth_world, kmax, budg
     return out
 
 
-_B1 = np.unique(CANON >> 8)  # the 132 canonical byte1 values
 
 
 def _in_world(world, src, dst) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""Beyond RTT: likely destinations, anomaly scores and synthetic streams from the model (SPEC §6).
+"""Beyond RTT: likely destinations, anomaly scores and synthetic streams from the model.
 
 These are the queries that walk other fields than the result, so they live apart from the RTT
 core (`ping_llm.query`): `Engine.destinations`, `Engine.score`/`score_many` and `Engine.sample`
 are thin methods that call the functions here with the engine, which provides the model forward
-(`_fwd`, counted in `engine.forwards`), the KV budget (`_max_rows`), the context encoding and the
-sequence-length check. This module imports `query`; `query` imports it only inside those methods.
+(`forward`, counted in `engine.forwards`), the KV budget (`max_rows`), the context encoding and
+the sequence-length check (`check_len`). This module imports `query`; `query` imports it only
+inside those methods.
 
 - `destinations`: top-k destinations of a source by beam search over the dst bytes (or ancestral
   sampling), with exact P(dst | src[, time, context][, dst in `within`]). With `rtt_below` the
@@ -21,7 +22,6 @@ sequence-length check. This module imports `query`; `query` imports it only insi
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,14 +31,13 @@ import torch
 from ping_llm import tokens as tk
 from ping_llm.errors import InputError
 from ping_llm.model import KVCache
-from ping_llm.query import CANON_B1, RTTDistribution, _softmax
+from ping_llm.query import RTTDistribution, softmax
 from ping_llm.targets import (
     Query,
     Target,
     as_measurement,
     parse_target,
     parse_time,
-    time_tokens,
 )
 
 if TYPE_CHECKING:
@@ -134,28 +133,28 @@ def destinations(
     t = parse_time(time)
     seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if s.version == 4 else tk.SRC_IPV6]
     seq += [tk.BYTE0 + b for b in s.packed[: s.nbytes]]
-    seq += [] if t is None else time_tokens(t, ctx.last_time)
+    seq += [] if t is None else tk.time_tokens(t, ctx.last_time)
     max_len = len(seq) + (3 if x is not None else 0) + 1 + s.nbytes
-    engine._check_len(max_len, "the destinations query")
+    engine.check_len(max_len, "the destinations query")
     cache = KVCache(engine.config, 1, max_len)
-    last = engine._fwd(np.asarray(seq)[None], cache)[:, -1]
+    last = engine.forward(np.asarray(seq)[None], cache)[:, -1]
     log_pi = np.zeros(1)  # mixture components: one per RTT bin (one without a bound)
     if x is not None:
-        last = engine._fwd([[tk.RTT_START]], cache)[:, -1]
-        p1 = _softmax(last[0, tk.BYTE0 + CANON_B1])
-        ok = tk.RTT_GRID_MS[CANON_B1 << 8] < x  # bins with at least one code below x
-        bins, p1 = CANON_B1[ok], p1[ok]
+        last = engine.forward([[tk.RTT_START]], cache)[:, -1]
+        p1 = softmax(last[0, tk.BYTE0 + tk.CANON_B1])
+        ok = tk.RTT_GRID_MS[tk.CANON_B1 << 8] < x  # bins with at least one code below x
+        bins, p1 = tk.CANON_B1[ok], p1[ok]
         cache = cache.select(np.zeros(len(bins), np.int64))
-        p2 = _softmax(engine._fwd((tk.BYTE0 + bins)[:, None], cache)[:, -1, tk.BYTE0 :])
+        p2 = softmax(engine.forward((tk.BYTE0 + bins)[:, None], cache)[:, -1, tk.BYTE0 :])
         below = tk.RTT_GRID_MS[(bins[:, None] << 8) | np.arange(256)] < x  # (nb, 256)
         w = p1 * (p2 * below).sum(1)  # P(byte1 = b, rtt < x | reply)
         b2 = np.argmax(np.where(below, p2, -1.0), axis=1)
         use = np.flatnonzero(w >= 1e-4 * w.sum())
         cache = cache.select(use)
-        engine._fwd((tk.BYTE0 + b2[use])[:, None], cache)
+        engine.forward((tk.BYTE0 + b2[use])[:, None], cache)
         log_pi = np.log(w[use] / w[use].sum())
     M = len(log_pi)
-    last = engine._fwd(np.full((M, 1), tk.DST_IPV4 if s.version == 4 else tk.DST_IPV6), cache)
+    last = engine.forward(np.full((M, 1), tk.DST_IPV4 if s.version == 4 else tk.DST_IPV6), cache)
     last = last[:, -1]
     masks = []
     for it in box.items():
@@ -171,7 +170,7 @@ def destinations(
     else:  # k independent draws, in chunks that fit the KV budget
         gen = np.random.default_rng(seed)
         paths, lp = [], []
-        step = max(1, engine._max_rows(max_len) // M)
+        step = max(1, engine.max_rows(max_len) // M)
         for c in range(0, int(k), step):
             rows = np.tile(np.arange(M), min(step, int(k) - c))
             pc, lc = _search(
@@ -219,7 +218,7 @@ def _search(engine: Engine, cache, last, log_pi, masks, width, max_len, gen):
         if gen is None:
             flat = mix.ravel()
             n_ok = int(np.isfinite(flat).sum())
-            cap = max(1, engine._max_rows(max_len) // M)
+            cap = max(1, engine.max_rows(max_len) // M)
             top = np.argsort(-flat, kind="stable")[: min(width, n_ok, cap)]
             parent, val = top // 256, top % 256
         else:
@@ -234,12 +233,87 @@ def _search(engine: Engine, cache, last, log_pi, masks, width, max_len, gen):
         if j < len(masks) - 1:  # the last byte needs no forward
             rows = (parent[:, None] * M + np.arange(M)).ravel()
             cache = cache.select(rows)
-            last = engine._fwd(np.repeat(tk.BYTE0 + val, M)[:, None], cache)[:, -1]
+            last = engine.forward(np.repeat(tk.BYTE0 + val, M)[:, None], cache)[:, -1]
     return paths, score - np.logaddexp.reduce(log_pi + log_box)
 
 
 # ----------------------------------------------------------------------------------------------
 # score: log-probabilities of observed measurements
+
+
+# ----------------------------------------------------------------------------------------------
+# score: teacher-forced log-probabilities (Engine.score and eval's token NLL)
+
+SCORE_BATCH_TOKENS = 16384  # tokens per teacher-forced forward (cache-friendly on CPU)
+_ROLE_LEN = {tk.SRC_IPV4: 5, tk.SRC_IPV6: 17, tk.DST_IPV4: 5, tk.DST_IPV6: 17, tk.TIMESTAMP_ABS: 9,
+             tk.TIMESTAMP_DELTA1: 2, tk.TIMESTAMP_DELTA4: 5, tk.RTT_START: 3, tk.FAILED: 1}
+_ROLE_FIELD = {tk.SRC_IPV4: "src", tk.SRC_IPV6: "src", tk.DST_IPV4: "dst", tk.DST_IPV6: "dst",
+               tk.TIMESTAMP_ABS: "time", tk.TIMESTAMP_DELTA1: "time", tk.TIMESTAMP_DELTA4: "time",
+               tk.RTT_START: "result", tk.FAILED: "result"}
+
+
+def field_blocks(toks, start: int) -> list[tuple[str, int, int]]:
+    """(field, first token, end) of each field of the measurement whose MEASUREMENT_START is at
+    `start` (the last measurement of `toks`), in the order its role tokens come."""
+    out, pos = [], start + 1
+    while pos < len(toks):
+        n = _ROLE_LEN[toks[pos]]
+        out.append((_ROLE_FIELD[toks[pos]], pos, pos + n))
+        pos += n
+    return out
+
+
+def teacher_forced(engine: Engine, seqs: list, starts: list[int]) -> list[dict]:
+    """Teacher-forced log-probabilities of the last measurement of each token sequence, whose
+    MEASUREMENT_START is at starts[i].
+
+    Per sequence: `tokens` {"start" (when not at position 0), "src.0", "src.1", ... } -> log P
+    (nats) of each token given all before it; `fields` field -> summed log P; `result` the
+    engine's constrained log P(result | preceding fields), as `Engine.rtt` answers it."""
+    b1_index = np.full(256, -1)
+    b1_index[tk.CANON_B1] = np.arange(len(tk.CANON_B1))
+    out: list[dict | None] = [None] * len(seqs)
+    # Right-padding is exact here: attention is causal, so tokens after a sequence's end never
+    # reach its positions, and RoPE positions start at 0 in every row. Sorting by length keeps
+    # the padding small and the batches large.
+    lens = np.array([len(x) for x in seqs])
+    order = np.argsort(lens, kind="stable")
+    s0 = 0
+    while s0 < len(order):
+        # a batch: <= SCORE_BATCH_TOKENS, <= 25% longer than its shortest row
+        s1 = s0 + 1
+        while (s1 < len(order) and lens[order[s1]] <= 1.25 * lens[order[s0]]
+               and (s1 + 1 - s0) * lens[order[s1]] <= SCORE_BATCH_TOKENS):
+            s1 += 1
+        chunk, s0 = order[s0:s1], s1
+        arr = np.zeros((len(chunk), max(len(seqs[i]) for i in chunk)), dtype=np.int64)
+        for j, i in enumerate(chunk):
+            arr[j, : len(seqs[i])] = seqs[i]  # the rest: MEASUREMENT_START padding, never read
+        logits = engine.forward(arr, None).double()  # (B, L, V)
+        tok = torch.log_softmax(logits[:, :-1], -1).gather(
+            -1, torch.as_tensor(arr[:, 1:, None], device=logits.device))
+        tok = tok.squeeze(-1).cpu().numpy()  # (B, L-1): log P(token t+1 | <= t)
+        for j, i in enumerate(chunk):
+            out[i] = _score_one(tok[j], logits[j], arr[j], seqs[i], starts[i], b1_index)
+    return out
+
+
+def _score_one(tok, lg, arr, seq, st, b1_index) -> dict:
+    blocks = field_blocks(seq, st)
+    toks = {} if st == 0 else {"start": float(tok[st - 1])}
+    fields = {}
+    for name, a, b in blocks:
+        vals = tok[a - 1 : b - 1]
+        fields[name] = float(vals.sum())
+        toks.update({f"{name}.{o}": float(v) for o, v in enumerate(vals)})
+    _, a, _ = next(x for x in blocks if x[0] == "result")
+    role = torch.log_softmax(lg[a - 1, [tk.RTT_START, tk.FAILED]], -1)
+    res = float(role[0 if arr[a] == tk.RTT_START else 1])
+    if arr[a] == tk.RTT_START:  # byte1 constrained to canonical values, as the engine does
+        b1 = torch.log_softmax(lg[a, tk.BYTE0 + tk.CANON_B1], -1)
+        res += float(b1[b1_index[arr[a + 1] - tk.BYTE0]])
+        res += float(torch.log_softmax(lg[a + 1, tk.BYTE0 :], -1)[arr[a + 2] - tk.BYTE0])
+    return {"tokens": toks, "fields": fields, "result": res}
 
 
 def score(engine: Engine, measurement, context=None, order=None) -> Score:
@@ -256,29 +330,18 @@ def score_many(engine: Engine, measurements, context=None, orders=None) -> list[
     orders = [tk.QUERY_ORDER] * len(ms) if orders is None else [tuple(o) for o in orders]
     if len(orders) != len(ms):
         raise InputError("score_many: one field order per measurement")
-    seqs, blocks = [], []
+    seqs = []
     for m, o in zip(ms, orders, strict=True):
         ctx_orders = [tk.QUERY_ORDER] * len(ctx.measurements)
         toks = tk.encode_reference(ctx.measurements + [m], ctx_orders + [o])
-        engine._check_len(len(toks), f"scoring {m.src} -> {m.dst}")
-        seqs.append(np.asarray(toks, np.int64))
-        blocks.append(_field_blocks(toks, len(ctx.tokens), o, m))
-    out: list[Score | None] = [None] * len(ms)
-    by_len = defaultdict(list)
-    for i, sq in enumerate(seqs):
-        by_len[len(sq)].append(i)
-    for L, idx in by_len.items():
-        step = engine._max_rows(L)
-        for s in range(0, len(idx), step):
-            chunk = idx[s : s + step]
-            arr = np.stack([seqs[i] for i in chunk])
-            logits = engine._fwd(arr, None).double()  # (B, L, V)
-            logp = torch.log_softmax(logits, -1)
-            nxt = torch.as_tensor(arr[:, 1:, None], device=logp.device)
-            tok_lp = logp[:, :-1].gather(-1, nxt).squeeze(-1)
-            tok_lp = tok_lp.cpu().numpy()  # (B, L-1): log P(token t+1 | tokens <= t)
-            for j, i in enumerate(chunk):
-                out[i] = _make_score(tok_lp[j], logits[j], arr[j], blocks[i])
+        engine.check_len(len(toks), f"scoring {m.src} -> {m.dst}")
+        seqs.append(toks)
+    start = len(ctx.tokens)
+    out = []
+    for sq, r in zip(seqs, teacher_forced(engine, seqs, [start] * len(seqs)), strict=True):
+        first = r["tokens"].get("start")
+        out.append(Score(r["fields"], first, sum(r["fields"].values()) + (first or 0.0),
+                         r["result"], len(sq) - start))
     return out
 
 
@@ -314,13 +377,13 @@ def sample(
 
     def feed(tok: int):
         nonlocal last
-        last = engine._fwd([[tok]], cache)[0, -1]
+        last = engine.forward([[tok]], cache)[0, -1]
 
     def draw(allowed) -> int:
         lg = last[torch.as_tensor(allowed)].double().cpu() / temperature
         return int(allowed[int(torch.multinomial(torch.softmax(lg, -1), 1, generator=gen))])
 
-    canon_b1 = tk.BYTE0 + CANON_B1
+    canon_b1 = tk.BYTE0 + tk.CANON_B1
     all_bytes = np.arange(tk.BYTE0, tk.VOCAB_SIZE)
     while len(out) < n:
         if cache.pos + _MAX_MEAS_TOKENS + 1 > T:
@@ -378,7 +441,7 @@ def _window(engine: Engine, history, keep_all: bool = False):
     kept = history[len(history) - keep :]
     toks = tk.encode_reference([m for m, _ in kept], [o for _, o in kept])
     cache = KVCache(engine.config, 1, T)
-    last = engine._fwd([toks], cache)[0, -1] if toks else None
+    last = engine.forward([toks], cache)[0, -1] if toks else None
     prev = next((m.time for m, _ in reversed(kept) if m.time is not None), None)
     return cache, last, prev
 
@@ -397,36 +460,3 @@ def _allowed_roles(have: set[int], family: int | None, has_time: bool) -> np.nda
     if {tk.FIELD_SRC, tk.FIELD_DST, tk.FIELD_RESULT} <= have:
         out.append(tk.MEASUREMENT_START)
     return np.asarray(out, np.int64)
-
-
-def _field_blocks(toks, start: int, order, m: tk.Measurement) -> list[tuple[str, int, int]]:
-    """(field name, first token, end) of each field of the measurement starting at `start`."""
-    n_addr = 5 if tk.parse_address(m.src)[1] == 4 else 17
-    out, pos = [], start + 1
-    for f in order:
-        if f == tk.FIELD_TIME and m.time is None:
-            continue
-        if f in (tk.FIELD_SRC, tk.FIELD_DST):
-            n = n_addr
-        elif f == tk.FIELD_RESULT:
-            n = 1 if m.rtt_ms < 0 else 3
-        else:
-            n = {tk.TIMESTAMP_ABS: 9, tk.TIMESTAMP_DELTA1: 2, tk.TIMESTAMP_DELTA4: 5}[toks[pos]]
-        out.append((tk.FIELD_NAMES[f], pos, pos + n))
-        pos += n
-    return out
-
-
-def _make_score(tok_lp: np.ndarray, logits: torch.Tensor, arr: np.ndarray, blocks) -> Score:
-    start = blocks[0][1] - 1  # MEASUREMENT_START position
-    fields = {name: float(tok_lp[a - 1 : b - 1].sum()) for name, a, b in blocks}
-    first = float(tok_lp[start - 1]) if start > 0 else None
-    name, a, b = next(x for x in blocks if x[0] == "result")
-    role = torch.log_softmax(logits[a - 1, [tk.RTT_START, tk.FAILED]], -1)
-    cond = float(role[0 if arr[a] == tk.RTT_START else 1])
-    if arr[a] == tk.RTT_START:
-        b1 = torch.log_softmax(logits[a, tk.BYTE0 + CANON_B1], -1)
-        cond += float(b1[int(np.flatnonzero(arr[a + 1] - tk.BYTE0 == CANON_B1)[0])])
-        cond += float(torch.log_softmax(logits[a + 1, tk.BYTE0 :], -1)[arr[a + 2] - tk.BYTE0])
-    total = sum(fields.values()) + (first or 0.0)
-    return Score(fields, first, total, cond, int(sum(b - a for _, a, b in blocks) + 1))

@@ -1,4 +1,4 @@
-"""Address geolocation (SPEC 6.1) and the geolocation-distance latency baseline.
+"""Address geolocation and the geolocation-distance latency baseline.
 
 The first thing network people reach for when asked "how long from A to B?": look both addresses
 up in a geolocation database, take the great-circle distance, and read the RTT off what the

@@ -24,7 +24,7 @@ appended, in parallel over files; re-running is idempotent):
     OUT/<input name>-<path id: 8 hex><version: 8 hex>.parquet   zstd, CANONICAL_SCHEMA, the
                                                                 per-file report in its metadata
     OUT/_rejects/<same stem>.jsonl                              that input's rejects, if any
-    OUT/_keys/<same stem>.npy                                   its results' keys (uint64 runs)
+    OUT/_keys/<same stem>.npy                                   its results' keys (sorted uint64)
 
 The version part hashes the input's name, size and mtime, the source-address mode and the
 format version; an existing output with the same name is complete (outputs are written to a
@@ -36,10 +36,10 @@ may be another ingest's, still writing).
 
 Duplicates: a result whose `ripe.result_key` is already in the directory (an earlier output, or
 earlier in the same input) is skipped and counted as `skipped.duplicate`. Each output keeps its
-results' keys beside it; an ingest call memory-maps the directory's keys (8 bytes per result)
-for its workers, and afterwards re-does, with the keys of the earlier ones, any input of the
-call that shared results with an earlier input of the same call (files ingested in parallel
-cannot see each other).
+results' keys beside it; an ingest call merges the directory's keys into one sorted file for its
+workers (on disk, 8 bytes a result: memory stays flat, `ping_llm.seen`), and afterwards re-does,
+with the keys of the earlier ones, any input of the call that shared results with an earlier
+input of the same call (files ingested in parallel cannot see each other).
 
 Python API (the CLI verb `ping-llm ingest` is a thin wrapper): `ingest(inputs, out_dir,
 source_address="auto", workers=1, rejects=None, progress=True) -> IngestReport`;
@@ -50,7 +50,6 @@ processes are spawned (not forked: pyarrow's threads make fork unsafe), so scrip
 
 from __future__ import annotations
 
-import array
 import concurrent.futures as cf
 import glob
 import hashlib
@@ -58,20 +57,20 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ping_llm import streams
+from ping_llm import seen, streams
 from ping_llm.errors import InputError
-from ping_llm.ripe import _COUNTS, SOURCE_MODES, _Batch, _Reject, result_key
+from ping_llm.ripe import COUNTS, SOURCE_MODES, Batch, Reject, result_key
 from ping_llm.schema import CANONICAL_SCHEMA
 from ping_llm.streams import StreamState, decompressed, json_values, open_chunks
 
@@ -93,10 +92,10 @@ def _raw_text(raw) -> tuple[str, bool]:
 
 
 class _Converter:
-    """Runs one input through framing + _Batch, yielding canonical tables chunk by chunk."""
+    """Runs one input through framing + Batch, yielding canonical tables chunk by chunk."""
 
     def __init__(self, name: str, mode: str, on_reject=None, on_progress=None, seen=None):
-        self.name, self.batch = name, _Batch(mode)
+        self.name, self.batch = name, Batch(mode)
         self.on_reject, self.on_progress = on_reject, on_progress
         self.seen = seen
 
@@ -118,7 +117,7 @@ class _Converter:
             return
         try:
             batch.add(obj)
-        except _Reject as e:
+        except Reject as e:
             if raw is None:
                 try:
                     raw = orjson.dumps(obj)
@@ -252,7 +251,7 @@ class _Converter:
 
 
 def iter_tables(source, source_address: str = "auto", on_reject=None, on_progress=None,
-                report: dict | None = None, name: str | None = None, seen: Seen | None = None):
+                report: dict | None = None, name: str | None = None, seen: seen.Seen | None = None):
     """Stream one input (path, "-" for stdin, a binary file object or an iterable of byte
     chunks) -> canonical pa.Tables of <= CHUNK_RESULTS results each.
 
@@ -269,86 +268,19 @@ def iter_tables(source, source_address: str = "auto", on_reject=None, on_progres
         report.update(_file_counts(conv.batch))
 
 
-class Seen:
-    """Result keys already ingested: the directory's (a sorted uint64 array, memory-mapped), this
-    input's so far in sorted runs of `FLUSH` keys, and the latest keys (a set). Remembering a
-    result costs its 8 bytes, never copied again; a bit per hash slot (128 MB) answers "never
-    seen" for nearly every new key, so the runs are searched only for the rare duplicate and the
-    ~2% of new keys whose slot is taken."""
-
-    FLUSH = 1 << 20
-    SLOTS = 1 << 30
-
-    def __init__(self, before: np.ndarray | None = None):
-        self.before = np.zeros(0, np.uint64) if before is None else before
-        self.runs: list[np.ndarray] = []
-        self.new: set[int] = set()  # the keys of `pending`, for membership
-        self.pending = array.array("Q")
-        self.bits = bytearray(self.SLOTS >> 3)
-        view = np.frombuffer(self.bits, np.uint8)
-        for c0 in range(0, len(self.before), self.FLUSH):
-            slot = (np.asarray(self.before[c0: c0 + self.FLUSH])
-                    & np.uint64(self.SLOTS - 1)).astype(np.int64)
-            np.bitwise_or.at(view, slot >> 3, (1 << (slot & 7)).astype(np.uint8))
-
-    def __contains__(self, key: int) -> bool:
-        slot = key & (self.SLOTS - 1)
-        if not self.bits[slot >> 3] >> (slot & 7) & 1:
-            return False
-        if key in self.new:
-            return True
-        k = np.uint64(key)  # a Python int above 2**63 would make numpy convert the whole array
-        for keys in (*self.runs, self.before):
-            if len(keys):
-                i = int(np.searchsorted(keys, k))
-                if i < len(keys) and keys[i] == k:
-                    return True
-        return False
-
-    def add(self, key: int) -> None:
-        """Remember a key that is not in (`key in self` was False)."""
-        slot = key & (self.SLOTS - 1)
-        self.bits[slot >> 3] |= 1 << (slot & 7)
-        self.new.add(key)
-        self.pending.append(key)
-        if len(self.pending) >= self.FLUSH:
-            self.runs.append(np.sort(np.frombuffer(self.pending, np.uint64)))
-            self.new, self.pending = set(), array.array("Q")
-
-    def write(self, path: Path) -> None:
-        """Every key added, as a .npy (run after run: readers sort what they combine), streamed
-        a run at a time (no copy of them all) to a temporary renamed into `path`."""
-        parts = [*self.runs, np.frombuffer(self.pending, np.uint64)]
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint64)),
-                  "fortran_order": False, "shape": (sum(len(x) for x in parts),)}
-        tmp = path.with_name(path.name + ".w.tmp")
-        with open(tmp, "wb") as fh:
-            np.lib.format.write_array_header_1_0(fh, header)
-            for x in parts:
-                x.tofile(fh)
-        os.replace(tmp, path)
-
-
 def _keys_file(out: Path, name: str) -> Path:
     return out / "_keys" / (name[: -len(".parquet")] + ".npy")
 
 
-def _directory_keys(out: Path, leave_out=()) -> np.ndarray:
-    """The sorted keys of the complete outputs in `out` (not those named in leave_out)."""
-    parts = [np.load(_keys_file(out, p.name)) for p in sorted(out.glob("*.parquet"))
-             if p.name not in leave_out and _keys_file(out, p.name).exists()]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+def _directory_keys(out: Path, path: Path, leave_out=()) -> seen.KeyFile:
+    """The keys of the complete outputs in `out` (not those named in leave_out), merged into one
+    sorted key file at path."""
+    return seen.merge_paths([_keys_file(out, p.name) for p in sorted(out.glob("*.parquet"))
+                             if p.name not in leave_out and _keys_file(out, p.name).exists()],
+                            path)
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    """Atomically (a reader's memory map of the old file stays valid: it is a new inode)."""
-    tmp = path.with_name(path.name + ".w.tmp")
-    with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
-        np.save(fh, arr)
-    os.replace(tmp, path)
-
-
-def _file_counts(batch: _Batch) -> dict:
+def _file_counts(batch: Batch) -> dict:
     out = dict(batch.counts)
     out["skipped"] = dict(batch.skipped)
     out["rejects"] = dict(batch.rejects)
@@ -386,7 +318,7 @@ class IngestReport:
         return sum(self.rejects.values())
 
     def add(self, rep: dict) -> None:
-        for k in _COUNTS:
+        for k in COUNTS:
             setattr(self, k, getattr(self, k) + rep.get(k, 0))
         for k in ("skipped", "rejects"):
             total = Counter(getattr(self, k))
@@ -479,7 +411,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
     tmp = out / f".ingest-{tag}.parquet.tmp"
     rej_tmp = out / f".ingest-{tag}.rejects.tmp"
     keys_tmp = out / f".ingest-{tag}.keys.tmp"
-    seen = Seen(None if seen_file is None else np.load(seen_file, mmap_mode="r"))
+    known = seen.Seen(None if seen_file is None else seen.KeyFile(seen_file), spill_dir=out)
     digest = hashlib.sha256() if path == "-" else None
     rej_fh = None
 
@@ -503,7 +435,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
     try:
         try:
             for table in iter_tables(source, mode, on_reject, on_progress, counts, name=path,
-                                     seen=seen):
+                                     seen=known):
                 writer.write_table(table)
         finally:
             if rej_fh is not None:
@@ -518,7 +450,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
         if rej_fh is not None:
             rej_dir.mkdir(exist_ok=True)
             os.replace(rej_tmp, rej_dir / (name[: -len(".parquet")] + ".jsonl"))
-        seen.write(keys_tmp)
+        known.write(keys_tmp)
         _keys_file(out, name).parent.mkdir(exist_ok=True)
         os.replace(keys_tmp, _keys_file(out, name))
         os.replace(tmp, out / name)  # the commit point: the output exists => it is complete
@@ -532,6 +464,7 @@ def _ingest_one(path: str, out_dir: str, mode: str, name: str | None, stale: str
     finally:
         if writer is not None:
             writer.close()
+        known.close()
         for t in (tmp, rej_tmp, keys_tmp):
             t.unlink(missing_ok=True)
 
@@ -592,9 +525,8 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
                disable=None if progress else True, desc="ingest")
     # The keys already in the directory, less those of outputs this call replaces.
     replaced = {old.name for _, _, stale in todo if stale for old in out.glob(stale)}
-    before = _directory_keys(out, leave_out=replaced)
     seen_file = out / f".ingest-seen-{os.getpid()}-{time.monotonic_ns()}.tmp"
-    _write_npy(seen_file, before)
+    before = _directory_keys(out, seen_file, leave_out=replaced)
     try:
         n_workers = min(int(workers), sum(1 for t in todo if t[0] != "-"))
         local = [t for t in todo if t[0] == "-" or n_workers <= 1]
@@ -614,12 +546,13 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
                     for f in done:
                         reps[futs[f]] = f.result()
                         bar.set_postfix(files=f"{len(reps)}/{len(todo)}")
-            before = _redo_overlaps(remote, reps, out, source_address, before, seen_file)
+            before = _redo_overlaps(remote, reps, out, source_address, before)
         for p, n, s in local:  # one after the other: each sees the keys of those before it
             reps[p] = _ingest_one(p, str(out), source_address, n, s, str(seen_file),
                                   on_progress=bar.update)
-            before = np.union1d(before, np.load(_keys_file(out, Path(reps[p]["output"]).name)))
-            _write_npy(seen_file, before)
+            if len(local) > 1:
+                new = seen.KeyFile(_keys_file(out, Path(reps[p]["output"]).name))
+                before = seen.merge([before, new], seen_file)
             bar.set_postfix(files=f"{len(reps)}/{len(todo)}")
     finally:
         bar.close()
@@ -633,17 +566,17 @@ def ingest(inputs, out_dir, source_address: str = "auto", workers: int = 1, reje
     return report
 
 
-def _redo_overlaps(todo, reps, out: Path, mode: str, before: np.ndarray, seen_file: Path):
+def _redo_overlaps(todo, reps, out: Path, mode: str, before: seen.KeyFile) -> seen.KeyFile:
     """Inputs ingested side by side saw only the keys from before the call: in input order, redo
-    any that shares results with an earlier one, leaving those out. Returns before + all keys."""
+    any that shares results with an earlier one, leaving those out. Returns before + all keys
+    (the same file, merged)."""
     for p, _, stale in todo:
         name = Path(reps[p]["output"]).name
-        keys = np.load(_keys_file(out, name))
-        if np.isin(keys, before).any():  # it holds results of an earlier input of this call
-            _write_npy(seen_file, before)
-            reps[p] = _ingest_one(p, str(out), mode, name, stale, str(seen_file))
-            keys = np.load(_keys_file(out, name))
-        before = np.union1d(before, keys)
+        keys = seen.KeyFile(_keys_file(out, name))
+        if seen.shares(keys, before):  # it holds results of an earlier input of this call
+            reps[p] = _ingest_one(p, str(out), mode, name, stale, str(before.path))
+            keys = seen.KeyFile(_keys_file(out, name))
+        before = seen.merge([before, keys], before.path)
     return before
 
 
@@ -654,7 +587,7 @@ def _remove_stale_tmp(out: Path, older_than_s: float = 3600.0) -> None:
     for tmp in out.glob(".ingest-*.tmp"):
         try:
             if now - tmp.stat().st_mtime > older_than_s:
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()  # a dir: Seen's runs
         except FileNotFoundError:
             pass
 

@@ -1,5 +1,5 @@
 """Training batches from a prepared dataset: a grain pipeline over the probe-centric rows and the
-context sampler of SPEC §4.
+context sampler (docs/tokens.md).
 
     loader = build_loader("data/prepared", "train", batch_size=8, seq_len=1024, seed=0,
                           rank=0, world_size=1)
@@ -512,11 +512,6 @@ class Loader:
             raise InputError(f"{data_dir}: split {split!r} is empty")
         self.batches = 0  # batches returned so far
         self._it = None
-
-    @property
-    def batches_per_epoch(self) -> float:
-        """Global micro-batches per epoch over all ranks (items / batch size)."""
-        return self.n_items / self.batch_size
 
     def dataset(self, start: int = 0):
         """The grain IterDataset of this rank's batches (int16 (B, T + 1)), from local batch

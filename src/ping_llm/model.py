@@ -1,4 +1,4 @@
-"""The GPT: a decoder-only Transformer over the 267-token measurement language (SPEC §5).
+"""The GPT: a decoder-only Transformer over the 267-token measurement language.
 
 The nanochat recipe, in one flat module so it reads top to bottom:
 
@@ -126,7 +126,7 @@ class GPTConfig:
 
 
 # Named sizes. Parameter counts (vocab 267): tiny 0.86M, small 98.6M, full 680.3M; see
-# tests/test_model.py for the formula. The SPEC's "~95M" for small is the original author's
+# tests/test_model.py for the formula. The "~95M" for small in the original author's notes is his
 # rounding (98.6M params = 94 Mi); the architecture (20 x 640 x 10 heads) is what is specified.
 #
 # tiny: 4 layers x 128 wide x 4 heads (head_dim 32), full 1024-token contexts. It is sized for

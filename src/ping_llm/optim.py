@@ -1,4 +1,4 @@
-"""Optimisers and the LR schedule: Muon for hidden matrices, AdamW for the rest (SPEC §5).
+"""Optimisers and the LR schedule: Muon for hidden matrices, AdamW for the rest.
 
 - `Muon`: SGD with Nesterov momentum whose update for each 2-D weight is replaced by (roughly) the
   nearest semi-orthogonal matrix, computed with a quintic Newton–Schulz iteration (Keller Jordan's

@@ -1,4 +1,4 @@
-"""Prepared datasets (SPEC §2.3): canonical Parquet -> leak-free splits + probe-centric rows + card.
+"""Prepared datasets: canonical Parquet -> leak-free splits + probe-centric rows + card.
 
 `prepare(inputs, out_dir, PrepareConfig(...))` stages the measurements in DuckDB (on disk, so the
 input may be far larger than memory), assigns every measurement to exactly one split, writes each

@@ -1,7 +1,7 @@
-"""The query engine: latency questions answered exactly from a trained model (SPEC §6).
+"""The query engine: latency questions answered exactly from a trained model.
 
 A query is the token language read backwards: the caller's context measurements (optional), then
-the query measurement with its known fields first in a fixed order (src, dst, [time], SPEC §4),
+the query measurement with its known fields first in a fixed order (src, dst, [time]),
 then the asked-for field, whose distribution the model gives token by token.
 
 RTT (`Engine.rtt`, `Engine.rtt_many`). One KV-cached forward over `context MEASUREMENT_START src
@@ -72,7 +72,6 @@ from ping_llm.targets import (
     as_query,
     parse_target,
     parse_time,
-    time_tokens,
 )
 
 if TYPE_CHECKING:  # answer types of the methods implemented in ping_llm.generate
@@ -88,9 +87,6 @@ KV_BUDGET_BYTES = {"cpu": 16 * 2**20, "cuda": 2**30}
 # rows of the refined bins (about 10-30 at BYTE2_MASS).
 RESULT_COST = 32
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-# byte1 = e << 3 | m >> 8 with m >= 1024 whenever e > 0: 8 values for e = 0, 4 for each e > 0.
-CANON_B1 = np.array([b for b in range(256) if b >> 3 == 0 or b & 7 >= 4], dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +226,7 @@ class _Plan:
     seed: int = 0
     n_context: int = 0  # context measurements (which calibration map applies)
     src: str | None = None  # the source address (None: a prefix), for the calibration
+    dst: str | None = None  # likewise the destination
 
     def cost(self, exact_limit: int, mc_samples: int) -> int:
         """Token positions the model computes for this query (an upper bound): the prefix once,
@@ -253,16 +250,14 @@ CANCEL: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
 )
 
 
-def _softmax(logits: torch.Tensor) -> np.ndarray:
+def softmax(logits: torch.Tensor) -> np.ndarray:
+    """Probabilities in float64 on the CPU (sums that are exact enough to marginalise)."""
     return torch.softmax(logits.double(), dim=-1).cpu().numpy()
-
-
-_CANON_CODES = ((CANON_B1[:, None] << 8) | np.arange(256)).ravel()  # (33792,) ascending
 
 
 @dataclass
 class _Rows:
-    """RTT answers of R rows: P(failed), byte1 P(b1 | reply) over CANON_B1, and byte2 of the
+    """RTT answers of R rows: P(failed), byte1 P(b1 | reply) over tk.CANON_B1, and byte2 of the
     refined (row, bin) pairs; unrefined bins put their mass on their centre code (byte2 0x80)."""
 
     p_failed: np.ndarray  # (R,)
@@ -273,12 +268,12 @@ class _Rows:
     p2: np.ndarray  # (K, 256) P(b2 | b1, reply)
 
     def dense(self, weights: np.ndarray | None = None) -> np.ndarray:
-        """(R, 132 * 256) P(code | reply) over _CANON_CODES, or, with weights (R,), their
+        """(R, 132 * 256) P(code | reply) over tk.CANON_CODES, or, with weights (R,), their
         weighted sum (33792,)."""
         R = len(self.p1)
         coarse = self.p1 * ~self.keep
         if weights is None:
-            out = np.zeros((R, len(CANON_B1), 256))
+            out = np.zeros((R, len(tk.CANON_B1), 256))
             out[self.rows, self.bins] = self.p1[self.rows, self.bins][:, None] * self.p2
             out[:, :, 0x80] += coarse
             return out.reshape(R, -1)
@@ -304,7 +299,7 @@ class _Rows:
                 out.append(
                     RTTDistribution(
                         float(part.p_failed[r]),
-                        _CANON_CODES[nz].astype(np.uint16),
+                        tk.CANON_CODES[nz].astype(np.uint16),
                         pr / pr.sum(),
                         coarse_mass=float(coarse[s + r]),
                     )
@@ -365,13 +360,16 @@ class Engine:
 
     def _calibrate(self, d: RTTDistribution, plan: _Plan) -> RTTDistribution:
         c = self.calibration
-        pop = c.population(plan.src)
+        pop = c.population(plan.src, plan.dst)
         return dataclasses.replace(d, p_failed=c.p_failed(d.p_failed, pop),
                                    probs=c.probs(d.probs, plan.n_context, pop), calibrated=True)
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _fwd(self, idx, cache: KVCache | None, siblings: bool = False) -> torch.Tensor:
+    def forward(self, idx, cache: KVCache | None, siblings: bool = False) -> torch.Tensor:
+        """The model's logits (R, T, V) for token rows idx (R, T), extending cache; every query
+        path (here and in `ping_llm.generate`) goes through it: it counts forwards and honours
+        CANCEL."""
         stop = CANCEL.get()
         if stop is not None and stop.is_set():
             raise Cancelled("the query was cancelled")
@@ -381,7 +379,8 @@ class Engine:
             logits, _ = self.model(t, kv_cache=cache, siblings=siblings)
         return logits  # (R, T, V) fp32
 
-    def _max_rows(self, max_len: int) -> int:
+    def max_rows(self, max_len: int) -> int:
+        """Rows of max_len tokens whose KV cache fits kv_budget_bytes."""
         return max(1, self.kv_budget_bytes // (max_len * self._kv_bytes_per_token))
 
     def context(self, context) -> _Context:
@@ -392,7 +391,8 @@ class Engine:
         last = next((m.time for m in reversed(ms) if m.time is not None), None)
         return _Context(ms, toks, last)
 
-    def _check_len(self, n: int, what: str) -> None:
+    def check_len(self, n: int, what: str) -> None:
+        """Refuse (InputError) a sequence of n tokens longer than the model's window."""
         if n > self.config.sequence_len:
             raise InputError(
                 f"{what} needs {n} tokens, more than the model's sequence_len "
@@ -409,8 +409,8 @@ class Engine:
         seq = ctx.tokens + [tk.MEASUREMENT_START, tk.SRC_IPV4 if v4 else tk.SRC_IPV6]
         seq += src.items() + [tk.DST_IPV4 if v4 else tk.DST_IPV6] + dst.items()
         if time is not None:
-            seq += time_tokens(time, ctx.last_time)
-        self._check_len(len(seq) + 2, f"the query {q.src} -> {q.dst}")
+            seq += tk.time_tokens(time, ctx.last_time)
+        self.check_len(len(seq) + 2, f"the query {q.src} -> {q.dst}")
         h = next((i for i, x in enumerate(seq) if isinstance(x, tuple)), len(seq))
         return _Plan(
             np.asarray(seq[:h], np.int64),
@@ -420,6 +420,7 @@ class Engine:
             int(q.seed),
             len(ctx.measurements),
             str(src) if src.is_full else None,
+            str(dst) if dst.is_full else None,
         )
 
     def rtt_cost(self, queries, context=None) -> int:
@@ -452,11 +453,11 @@ class Engine:
     def _finish(self, cache: KVCache, last: torch.Tensor) -> _Rows:
         """Rows after the known fields (cache at that position, their last logits) -> _Rows."""
         R = last.shape[0]
-        role = _softmax(last[:, [tk.RTT_START, tk.FAILED]])  # (R, 2)
-        lg = self._fwd(np.full((R, 1), tk.RTT_START), cache)[:, -1]
-        p1 = _softmax(lg[:, tk.BYTE0 + CANON_B1])  # (R, 132)
+        role = softmax(last[:, [tk.RTT_START, tk.FAILED]])  # (R, 2)
+        lg = self.forward(np.full((R, 1), tk.RTT_START), cache)[:, -1]
+        p1 = softmax(lg[:, tk.BYTE0 + tk.CANON_B1])  # (R, 132)
         srt = -np.sort(-p1, axis=1)
-        n_keep = np.minimum((np.cumsum(srt, axis=1) < self.byte2_mass).sum(1) + 1, len(CANON_B1))
+        n_keep = np.minimum((np.cumsum(srt, axis=1) < self.byte2_mass).sum(1) + 1, len(tk.CANON_B1))
         keep = p1 >= srt[np.arange(R), n_keep - 1][:, None]
         rows, bins = np.nonzero(keep)  # row-major: grouped by row, bins ascending
         # Every kept bin of a row is one sibling of that row's next position (GPT.forward's
@@ -466,14 +467,14 @@ class Engine:
         n_kept = keep.sum(1)
         K = int(n_kept.max())
         order = np.argsort(~keep, axis=1, kind="stable")[:, :K]  # kept bins first, ascending
-        b1 = tk.BYTE0 + CANON_B1[order]  # (R, K)
+        b1 = tk.BYTE0 + tk.CANON_B1[order]  # (R, K)
         c = self.config
         step = max(1, self.kv_budget_bytes // (K * (cache.pos + K) * c.n_head * 8))
         p2 = np.empty((R, K, 256))
         for s in range(0, R, step):
             sub = cache.narrow(s, min(s + step, R))
-            logits = self._fwd(b1[s : s + step], sub, siblings=True)  # (rows, K, V)
-            p2[s : s + step] = _softmax(logits[..., tk.BYTE0 :])
+            logits = self.forward(b1[s : s + step], sub, siblings=True)  # (rows, K, V)
+            p2[s : s + step] = softmax(logits[..., tk.BYTE0 :])
         p2 = p2[np.arange(K)[None, :] < n_kept[:, None]]  # (kept pairs, 256), row-major
         return _Rows(role[:, 1], p1, keep, rows, bins, p2)
 
@@ -483,9 +484,9 @@ class Engine:
         same = np.all(prefixes == prefixes[0], axis=0)
         lcp = min(int(np.argmin(same)) if not same.all() else L, L - 1)
         root = KVCache(self.config, 1, L + 2)
-        self._fwd(prefixes[:1, :lcp], root)
+        self.forward(prefixes[:1, :lcp], root)
         cache = root.expand(B) if B > 1 else root
-        last = self._fwd(prefixes[:, lcp:], cache)[:, -1]
+        last = self.forward(prefixes[:, lcp:], cache)[:, -1]
         return self._finish(cache, last)
 
     def _walk(self, cache, last, w, counts, rest, mix, rng, n_total) -> None:
@@ -496,14 +497,14 @@ class Engine:
                 i += 1
             R = last.shape[0]
             if i:
-                last = self._fwd(np.tile(np.asarray(rest[:i], np.int64), (R, 1)), cache)[:, -1]
+                last = self.forward(np.tile(np.asarray(rest[:i], np.int64), (R, 1)), cache)[:, -1]
                 rest = rest[i:]
             if not rest:
                 mix.add(w, self._finish(cache, last))
                 return
             lo, hi = rest[0]
             n = hi - lo + 1
-            p = _softmax(last[:, tk.BYTE0 + lo : tk.BYTE0 + hi + 1])  # (R, n)
+            p = softmax(last[:, tk.BYTE0 + lo : tk.BYTE0 + hi + 1])  # (R, n)
             if counts is None:  # exact: every value, weighted
                 parent, val = np.repeat(np.arange(R), n), np.tile(np.arange(n), R)
                 cw, cc = w[parent] * p.ravel(), None
@@ -515,15 +516,15 @@ class Engine:
                 parent, val = key // n, key % n
                 cw = cc / n_total
             toks = (tk.BYTE0 + lo + val)[:, None]
-            step = self._max_rows(cache.max_len)
+            step = self.max_rows(cache.max_len)
             if len(parent) <= step:  # one chunk: iterate, so the parent cache can be freed
                 cache = cache.select(parent)
-                last = self._fwd(toks, cache)[:, -1]
+                last = self.forward(toks, cache)[:, -1]
                 w, counts, rest = cw, cc, rest[1:]
                 continue
             for s in range(0, len(parent), step):
                 sub = cache.select(parent[s : s + step])
-                lg = self._fwd(toks[s : s + step], sub)[:, -1]
+                lg = self.forward(toks[s : s + step], sub)[:, -1]
                 c = None if cc is None else cc[s : s + step]
                 self._walk(sub, lg, cw[s : s + step], c, rest[1:], mix, rng, n_total)
             return
@@ -531,7 +532,7 @@ class Engine:
     def _rtt_partial(self, plan: _Plan) -> RTTDistribution:
         mc = plan.n_completions > self.exact_limit
         cache = KVCache(self.config, 1, plan.length + 2)
-        last = self._fwd(plan.prefix[None], cache)[:, -1]
+        last = self.forward(plan.prefix[None], cache)[:, -1]
         mix = _Mixture()
         counts = np.array([self.mc_samples]) if mc else None
         rng = np.random.default_rng(plan.seed)
@@ -555,7 +556,7 @@ class Engine:
             else:
                 buckets[len(p.prefix)].append(i)
         for L, idx in buckets.items():
-            step = self._max_rows(L + 2)
+            step = self.max_rows(L + 2)
             for s in range(0, len(idx), step):
                 chunk = idx[s : s + step]
                 rows = self._rtt_bucket(np.stack([plans[i].prefix for i in chunk]))
@@ -656,7 +657,7 @@ class _Mixture:
     """Weighted mixture of `_Rows` (the completions of a partial-address query)."""
 
     def __init__(self):
-        self.pmf = np.zeros(len(_CANON_CODES))  # sum of w * (1 - p_failed) * P(code | reply)
+        self.pmf = np.zeros(len(tk.CANON_CODES))  # sum of w * (1 - p_failed) * P(code | reply)
         self.p_failed = self.coarse = self.total = 0.0
         self.rows = 0
 
@@ -673,7 +674,7 @@ class _Mixture:
         ok = self.pmf[nz].sum()
         return RTTDistribution(
             self.p_failed / self.total,
-            _CANON_CODES[nz].astype(np.uint16),
+            tk.CANON_CODES[nz].astype(np.uint16),
             self.pmf[nz] / ok,
             exact=exact,
             n_samples=n_samples,

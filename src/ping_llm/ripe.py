@@ -1,8 +1,8 @@
-"""RIPE Atlas ping results (JSON) -> canonical measurement rows (SPEC §2.2): the parsing rules.
+"""RIPE Atlas ping results (JSON) -> canonical measurement rows: the parsing rules.
 
 This module decides what one result means: which rows it gives, which source identity they get,
 or why it is rejected. Reading files (decompression, framing, streaming, Parquet output, workers,
-the report) is `ping_llm.ingest`, which feeds every result through the `_Batch` defined here.
+the report) is `ping_llm.ingest`, which feeds every result through the `Batch` defined here.
 
 Rules (one row per ping packet):
 - One row per entry of `result`: `{"rtt": x}` -> x (ms); `{"x": "*"}` -> -1.0 (timeout);
@@ -44,7 +44,7 @@ Rules (one row per ping packet):
 
 Python API: `parse_result(obj, source_address="auto") -> ParsedResult` for one result (raises
 `RejectedResult`, an InputError with `.reason`); `is_globally_routable(address)` (the "auto"
-rule). Hot path: `_Batch.add` appends columns (no per-row objects) and `_Batch.table()` builds
+rule). Hot path: `Batch.add` appends columns (no per-row objects) and `Batch.table()` builds
 one canonical Arrow table per chunk; addresses are parsed once per distinct string (a cache).
 """
 
@@ -129,8 +129,9 @@ def is_globally_routable(address: str) -> bool:
 # one result -> rows
 
 
-class _Reject(Exception):
-    pass
+class Reject(Exception):
+    """A result `Batch.add` refuses; args[0] is the counted reason (cheaper than
+    RejectedResult's message on the hot path)."""
 
 
 class RejectedResult(InputError):
@@ -155,16 +156,16 @@ def _num(v, reason, kind=float):
             try:
                 x = float(v)
             except ValueError:
-                raise _Reject(reason) from None
+                raise Reject(reason) from None
     else:
-        raise _Reject(reason)
+        raise Reject(reason)
     if kind is int:
         if type(x) is float and not x.is_integer():
-            raise _Reject(reason)
+            raise Reject(reason)
         return int(x)
     x = float(x)
     if not math.isfinite(x):
-        raise _Reject(reason)
+        raise Reject(reason)
     return x
 
 
@@ -175,7 +176,7 @@ def _af(v):
         v = v[-1]
     af = _num(v, "bad_af", int)
     if af != 4 and af != 6:
-        raise _Reject("bad_af")
+        raise Reject("bad_af")
     return af
 
 
@@ -186,18 +187,18 @@ def _summary_rtts(obj) -> tuple[list[float], int]:
     sent = get("sent")
     sent = rcvd if sent is None else _num(sent, "bad_summary", int)
     if rcvd < 0 or sent < rcvd:
-        raise _Reject("bad_summary")
+        raise Reject("bad_summary")
     if sent > MAX_PACKETS:
-        raise _Reject("too_many_packets")
+        raise Reject("too_many_packets")
     if rcvd == 0:
         return [], sent
     avg = _num(get("avg"), "bad_summary")
     lo = avg if get("min") is None else _num(get("min"), "bad_summary")
     hi = avg if get("max") is None else _num(get("max"), "bad_summary")
     if not (0 <= lo <= avg * (1 + 1e-9) + 1e-9 and avg <= hi * (1 + 1e-9) + 1e-9):
-        raise _Reject("bad_summary")
+        raise Reject("bad_summary")
     if hi > MAX_RTT_MS:
-        raise _Reject("implausible_rtt")
+        raise Reject("implausible_rtt")
     if rcvd == 1:
         return [avg], sent - 1
     if rcvd == 2:
@@ -206,18 +207,19 @@ def _summary_rtts(obj) -> tuple[list[float], int]:
     return [lo, hi] + [mid] * (rcvd - 2), sent - rcvd
 
 
-_COUNTS = ("results", "rows", "replies", "failed", "errors", "dups", "late", "summary_only",
+# What a Batch counts, per input (ingest's report adds them up over inputs).
+COUNTS = ("results", "rows", "replies", "failed", "errors", "dups", "late", "summary_only",
            "results_empty")
 
 
-class _Batch:
+class Batch:
     """Columnar accumulation: one segment per (result, source), one rtt per row."""
 
     def __init__(self, mode: str = "auto"):
         if mode not in SOURCE_MODES:
             raise InputError(f"source_address must be one of {SOURCE_MODES}, got {mode!r}")
         self.mode = mode
-        self.counts = dict.fromkeys(_COUNTS, 0)
+        self.counts = dict.fromkeys(COUNTS, 0)
         self.skipped: Counter = Counter()
         self.rejects: Counter = Counter()
         self._clear()
@@ -240,10 +242,10 @@ class _Batch:
             if sa:
                 s = _addr(sa)
                 if s is None:
-                    raise _Reject("bad_address")
+                    raise Reject("bad_address")
                 if mode == "src_addr" or s[2]:
                     if s[1] != af:
-                        raise _Reject("af_mismatch")
+                        raise Reject("af_mismatch")
                     return s
             elif mode == "src_addr":
                 return None
@@ -252,31 +254,31 @@ class _Batch:
             return None
         s = _addr(fr)
         if s is None:
-            raise _Reject("bad_address")
+            raise Reject("bad_address")
         if s[1] != af:
-            raise _Reject("af_mismatch")
+            raise Reject("af_mismatch")
         return s
 
     def add(self, obj) -> None:
-        """Append one result's rows; raises _Reject (nothing appended) for bad input."""
+        """Append one result's rows; raises Reject (nothing appended) for bad input."""
         if type(obj) is not dict:
-            raise _Reject("not_an_object")
+            raise Reject("not_an_object")
         get = obj.get
         typ = get("type")
         if typ is not None and typ != "ping":
-            raise _Reject("not_ping")
+            raise Reject("not_ping")
         ts = get("timestamp")
         if type(ts) is not int:
             if ts is None:
-                raise _Reject("missing_timestamp")
+                raise Reject("missing_timestamp")
             ts = math.floor(_num(ts, "bad_timestamp"))
         if not _MIN_TS <= ts < _MAX_TS:
-            raise _Reject("bad_timestamp")
+            raise Reject("bad_timestamp")
         res = get("result")
         if res is not None and type(res) is not list:
-            raise _Reject("bad_result")
+            raise Reject("bad_result")
         if res is None and get("avg") is None and get("rcvd") is None:
-            raise _Reject("missing_result")
+            raise Reject("missing_result")
         dst = get("dst_addr")
         if dst is None:
             dst = get("addr")  # fw < 4460
@@ -285,16 +287,16 @@ class _Batch:
             return
         d = _addr(dst)
         if d is None:
-            raise _Reject("bad_address")
+            raise Reject("bad_address")
         if "%" in dst:  # fe80::1%eth0: only means something on that probe's own link
-            raise _Reject("scoped_address")
+            raise Reject("scoped_address")
         af = get("af")
         if af is None:
             af = _af(get("pf")) or _af(get("mode")) or d[1]
         elif type(af) is not int or (af != 4 and af != 6):
             af = _af(af)
         if d[1] != af:
-            raise _Reject("af_mismatch")
+            raise Reject("af_mismatch")
         src = self._source(get, af)
         if src is None:
             self.skipped["no_source"] += 1
@@ -304,17 +306,17 @@ class _Batch:
             if type(prb) is not int:
                 prb = _num(prb, "bad_prb_id", int)
             if not -_I64 <= prb < _I64:
-                raise _Reject("bad_prb_id")
+                raise Reject("bad_prb_id")
         if msm is not None:
             if type(msm) is not int:
                 msm = _num(msm, "bad_msm_id", int)
             if not -_I64 <= msm < _I64:
-                raise _Reject("bad_msm_id")
+                raise Reject("bad_msm_id")
         if size is not None:
             if type(size) is not int:
                 size = _num(size, "bad_size", int)
             if not 0 <= size < 1 << 31:
-                raise _Reject("bad_size")
+                raise Reject("bad_size")
             fw = get("fw")
             if type(fw) is not int:
                 fw = int(fw) if type(fw) is str and fw.strip().isdigit() else None
@@ -338,7 +340,7 @@ class _Batch:
             try:
                 for e in res:
                     if type(e) is not dict:
-                        raise _Reject("bad_entry")
+                        raise Reject("bad_entry")
                     v = e.get("rtt")
                     if v is not None:
                         if "dup" in e:
@@ -347,9 +349,9 @@ class _Batch:
                         if type(v) is not float:
                             v = _num(v, "bad_rtt")
                         if not 0.0 <= v < math.inf:
-                            raise _Reject("bad_rtt")
+                            raise Reject("bad_rtt")
                         if v > MAX_RTT_MS:
-                            raise _Reject("implausible_rtt")
+                            raise Reject("implausible_rtt")
                     elif "x" in e:
                         v = FAILED_RTT
                     elif "error" in e:
@@ -362,7 +364,7 @@ class _Batch:
                         late += 1
                         continue
                     else:
-                        raise _Reject("bad_entry")
+                        raise Reject("bad_entry")
                     # A per-packet source address ("if different from the first reply's").
                     target = base_src
                     if len(e) > 1 and mode != "from":
@@ -370,9 +372,9 @@ class _Batch:
                         if es:
                             a = _addr(es)
                             if a is None:
-                                raise _Reject("bad_address")
+                                raise Reject("bad_address")
                             if a[1] != af:
-                                raise _Reject("af_mismatch")
+                                raise Reject("af_mismatch")
                             if mode == "src_addr" or a[2]:
                                 target = a[0]
                     if target is not src_text and target != src_text:
@@ -380,8 +382,8 @@ class _Batch:
                         n0, src_text = len(rtt), target
                     rtt.append(v)
                 if len(rtt) - r0 > MAX_PACKETS:
-                    raise _Reject("too_many_packets")
-            except _Reject:
+                    raise Reject("too_many_packets")
+            except Reject:
                 del rtt[r0:]
                 for col in (self.ts, self.src, self.dst, self.ver, self.prb, self.msm, self.size,
                             self.n):
@@ -468,7 +470,7 @@ def parse_result(obj, source_address: str = "auto") -> ParsedResult:
 
     Raises RejectedResult (an InputError with `.reason`) when it is not a valid ping result.
     """
-    b = _Batch(source_address)
+    b = Batch(source_address)
     if isinstance(obj, str | bytes):
         try:
             obj = orjson.loads(obj)
@@ -476,7 +478,7 @@ def parse_result(obj, source_address: str = "auto") -> ParsedResult:
             raise RejectedResult("malformed_json") from None
     try:
         b.add(obj)
-    except _Reject as e:
+    except Reject as e:
         raise RejectedResult(str(e.args[0])) from None
     c = b.counts
     skipped = next(iter(b.skipped), None)

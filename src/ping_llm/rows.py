@@ -1,4 +1,4 @@
-"""The probe-centric row record (SPEC §2.3): binary layout, codec, exact token lengths, writer.
+"""The probe-centric row record: binary layout, codec, exact token lengths, writer.
 
 A row holds the measurements of one probe, time-sorted, as one ArrayRecord record, so that the
 loader decodes a whole row with a handful of `np.frombuffer` calls and no per-measurement Python.

@@ -1,4 +1,4 @@
-"""The canonical measurement table (SPEC §2.1): its Arrow schema, readers and a validator.
+"""The canonical measurement table: its Arrow schema, readers and a validator.
 
 Everything downstream of ingest (prepare, baselines, evaluation) reads measurements through this
 module, so that one place decides what a valid table is. One row per ping packet:

@@ -1,10 +1,11 @@
-"""How per-query predictions become the numbers of the evaluation report (SPEC §7).
+"""How per-query predictions become the numbers of the evaluation report (docs/evaluation.md).
 
 `ping_llm.evaluate` runs the model, the baselines and (on synthetic data) the generator's truth
 on the same queries and hands per-query arrays to this module: teacher-forced token scores
-(`score_queries`), metrics of exact RTT distributions (`distribution_metrics`), KL to the truth,
-baseline forecasts with their global-median fallback, and the summaries that fill the report's
-tables (`summarize`, `breakdowns`). The formulas themselves live in `ping_llm.metrics`.
+(`generate.teacher_forced`, summarised by `nll_summary`), metrics of exact RTT distributions
+(`distribution_metrics`), KL to the truth, baseline forecasts with their global-median fallback,
+and the summaries that fill the report's tables (`summarize`, `breakdowns`). The formulas
+themselves live in `ping_llm.metrics`.
 
 Metric definitions (units ms unless noted): `metrics.point_error_summary` of the median (MAE,
 median absolute error, relative error p50/p90 with |err| / max(obs, 1 µs)); CRPS (`crps_pmf` on
@@ -38,95 +39,11 @@ PIT_BINS = 10
 # what a P(failed)-only row keeps
 FAILURE_KEYS = ("n", "n_success", "n_failed", "roc_auc", "pr_auc", "brier", "failed_rate")
 BLOCK = 64  # queries per dense (BLOCK, 33792) pmf block
-SCORE_BATCH_TOKENS = 16384  # tokens per teacher-forced scoring forward
-CANON = np.flatnonzero(np.isfinite(tk.RTT_GRID_MS))  # the 132 x 256 canonical codes, ascending
-GRID = tk.RTT_GRID_MS[CANON]  # their RTTs in ms, ascending
+GRID = tk.RTT_GRID_MS[tk.CANON_CODES]  # their RTTs in ms, ascending
 
 
 # ----------------------------------------------------------------------------------------------
-# teacher-forced scores (token NLL per field and position)
-
-
-_ROLE_LEN = {tk.SRC_IPV4: 5, tk.SRC_IPV6: 17, tk.DST_IPV4: 5, tk.DST_IPV6: 17, tk.TIMESTAMP_ABS: 9,
-             tk.TIMESTAMP_DELTA1: 2, tk.TIMESTAMP_DELTA4: 5, tk.RTT_START: 3, tk.FAILED: 1}
-
-
-_ROLE_FIELD = {tk.SRC_IPV4: "src", tk.SRC_IPV6: "src", tk.DST_IPV4: "dst", tk.DST_IPV6: "dst",
-               tk.TIMESTAMP_ABS: "time", tk.TIMESTAMP_DELTA1: "time", tk.TIMESTAMP_DELTA4: "time",
-               tk.RTT_START: "result", tk.FAILED: "result"}
-
-
-def field_blocks(toks, start: int) -> list[tuple[str, int, int]]:
-    """(field, first token, end) of each field of the measurement whose MEASUREMENT_START is at
-    `start` (the last measurement of `toks`)."""
-    out, pos = [], start + 1
-    while pos < len(toks):
-        n = _ROLE_LEN[toks[pos]]
-        out.append((_ROLE_FIELD[toks[pos]], pos, pos + n))
-        pos += n
-    return out
-
-
-def score_queries(model, seqs: list[list[int]], starts: list[int], device) -> list[dict]:
-    """Teacher-forced log-probabilities of the last measurement of each token sequence.
-
-    Per sequence: `tokens` {"start" (when not at position 0), "src.0", "src.1", ... } -> log P
-    (nats) of each token given all before it; `fields` field -> summed log P; `result` the
-    engine's constrained log P(result | preceding fields)."""
-    import torch
-
-    from ping_llm.query import CANON_B1
-
-    b1_index = np.full(256, -1)
-    b1_index[CANON_B1] = np.arange(len(CANON_B1))
-    out: list[dict | None] = [None] * len(seqs)
-    # Right-padding is exact here: attention is causal, so tokens after a sequence's end never
-    # reach its positions, and RoPE positions start at 0 in every row. Sorting by length keeps
-    # the padding small and the batches large.
-    lens = np.array([len(x) for x in seqs])
-    order = np.argsort(lens, kind="stable")
-    s0 = 0
-    while s0 < len(order):
-        # a batch: <= 16k tokens (cache-friendly on CPU), <= 25% longer than its shortest row
-        s1 = s0 + 1
-        while (s1 < len(order) and lens[order[s1]] <= 1.25 * lens[order[s0]]
-               and (s1 + 1 - s0) * lens[order[s1]] <= SCORE_BATCH_TOKENS):
-            s1 += 1
-        chunk, s0 = order[s0:s1], s1
-        arr = np.zeros((len(chunk), max(len(seqs[i]) for i in chunk)), dtype=np.int64)
-        for j, i in enumerate(chunk):
-            arr[j, :len(seqs[i])] = seqs[i]  # the rest: MEASUREMENT_START padding, never read
-        with torch.inference_mode():
-            logits, _ = model(torch.as_tensor(arr, device=device))
-        logits = logits.double()
-        tok = torch.log_softmax(logits[:, :-1], -1).gather(
-            -1, torch.as_tensor(arr[:, 1:, None], device=device))
-        tok = tok.squeeze(-1).cpu().numpy()  # (B, L-1): log P(token t+1 | <= t)
-        for j, i in enumerate(chunk):
-            out[i] = _score_one(tok[j], logits[j], arr[j], seqs[i], starts[i], b1_index)
-    return out
-
-
-def _score_one(tok, lg, arr, seq, st, b1_index) -> dict:
-    import torch
-
-    from ping_llm.query import CANON_B1
-
-    blocks = field_blocks(seq, st)
-    toks = {} if st == 0 else {"start": float(tok[st - 1])}
-    fields = {}
-    for name, a, b in blocks:
-        vals = tok[a - 1:b - 1]
-        fields[name] = float(vals.sum())
-        toks.update({f"{name}.{o}": float(v) for o, v in enumerate(vals)})
-    _, a, _ = next(x for x in blocks if x[0] == "result")
-    role = torch.log_softmax(lg[a - 1, [tk.RTT_START, tk.FAILED]], -1)
-    res = float(role[0 if arr[a] == tk.RTT_START else 1])
-    if arr[a] == tk.RTT_START:  # byte1 constrained to canonical values, as the engine does
-        res += float(torch.log_softmax(lg[a, tk.BYTE0 + CANON_B1], -1)[b1_index[arr[a + 1]
-                                                                                - tk.BYTE0]])
-        res += float(torch.log_softmax(lg[a + 1, tk.BYTE0:], -1)[arr[a + 2] - tk.BYTE0])
-    return {"tokens": toks, "fields": fields, "result": res}
+# teacher-forced scores (`generate.teacher_forced`) -> NLL per field and position
 
 
 def nll_summary(scores: list[dict]) -> dict:
@@ -152,8 +69,8 @@ def nll_summary(scores: list[dict]) -> dict:
 
 def dense_pmf(dists) -> tuple[np.ndarray, np.ndarray]:
     """RTTDistributions -> (p_failed (N,), pmf (N, 33792) over GRID given a reply)."""
-    pmf = np.zeros((len(dists), len(CANON)))
-    pos = np.searchsorted(CANON, np.arange(65536))
+    pmf = np.zeros((len(dists), len(tk.CANON_CODES)))
+    pos = np.searchsorted(tk.CANON_CODES, np.arange(65536))
     for i, d in enumerate(dists):
         pmf[i, pos[d.codes.astype(np.int64)]] = d.probs
     return np.array([d.p_failed for d in dists]), pmf
@@ -196,7 +113,7 @@ def distribution_metrics(grid, pmf, obs, rng) -> dict:
 def truth_pdf(truth, rows) -> tuple[np.ndarray, np.ndarray]:
     """(P(failed) (R,), pmf (R, 33792) over GRID given a reply) of truth rows."""
     t = truth[rows]
-    pdf = t.pdf_codes()[:, CANON]
+    pdf = t.pdf_codes()[:, tk.CANON_CODES]
     return t.p_fail, pdf / pdf.sum(axis=1, keepdims=True)
 
 
@@ -205,7 +122,7 @@ def truth_pass(truth, tix: np.ndarray, q, rng) -> dict:
     n = len(q)
     out = {k: np.full(n, np.nan) for k in ("median", "p_failed", "logp") + DIST_KEYS}
     has = np.flatnonzero(tix >= 0)
-    codes = np.searchsorted(CANON, tk.rtt_to_code(np.maximum(q.rtt, 0)).astype(np.int64))
+    codes = np.searchsorted(tk.CANON_CODES, tk.rtt_to_code(np.maximum(q.rtt, 0)).astype(np.int64))
     for s in range(0, len(has), BLOCK):
         rows = has[s:s + BLOCK]
         pf, pdf = truth_pdf(truth, tix[rows])

@@ -1,4 +1,4 @@
-"""`ping-llm serve`: the query engine as an HTTP JSON service (FastAPI + uvicorn, SPEC §6).
+"""`ping-llm serve`: the query engine as an HTTP JSON service (FastAPI + uvicorn).
 
 Endpoints (POST bodies are JSON; the schema is at /openapi.json, browsable at /docs):
 

@@ -7,7 +7,7 @@ the RIPE Atlas JSON generated from it exercises `ingest` end to end. It is the d
 main job and tests. This module is the world and its truth (`World`, `Truth`, `SynthConfig`); the
 measurement schedules and the JSON writer (`generate`, `ping-llm synth`) are in `synth_atlas`.
 
-The world (SPEC §8): real cities (data/cities.csv); networks (ASes) with an IPv4 /16 and an IPv6 /32
+The world: real cities (data/cities.csv); networks (ASes) with an IPv4 /16 and an IPv6 /32
 from their region's registry and one IPv4 /20 and IPv6 /40 per city they serve, so an address's
 leading bytes say where it is. Probes are mostly NAT'd home connections (private `src_addr`, public
 `from`, which some renumber every few days) plus datacenter anchors. Destinations are anchors,

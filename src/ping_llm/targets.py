@@ -1,4 +1,4 @@
-"""What a question is about: addresses and CIDR prefixes, times, measurements, queries (SPEC §6).
+"""What a question is about: addresses and CIDR prefixes, times, measurements, queries.
 
 Everything here validates caller input and turns it into what the engine reads: a `Target` is a
 full address or a CIDR prefix (host bits cleared; its free bytes become "holes" the engine fills
@@ -201,13 +201,3 @@ def as_query(q) -> Query:
     if isinstance(q, list | tuple) and len(q) in (2, 3):
         return Query(*q)
     raise InputError(f"not a query: {q!r} (expected (src, dst[, time]), a dict or a Query)")
-
-
-def time_tokens(t: int, prev: int | None) -> list[int]:
-    """The time block of a measurement at t after a timestamped one at prev (tokens.py rules)."""
-    d = None if prev is None else t - prev
-    if d is not None and 0 <= d < tk.DELTA1_LIMIT:
-        return [tk.TIMESTAMP_DELTA1, tk.BYTE0 + d]
-    if d is not None and 0 <= d < tk.DELTA4_LIMIT:
-        return [tk.TIMESTAMP_DELTA4] + [tk.BYTE0 + b for b in d.to_bytes(4, "big")]
-    return [tk.TIMESTAMP_ABS] + [tk.BYTE0 + b for b in t.to_bytes(8, "big")]

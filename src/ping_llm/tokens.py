@@ -1,4 +1,4 @@
-"""The token language of ping-llm (SPEC §3): 267 tokens, compatible with the author's models.
+"""The token language of ping-llm (docs/tokens.md): 267 tokens, compatible with the author's models.
 
 A measurement is `MEASUREMENT_START` followed by three or four field blocks in any order:
 
@@ -73,7 +73,7 @@ ROLE_NAMES = (
 # Field ids, used for per-measurement field orders: order[i] is a permutation of these four.
 FIELD_SRC, FIELD_DST, FIELD_RESULT, FIELD_TIME = 0, 1, 2, 3
 FIELD_NAMES = ("src", "dst", "result", "time")
-# Queries put the asked-for field last (SPEC §4): src, dst, [time], result.
+# Queries put the asked-for field last: src, dst, [time], result.
 QUERY_ORDER = (FIELD_SRC, FIELD_DST, FIELD_TIME, FIELD_RESULT)
 
 DELTA1_LIMIT = 256  # seconds; deltas below use one byte
@@ -151,6 +151,12 @@ def is_canonical_code(code) -> np.ndarray:
 _ALL_CODES = np.arange(65536)
 RTT_GRID_MS = np.where(is_canonical_code(_ALL_CODES), code_to_rtt(_ALL_CODES), np.nan)
 RTT_GRID_MS.setflags(write=False)
+# The canonical codes, ascending (RTT order): byte1 = e << 3 | m >> 8 with m >= 1024 whenever
+# e > 0, so 8 byte1 values for e = 0 and 4 for each e > 0 -- 132 of them, each with all 256 byte2.
+CANON_CODES = np.flatnonzero(np.isfinite(RTT_GRID_MS))  # (33792,)
+CANON_B1 = CANON_CODES[::256] >> 8  # (132,)
+CANON_CODES.setflags(write=False)
+CANON_B1.setflags(write=False)
 
 
 def rtt_code_cells_ms() -> np.ndarray:
@@ -240,6 +246,17 @@ def _u8(value: int, n: int) -> list[int]:
     return [BYTE0 + b for b in value.to_bytes(n, "big")]
 
 
+def time_tokens(t: int, prev: int | None) -> list[int]:
+    """The time block of a measurement at t (Unix seconds, >= 0) after a timestamped one at
+    prev (None: the first of its context): DELTA1, DELTA4 or ABS, as the module docstring says."""
+    delta = None if prev is None else t - prev
+    if delta is not None and 0 <= delta < DELTA1_LIMIT:
+        return [TIMESTAMP_DELTA1] + _u8(delta, 1)
+    if delta is not None and 0 <= delta < DELTA4_LIMIT:
+        return [TIMESTAMP_DELTA4] + _u8(delta, 4)
+    return [TIMESTAMP_ABS] + _u8(t, 8)
+
+
 def encode_reference(measurements, orders=None) -> list[int]:
     """Measurements (one context, in order) -> token ids. orders[i] is a permutation of field ids
     (default QUERY_ORDER); the time field is skipped for measurements without a time."""
@@ -270,13 +287,7 @@ def encode_reference(measurements, orders=None) -> list[int]:
             t = int(m.time)
             if t < 0:
                 raise InputError(f"timestamp {t} before 1970 in measurement {i}")
-            delta = None if prev_time is None else t - prev_time
-            if delta is not None and 0 <= delta < DELTA1_LIMIT:
-                blocks[FIELD_TIME] = [TIMESTAMP_DELTA1] + _u8(delta, 1)
-            elif delta is not None and 0 <= delta < DELTA4_LIMIT:
-                blocks[FIELD_TIME] = [TIMESTAMP_DELTA4] + _u8(delta, 4)
-            else:
-                blocks[FIELD_TIME] = [TIMESTAMP_ABS] + _u8(t, 8)
+            blocks[FIELD_TIME] = time_tokens(t, prev_time)
             prev_time = t
         out.append(MEASUREMENT_START)
         for f in order:
