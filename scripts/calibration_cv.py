@@ -8,8 +8,10 @@ The raw model is asked val's queries once, exactly as `ping-llm calibrate` asks 
 Variants: raw; two populations (new pairs take the known maps, as before calibration told pairs
 apart); three populations with every map free; three with the new-pair maps symmetric about the
 median (fitted on the PITs and their mirror 1 - u, so R(1/2) = 1/2 and the median stays the
-model's: the default, `calibration.SYMMETRIC`); three with every map symmetric. Prints, per
-population, 50%/90% coverage, median abs error of the median and CRPS<=10s (ms), k pooled.
+model's: the default, `calibration.SYMMETRIC`); three with every map symmetric; the default
+fitted separately per tercile of the raw forecast's spread (log q95/q05, edges from the fitting
+half), so sharp forecasts get maps of their own. Prints, per population, 50%/90% coverage,
+median abs error of the median and CRPS<=10s (ms), k pooled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ping_llm import calibration
+from ping_llm import metrics as M
 from ping_llm.calibrate import known_of, populations, raw_distributions
 from ping_llm.calibration import POPULATIONS, Calibration, pair_keys
 from ping_llm.evaluate import BYTE2_MASS, CONTEXTS, MAX_QUERIES, ContextPool, Queries, new_sources
@@ -32,7 +35,9 @@ from ping_llm.scoring import GRID, distribution_metrics
 # variant -> the populations with symmetric maps (None: no calibration)
 VARIANTS = {"raw": None, "two populations": set(), "three, every map free": set(),
             "three, new-pair maps symmetric": {"new_pair"},
-            "three, every map symmetric": set(POPULATIONS)}
+            "three, every map symmetric": set(POPULATIONS),
+            "default, per spread tercile": {"new_pair"}}
+SPREAD_BINS = {"default, per spread tercile": 3}
 
 
 def ask(data: Path, run: Path, q, train) -> dict:
@@ -85,18 +90,25 @@ def main() -> None:
     failed = np.tile(q.failed, (2 * K, 1))
     pop = np.stack([as_is] * K + [np.full(len(q), "new")] * K)
     half = np.tile((pair_keys(q.src, q.dst) % np.uint64(2)).astype(int), (2 * K, 1))
+    q05, q95 = M.quantiles_from_pmf(GRID, pmf.reshape(-1, pmf.shape[-1]), [0.05, 0.95]).T
+    spread = (np.log(np.maximum(q95, 1e-3)) - np.log(np.maximum(q05, 1e-3))).reshape(pit.shape)
     rng = np.random.default_rng(1)
     for variant in VARIANTS:
         got = {p: [] for p in POPULATIONS}
+        n_bins = SPREAD_BINS.get(variant, 1)
         for h in (0, 1):
             fitted = half != h
-            cal = None if VARIANTS[variant] is None else fit(variant, pit[fitted], nctx[fitted],
-                                                    pf[fitted], failed[fitted], pop[fitted])
+            levels = np.linspace(0, 1, n_bins + 1)[1:-1]
+            edges = np.quantile(spread[fitted & np.isfinite(pit)], levels)
+            sbin = np.searchsorted(edges, spread)  # (2K, N) the spread bin of every row
+            cals = [None if VARIANTS[variant] is None else fit(
+                variant, *(x[fitted & (sbin == b)] for x in (pit, nctx, pf, failed, pop)))
+                for b in range(n_bins)]
             for r in range(2 * K):
                 test = np.flatnonzero(half[r] == h)
                 P = pmf[r, test]
-                if cal is not None:
-                    P = np.stack([cal.probs(P[i], int(nctx[r, t]), pop[r, t])
+                if cals[0] is not None:
+                    P = np.stack([cals[sbin[r, t]].probs(P[i], int(nctx[r, t]), pop[r, t])
                                   for i, t in enumerate(test)])
                 dm = distribution_metrics(GRID, P, q.obs[test], rng)
                 for i, t in enumerate(test):

@@ -287,7 +287,7 @@ def _platt(p: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     ridge = 1.0  # one pseudo-observation's worth
     for _ in range(50):
         z = X @ w
-        s = 1.0 / (1.0 + np.exp(-z))
+        s = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic, without overflow for large |z|
         g = X.T @ (s - y) + ridge * (w - [1.0, 0.0])
         H = (X * (s * (1 - s))[:, None]).T @ X + ridge * np.eye(2)
         step = np.linalg.solve(H, g)

@@ -238,11 +238,7 @@ def _search(engine: Engine, cache, last, log_pi, masks, width, max_len, gen):
 
 
 # ----------------------------------------------------------------------------------------------
-# score: log-probabilities of observed measurements
-
-
-# ----------------------------------------------------------------------------------------------
-# score: teacher-forced log-probabilities (Engine.score and eval's token NLL)
+# score: teacher-forced log-probabilities of observed measurements (Engine.score, eval's NLL)
 
 SCORE_BATCH_TOKENS = 16384  # tokens per teacher-forced forward (cache-friendly on CPU)
 _ROLE_LEN = {tk.SRC_IPV4: 5, tk.SRC_IPV6: 17, tk.DST_IPV4: 5, tk.DST_IPV6: 17, tk.TIMESTAMP_ABS: 9,
