@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ping_llm import calibration
 from ping_llm import metrics as M
 from ping_llm.calibrate import known_of, populations, raw_distributions
 from ping_llm.calibration import POPULATIONS, Calibration, pair_keys
@@ -56,11 +55,7 @@ def ask(data: Path, run: Path, q, train) -> dict:
 def fit(variant, pit, nctx, pf, failed, pop) -> Calibration:
     if variant == "two populations":
         pop = np.where(pop == "new_pair", "known", pop)
-    default, calibration.SYMMETRIC = calibration.SYMMETRIC, VARIANTS[variant]
-    try:
-        cal = Calibration.fit(pit, nctx, pf, failed, pop)
-    finally:
-        calibration.SYMMETRIC = default
+    cal = Calibration.fit(pit, nctx, pf, failed, pop, symmetric=VARIANTS[variant])
     if variant == "two populations":
         cal.maps["new_pair"], cal.platt["new_pair"] = cal.maps["known"], cal.platt["known"]
     return cal

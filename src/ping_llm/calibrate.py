@@ -157,8 +157,7 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
                "platt": cal.platt, "val": {}}
     for (name, g), (_, new) in zip(got.items(), asked.values(), strict=True):
         rows = summary["val"][name] = {}
-        pops = [cal.population(str(a), str(b))
-                for a, b in zip(q.src if new is None else new, q.dst, strict=True)]
+        pops = as_is if new is None else np.full(len(q), "new")  # as fitted
         for j, k in enumerate(contexts):
             after = np.stack([cal.probs(row, n, pop) for row, n, pop in zip(
                 g["pmf"][j], g["n_context"][j], pops, strict=True)])

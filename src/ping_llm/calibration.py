@@ -149,10 +149,11 @@ class Calibration:
             return "new"
         if self._pairs is None:
             return "known"
-        k = pair_keys([src], [dst])[0] if dst is not None else None
-        i = 0 if k is None else int(np.searchsorted(self._pairs, k))
-        return "known" if k is not None and i < len(self._pairs) and self._pairs[i] == k \
-            else "new_pair"
+        if dst is None:
+            return "new_pair"
+        k = pair_keys([src], [dst])[0]
+        i = int(np.searchsorted(self._pairs, k))
+        return "known" if i < len(self._pairs) and self._pairs[i] == k else "new_pair"
 
     def map_for(self, n_context: int, population: str = "known") -> dict:
         bands = self.maps[population]
@@ -182,13 +183,13 @@ class Calibration:
     @classmethod
     def fit(cls, pit, n_context, p_failed, failed, population, known_sources=(),
             known_pairs: np.ndarray | None = None, context_from=CONTEXT_FROM,
-            fitted: dict | None = None) -> Calibration:
+            fitted: dict | None = None, symmetric=SYMMETRIC) -> Calibration:
         """From val: PITs of the replies (NaN for failed pings), the context size of each
         query, predicted P(failed), the outcomes, and each query's population (one of
         POPULATIONS, as `population` puts it at query time); known_pairs: `pair_keys` of the
         train split. A band with too few replies uses its population's map over all context
         sizes, and a population with too few replies (or failures) uses its FALLBACK's maps
-        (Platt pair), or else everyone's."""
+        (Platt pair), or else everyone's. symmetric: the populations with symmetric maps."""
         pit = np.asarray(pit, np.float64)
         n_context = np.asarray(n_context, np.int64)
         population = np.asarray(population, str)
@@ -209,7 +210,7 @@ class Calibration:
         maps, platt, used = {}, {}, {}
         def fit_map(sel, pop):
             u = pit[sel]
-            return _quantile_map(np.r_[u, 1 - u] if pop in SYMMETRIC else u, len(u))
+            return _quantile_map(np.r_[u, 1 - u] if pop in symmetric else u, len(u))
 
         for pop in POPULATIONS:  # "known" first: "new_pair" falls back on it
             mine = population == pop
