@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from ping_llm import metrics as M
-from ping_llm.baselines import (
+from ping_llm.data.observations import Observations
+from ping_llm.eval import metrics as M
+from ping_llm.eval.baselines import (
     DMFSGD,
     BiasedMF,
     DestinationMedian,
@@ -35,8 +36,7 @@ from ping_llm.baselines import (
     make_baselines,
     with_fallback,
 )
-from ping_llm.observations import Observations
-from ping_llm.vivaldi import Vivaldi
+from ping_llm.eval.vivaldi import Vivaldi
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

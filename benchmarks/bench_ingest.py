@@ -1,4 +1,4 @@
-"""Ingest throughput: ping_llm.ingest + ripe (orjson + columnar) vs a naive stdlib-json baseline.
+"""Ingest throughput: data.ingest + data.ripe (orjson + columnar) vs a naive stdlib-json baseline.
 
 Both run on one core over the same decompressed bytes of ripe_atlas_menog_2019/raw.jsonl.gz
 (181,810 results, ~544k packets), so decompression (timed separately) is not in either number.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ping_llm import ingest, ripe
-from ping_llm.schema import CANONICAL_SCHEMA
+from ping_llm.data import ingest, ripe
+from ping_llm.data.schema import CANONICAL_SCHEMA
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEFAULT = DATA / "ripe_atlas_menog_2019" / "raw.jsonl.gz"

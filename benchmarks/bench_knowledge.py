@@ -21,8 +21,9 @@ import time
 import numpy as np
 import torch
 
-from ping_llm import knowledge, synth
+from ping_llm import knowledge
 from ping_llm import tokens as tk
+from ping_llm.data import synth
 from ping_llm.model import GPT, GPTConfig
 
 

@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from ping_llm import loader, prepare
 from ping_llm import tokens as T
+from ping_llm.data import loader, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build_dataset(work: Path, menog: bool) -> Path:
-    from ping_llm import ingest, synth, synth_atlas
+    from ping_llm.data import ingest, synth, synth_atlas
 
     if menog:
         raw = SHARED / "ripe_atlas_menog_2019" / "raw.jsonl.gz"

@@ -30,7 +30,8 @@ import torch
 
 from ping_llm import tokens as tk
 from ping_llm.model import GPT, GPTConfig, KVCache
-from ping_llm.query import Engine, Query
+from ping_llm.query.engine import Engine
+from ping_llm.query.targets import Query
 from ping_llm.runtime import resolve_device
 
 QS = (0.05, 0.5, 0.95)

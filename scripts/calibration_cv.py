@@ -22,14 +22,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ping_llm import metrics as M
-from ping_llm.calibrate import known_of, populations, raw_distributions
-from ping_llm.calibration import POPULATIONS, Calibration, pair_keys
-from ping_llm.evaluate import BYTE2_MASS, CONTEXTS, MAX_QUERIES, ContextPool, Queries, new_sources
-from ping_llm.prepare import load_card
-from ping_llm.query import Engine
-from ping_llm.schema import read_canonical
-from ping_llm.scoring import GRID, distribution_metrics
+from ping_llm.data.prepare import load_card
+from ping_llm.data.schema import read_canonical
+from ping_llm.eval import metrics as M
+from ping_llm.eval.calibrate import known_of, populations, raw_distributions
+from ping_llm.eval.evaluate import (
+    BYTE2_MASS,
+    CONTEXTS,
+    MAX_QUERIES,
+    ContextPool,
+    Queries,
+    new_sources,
+)
+from ping_llm.eval.scoring import GRID, distribution_metrics
+from ping_llm.query.calibration import POPULATIONS, Calibration, pair_keys
+from ping_llm.query.engine import Engine
 
 # variant -> the populations with symmetric maps (None: no calibration)
 VARIANTS = {"raw": None, "two populations": set(), "three, every map free": set(),

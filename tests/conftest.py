@@ -68,8 +68,8 @@ TRAINED_RUN_STEPS = 150
 def trained_run(tmp_path_factory) -> TrainedRun:
     import torch
 
-    from ping_llm import ingest, prepare, synth, synth_atlas
     from ping_llm import train as tr
+    from ping_llm.data import ingest, prepare, synth, synth_atlas
 
     root = tmp_path_factory.mktemp("trained_run")
     results = root / "results.jsonl.gz"

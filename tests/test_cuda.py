@@ -14,7 +14,7 @@ import torch
 
 from ping_llm import checkpoint as ck
 from ping_llm.model import GPT, GPTConfig, KVCache
-from ping_llm.query import Engine
+from ping_llm.query.engine import Engine
 from ping_llm.runtime import peak_flops_for, resolve_device
 from ping_llm.train import SyntheticLoader, TrainConfig, train
 

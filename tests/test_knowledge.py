@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from ping_llm import checkpoint, knowledge, synth
+from ping_llm import checkpoint, knowledge
 from ping_llm import tokens as tk
 from ping_llm.cli import main
+from ping_llm.data import synth
+from ping_llm.data.geo import GeoDB, default_db_path
 from ping_llm.errors import InputError
-from ping_llm.geo import GeoDB, default_db_path
 from ping_llm.knowledge import AddressKnowledge
 from ping_llm.model import GPT, PREFIX_LEVELS, GPTConfig, KVCache, prefix_slots
-from ping_llm.query import Engine
+from ping_llm.query.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

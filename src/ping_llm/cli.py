@@ -73,7 +73,7 @@ def _cmd_tokens(args) -> int:
 
 
 def _cmd_ingest(args) -> int:
-    from ping_llm import ingest
+    from ping_llm.data import ingest
 
     rep = ingest.ingest(
         args.inputs,
@@ -103,7 +103,7 @@ def _cmd_ingest(args) -> int:
 def _cmd_synth(args) -> int:
     import datetime as dt
 
-    from ping_llm import synth, synth_atlas
+    from ping_llm.data import synth, synth_atlas
 
     kw = {k: getattr(args, k) for k in ("seed", "probes", "days") if getattr(args, k) is not None}
     if args.start is not None:
@@ -294,7 +294,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _query_engine(args):
-    from ping_llm.query import Engine
+    from ping_llm.query.engine import Engine
 
     return Engine.load(args.run, device=args.device, calibrated=not args.no_calibration,
                        geo_db=args.geo_db)
@@ -303,8 +303,8 @@ def _query_engine(args):
 def _read_context(path):
     """--context FILE: measurements {src, dst, rtt_ms, time} and/or RIPE Atlas ping results as
     downloaded: a JSON array, JSON lines or concatenated JSON; gzip/bzip2/zstd allowed."""
-    from ping_llm.streams import StreamState, decompressed, json_values, open_chunks
-    from ping_llm.targets import MAX_CONTEXT_ITEMS, as_context
+    from ping_llm.data.streams import StreamState, decompressed, json_values, open_chunks
+    from ping_llm.query.targets import MAX_CONTEXT_ITEMS, as_context
 
     if path is None:
         return None
@@ -474,8 +474,8 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from ping_llm.limits import Limits
-    from ping_llm.server import serve
+    from ping_llm.query.limits import Limits
+    from ping_llm.query.server import serve
 
     limits = Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)})
     print(f"ping-llm serve: http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
@@ -490,7 +490,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to bind (127.0.0.1; the service has no authentication)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
-    from ping_llm.limits import Limits  # the limits' flags, from the dataclass
+    from ping_llm.query.limits import Limits  # the limits' flags, from the dataclass
 
     for f in dataclasses.fields(Limits):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
@@ -501,8 +501,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prepare(args) -> int:
-    from ping_llm import loader, prepare
-    from ping_llm.targets import parse_time
+    from ping_llm.data import loader, prepare
+    from ping_llm.query.targets import parse_time
 
     cfg = prepare.PrepareConfig(
         seed=args.seed,
@@ -568,8 +568,8 @@ def _cmd_demo(args) -> int:
 def _cmd_eval(args) -> int:
     import contextlib
 
-    from ping_llm import evaluate as ev
-    from ping_llm.targets import parse_time
+    from ping_llm.eval import evaluate as ev
+    from ping_llm.query.targets import parse_time
 
     if (args.since or args.until) and not args.test:
         raise InputError("--since/--until select a time window of the --test set; give --test")
@@ -592,7 +592,7 @@ def _cmd_eval(args) -> int:
                           calibrated=not args.no_calibration, readdress=args.readdress_sources,
                           progress=not args.no_progress)
     if args.json:
-        from ping_llm.report import json_safe
+        from ping_llm.eval.report import json_safe
 
         _print_json(json_safe({k: v for k, v in res.items() if k != "plot_data"}))
         return EXIT_OK
@@ -615,7 +615,7 @@ _EVAL_SPLITS_DEFAULT = "test_time,test_pair,test_probe"
 def _cmd_calibrate(args) -> int:
     import contextlib
 
-    from ping_llm.calibrate import calibrate
+    from ping_llm.eval.calibrate import calibrate
 
     if args.max_queries < 1:
         raise InputError(f"--max-queries must be >= 1, got {args.max_queries}")

@@ -77,8 +77,8 @@ def _banner(i: int, name: str, what: str) -> None:
 
 def run_demo(config: DemoConfig | None = None) -> dict:
     """Run (or continue) the demo; returns the stage summaries (also in DIR/stages.json)."""
-    from ping_llm import ingest, prepare, synth, synth_atlas
     from ping_llm import train as tr
+    from ping_llm.data import ingest, prepare, synth, synth_atlas
 
     cfg = config or DemoConfig()
     root = Path(cfg.out)
@@ -171,7 +171,7 @@ def _steps_for_budget(base, seconds: float) -> int:
 
 
 def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:
-    from ping_llm.calibrate import calibrate
+    from ping_llm.eval.calibrate import calibrate
 
     s = calibrate(dataset, run_dir, max_queries=min(CALIBRATE_QUERIES, cfg.eval_queries),
                   seed=cfg.seed)
@@ -185,9 +185,9 @@ def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:
 def _evaluate(dataset: Path, run_dir: Path, report_dir: Path, results_path: Path,
               cfg: DemoConfig) -> dict:
     """Model vs baselines vs ground truth on every test split; prints the held-out-pair table."""
-    from ping_llm.evaluate import evaluate
-    from ping_llm.report import summary_table
-    from ping_llm.synth import world_path
+    from ping_llm.data.synth import world_path
+    from ping_llm.eval.evaluate import evaluate
+    from ping_llm.eval.report import summary_table
 
     res = evaluate(dataset, run_dir, report_dir, max_queries=cfg.eval_queries,
                    contexts=(0, 1, 4), seed=cfg.seed, world=world_path(results_path))
@@ -212,9 +212,9 @@ def _queries(run_dir: Path, dataset: Path, results_path: Path) -> dict:
     import numpy as np
     import pyarrow.compute as pc
 
-    from ping_llm import synth
-    from ping_llm.query import Engine
-    from ping_llm.schema import read_canonical
+    from ping_llm.data import synth
+    from ping_llm.data.schema import read_canonical
+    from ping_llm.query.engine import Engine
 
     engine = Engine.load(run_dir)
     world = synth.World.load(synth.world_path(results_path))

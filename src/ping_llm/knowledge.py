@@ -2,7 +2,7 @@
 
 The model reads addresses as bytes, so on its own it knows an address only through the
 measurements it has seen of it (and of its prefixes: see `model.prefix_slots`). A MaxMind
-database (`ping_llm.geo.GeoDB`, by default the GeoLite2-City build the geolocation baseline
+database (`ping_llm.data.geo.GeoDB`, by default the GeoLite2-City build the geolocation baseline
 uses) knows roughly where almost every public address is: that is what lets a model say something
 about a probe or a destination it has never seen. The token language does not change; the
 features are added to the embedding of the byte that completes an address (source or
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ping_llm import tokens as tk
-from ping_llm.geo import GeoDB
+from ping_llm.data.geo import GeoDB
 
 FREQUENCIES = (1, 2, 4, 8, 16, 32)
 DENSE_DIM = 1 + 3 + 4 * len(FREQUENCIES) + 1

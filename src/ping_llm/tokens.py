@@ -79,6 +79,25 @@ QUERY_ORDER = (FIELD_SRC, FIELD_DST, FIELD_TIME, FIELD_RESULT)
 DELTA1_LIMIT = 256  # seconds; deltas below use one byte
 DELTA4_LIMIT = 2**32  # seconds; deltas below use four bytes, anything else falls back to ABS
 
+# Each role token's field and the bytes that follow it (a field block is the role + its bytes).
+ROLE_FIELD = {
+    SRC_IPV4: FIELD_SRC, SRC_IPV6: FIELD_SRC, DST_IPV4: FIELD_DST, DST_IPV6: FIELD_DST,
+    TIMESTAMP_ABS: FIELD_TIME, TIMESTAMP_DELTA1: FIELD_TIME, TIMESTAMP_DELTA4: FIELD_TIME,
+    RTT_START: FIELD_RESULT, FAILED: FIELD_RESULT,
+}
+ROLE_BYTES = {
+    SRC_IPV4: 4, SRC_IPV6: 16, DST_IPV4: 4, DST_IPV6: 16,
+    TIMESTAMP_ABS: 8, TIMESTAMP_DELTA1: 1, TIMESTAMP_DELTA4: 4, RTT_START: 2, FAILED: 0,
+}
+ADDRESS_BYTES = {4: 4, 6: 16}  # an address's length in bytes (tokens) per IP version
+
+
+def address_role(field: int, version: int) -> int:
+    """The role token that opens an address field (FIELD_SRC or FIELD_DST) of an IP version."""
+    if field == FIELD_SRC:
+        return SRC_IPV4 if version == 4 else SRC_IPV6
+    return DST_IPV4 if version == 4 else DST_IPV6
+
 
 def token_name(token_id: int) -> str:
     """'SRC_IPV4', 'RTT_START', ... for role tokens, 'B0x2a' for byte tokens."""
@@ -257,6 +276,23 @@ def time_tokens(t: int, prev: int | None) -> list[int]:
     return [TIMESTAMP_ABS] + _u8(t, 8)
 
 
+def query_prefix(version: int, src, dst=None, time: int | None = None,
+                 last_time: int | None = None) -> list:
+    """The known fields of a query measurement, in their fixed order (docs/tokens.md, "Queries"):
+    MEASUREMENT_START, the source, the destination (None: it is the asked-for field), the
+    timestamp (None: none; relative to the context's last timestamp `last_time`). src and dst
+    give one item per address byte: an int is that byte; anything else (a partial address's
+    unknown byte) is kept as is, for the caller to fill."""
+    seq = [MEASUREMENT_START, address_role(FIELD_SRC, version)]
+    seq += [BYTE0 + b if isinstance(b, int) else b for b in src]
+    if dst is not None:
+        seq += [address_role(FIELD_DST, version)]
+        seq += [BYTE0 + b if isinstance(b, int) else b for b in dst]
+    if time is not None:
+        seq += time_tokens(time, last_time)
+    return seq
+
+
 def encode_reference(measurements, orders=None) -> list[int]:
     """Measurements (one context, in order) -> token ids. orders[i] is a permutation of field ids
     (default QUERY_ORDER); the time field is skipped for measurements without a time."""
@@ -275,8 +311,8 @@ def encode_reference(measurements, orders=None) -> list[int]:
         if rtt != rtt:
             raise InputError(f"RTT is NaN in measurement {i}")
         blocks = {
-            FIELD_SRC: [SRC_IPV4 if sv == 4 else SRC_IPV6] + [BYTE0 + b for b in src[:n]],
-            FIELD_DST: [DST_IPV4 if dv == 4 else DST_IPV6] + [BYTE0 + b for b in dst[:n]],
+            FIELD_SRC: [address_role(FIELD_SRC, sv)] + [BYTE0 + b for b in src[:n]],
+            FIELD_DST: [address_role(FIELD_DST, dv)] + [BYTE0 + b for b in dst[:n]],
         }
         if rtt < 0:
             blocks[FIELD_RESULT] = [FAILED]
@@ -431,14 +467,6 @@ class TokenStreamError(InputError):
         self.reason = reason
 
 
-_ADDR_ROLES = {
-    SRC_IPV4: (FIELD_SRC, 4),
-    SRC_IPV6: (FIELD_SRC, 16),
-    DST_IPV4: (FIELD_DST, 4),
-    DST_IPV6: (FIELD_DST, 16),
-}
-_TIME_BYTES = {TIMESTAMP_ABS: 8, TIMESTAMP_DELTA1: 1, TIMESTAMP_DELTA4: 4}
-ADDRESS_BYTES = {4: 4, 6: 16}  # an address's length in bytes (tokens) per IP version
 ADDRESS_LOOKBACK = ADDRESS_BYTES[6]  # tokens before a position `address_progress` may need
 
 
@@ -504,27 +532,25 @@ def decode(tokens, *, with_orders: bool = False):
                 raise TokenStreamError(i, f"token id {tok} outside the vocabulary")
             if tok >= BYTE0:
                 raise TokenStreamError(i, "byte token where a field role was expected")
-            if tok in _ADDR_ROLES:
-                field, nbytes = _ADDR_ROLES[tok]
+            field, nbytes = ROLE_FIELD.get(tok), ROLE_BYTES.get(tok)
+            if field in (FIELD_SRC, FIELD_DST):
                 value: object = (
                     read_bytes(i + 1, nbytes, token_name(tok)),
                     4 if nbytes == 4 else 6,
                 )
-            elif tok in _TIME_BYTES:
-                field, nbytes = FIELD_TIME, _TIME_BYTES[tok]
+            elif field == FIELD_TIME:
                 raw = int.from_bytes(read_bytes(i + 1, nbytes, token_name(tok)), "big")
                 if tok != TIMESTAMP_ABS and prev_time is None:
                     raise TokenStreamError(i, "timestamp delta before any absolute timestamp")
                 value = raw if tok == TIMESTAMP_ABS else prev_time + raw
             elif tok == RTT_START:
-                field, nbytes = FIELD_RESULT, 2
                 b = read_bytes(i + 1, 2, "RTT")
                 code = b[0] << 8 | b[1]
                 if not is_canonical_code(code):
                     raise TokenStreamError(i + 1, f"non-canonical RTT code 0x{code:04x}")
                 value = float(code_to_rtt(code))
             elif tok == FAILED:
-                field, nbytes, value = FIELD_RESULT, 0, -1.0
+                value = -1.0
             elif tok == THROUGHPUT_START:
                 raise TokenStreamError(i, "THROUGHPUT_START is reserved and never valid")
             else:

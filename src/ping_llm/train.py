@@ -13,7 +13,7 @@ all-reduced on the last micro-step only (`no_sync` on the others). The global ba
 `total_batch_tokens = device_batch_size x sequence_len x grad_accum_steps x world_size`, so the
 same config gives the same optimisation on 1 process or N (up to float summation order).
 
-Loader contract (the real one is `ping_llm.loader.build_loader`; `SyntheticLoader` below is the
+Loader contract (the real one is `ping_llm.data.loader.build_loader`; `SyntheticLoader` below is the
 reference implementation used by tests and benchmarks)::
 
     build_loader(data_dir, split, batch_size, seq_len, seed, rank, world_size) -> loader
@@ -363,7 +363,7 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int,
     data = Path(cfg.data_dir)
     if not (data / "card.json").is_file():
         raise InputError(f"{data} is not a prepared dataset (no card.json); run `ping-llm prepare`")
-    from ping_llm.loader import CurriculumLoader, MixtureLoader, SamplerConfig, build_loader
+    from ping_llm.data.loader import CurriculumLoader, MixtureLoader, SamplerConfig, build_loader
 
     def make(split, batch_size=cfg.device_batch_size, length=seq_len, data=data, **kw):
         return build_loader(
@@ -440,7 +440,7 @@ def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) ->
 def mixture(cfg: TrainConfig) -> tuple[list[Path], list[float]]:
     """The datasets a run trains on ([data_dir, *extra_data]) and their weights: `mix` as
     given, else each one's share of the train measurements (what concatenating them gives)."""
-    from ping_llm.prepare import load_card
+    from ping_llm.data.prepare import load_card
 
     sources = [Path(cfg.data_dir), *map(Path, cfg.extra_data)]
     if cfg.mix is not None:
@@ -626,7 +626,7 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
         if raw.knowledge is not None:  # which database: queries must open the same one
             full_config["knowledge"] = raw.knowledge.describe()
         if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
-            from ping_llm.prepare import load_card
+            from ping_llm.data.prepare import load_card
 
             card = load_card(cfg.data_dir)
             full_config["dataset"] = {
