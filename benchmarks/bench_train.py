@@ -28,7 +28,9 @@ import time
 
 import torch
 
-from ping_llm.train import SyntheticLoader, TrainConfig, peak_flops_for, train
+from ping_llm.config import TrainConfig
+from ping_llm.runtime import peak_flops_for
+from ping_llm.train import SyntheticLoader, train
 
 
 class CachedLoader:

@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ping_llm"
 LAYERS = [
     {"__init__", "errors", "tokens"},
     {"data"},
-    {"model", "optim", "runtime", "checkpoint", "knowledge", "train"},
+    {"config", "model", "optim", "runtime", "checkpoint", "knowledge", "train"},
     {"query"},
     {"eval"},
     {"cli", "demo"},

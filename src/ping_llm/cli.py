@@ -133,6 +133,7 @@ def _cmd_train(args) -> int:
     import signal
 
     from ping_llm import train as tr
+    from ping_llm.config import config_for_run
 
     model = {}
     for kv in args.model or []:
@@ -185,7 +186,7 @@ def _cmd_train(args) -> int:
         time_limit_s=None if args.time_limit is None else 60.0 * args.time_limit,
         time_budget_s=None if args.time_budget is None else 60.0 * args.time_budget,
     )
-    config = tr.config_for_run(args.out, args.resume, **overrides)
+    config = config_for_run(args.out, args.resume, **overrides)
     # With --json, stdout carries only the summary; the training log goes to stderr.
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:

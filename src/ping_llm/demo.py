@@ -78,6 +78,7 @@ def _banner(i: int, name: str, what: str) -> None:
 def run_demo(config: DemoConfig | None = None) -> dict:
     """Run (or continue) the demo; returns the stage summaries (also in DIR/stages.json)."""
     from ping_llm import train as tr
+    from ping_llm.config import TrainConfig
     from ping_llm.data import ingest, prepare, synth, synth_atlas
 
     cfg = config or DemoConfig()
@@ -124,7 +125,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         spent = time.perf_counter() - t_demo
         budget = cfg.minutes * 60 - spent - sum(OVERHEAD_S[s] for s in STAGES[4:])
         model = {} if cfg.seq_len is None else {"sequence_len": cfg.seq_len}
-        base = tr.TrainConfig(data_dir=str(dataset), out_dir=str(run_dir), seed=cfg.seed,
+        base = TrainConfig(data_dir=str(dataset), out_dir=str(run_dir), seed=cfg.seed,
                               model=model, resume=True)
         if base.knowledge:  # the world publishes its own geolocation database
             base = dataclasses.replace(base, geo_db=str(synth.geo_db_path(results_path)))
@@ -132,7 +133,7 @@ def run_demo(config: DemoConfig | None = None) -> dict:
         print(f"  training the tiny model for {steps} steps (~{max(budget, 30) / 60:.1f} min)")
         # The steps are planned from a few timed ones; if the machine then slows down (other
         # work), the schedule follows the time budget instead and training still ends on time.
-        train_cfg = tr.TrainConfig.from_dict({**base.to_dict(), "steps": steps,
+        train_cfg = TrainConfig.from_dict({**base.to_dict(), "steps": steps,
                                                "eval_every": max(steps // 5, 1),
                                                "save_every": max(steps // 5, 1),
                                                "time_budget_s": None if cfg.steps
@@ -160,8 +161,9 @@ def run_demo(config: DemoConfig | None = None) -> dict:
 def _steps_for_budget(base, seconds: float) -> int:
     """Optimizer steps that fit `seconds`, from timing a few steps of the same model here."""
     from ping_llm import train as tr
+    from ping_llm.config import TrainConfig
 
-    probe = tr.TrainConfig.from_dict({**base.to_dict(), "out_dir": None, "resume": False,
+    probe = TrainConfig.from_dict({**base.to_dict(), "out_dir": None, "resume": False,
                                       "steps": CALIBRATION_STEPS, "eval_every": 0,
                                       "log_every": 10**6})
     summary = tr.train(probe)

@@ -403,7 +403,8 @@ def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsy
 def test_kept_checkpoints_give_a_learning_curve_in_the_report(trained_run, tmp_path):
     """train --keep-every keeps earlier weights; eval scores each on the same queries (k = 0)."""
     from ping_llm import checkpoint as ck
-    from ping_llm.train import TrainConfig, train
+    from ping_llm.config import TrainConfig
+    from ping_llm.train import train
 
     run = tmp_path / "run"
     train(TrainConfig(data_dir=str(trained_run.data_dir), out_dir=str(run),
