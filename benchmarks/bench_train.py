@@ -29,8 +29,9 @@ import time
 import torch
 
 from ping_llm.config import TrainConfig
+from ping_llm.data.markov import SyntheticLoader
 from ping_llm.runtime import peak_flops_for
-from ping_llm.train import SyntheticLoader, train
+from ping_llm.train import train
 
 
 class CachedLoader:

@@ -15,10 +15,11 @@ import torch
 from ping_llm import __version__
 from ping_llm import checkpoint as ck
 from ping_llm.config import TrainConfig
+from ping_llm.data.markov import SyntheticLoader
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, GPTConfig
 from ping_llm.optim import build_optimizers
-from ping_llm.train import SyntheticLoader, train
+from ping_llm.train import train
 
 MODEL = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=64)
 

@@ -14,10 +14,11 @@ import torch
 
 from ping_llm import checkpoint as ck
 from ping_llm.config import TrainConfig
+from ping_llm.data.markov import SyntheticLoader
 from ping_llm.model import GPT, GPTConfig, KVCache
 from ping_llm.query.engine import Engine
 from ping_llm.runtime import peak_flops_for, resolve_device
-from ping_llm.train import SyntheticLoader, train
+from ping_llm.train import train
 
 pytestmark = [
     pytest.mark.cuda,

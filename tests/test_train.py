@@ -22,10 +22,11 @@ import torch
 
 from ping_llm import checkpoint as ck
 from ping_llm.cli import main as cli_main
-from ping_llm.config import TrainConfig, config_for_run
+from ping_llm.config import TrainConfig, config_for_run, grad_accum_steps
+from ping_llm.data.markov import SyntheticLoader
 from ping_llm.errors import InputError
 from ping_llm.model import GPT
-from ping_llm.train import SyntheticLoader, TrainingDiverged, grad_accum_steps, train
+from ping_llm.train import TrainingDiverged, train
 
 MODEL = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=64)
 B, T = 4, 64
@@ -37,7 +38,8 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from ping_llm.config import TrainConfig
-from ping_llm.train import SyntheticLoader, train
+from ping_llm.data.markov import SyntheticLoader
+from ping_llm.train import train
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 T = cfg.gpt_config().sequence_len

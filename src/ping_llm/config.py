@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ping_llm.errors import InputError
 
@@ -189,3 +190,52 @@ def config_for_run(out_dir, resume: bool, **overrides) -> TrainConfig:
     base.update(given)
     base.update(out_dir=str(out_dir), resume=resume)
     return TrainConfig.from_dict(base)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the settings imply for a run
+
+
+def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
+    per_step = cfg.device_batch_size * seq_len * world_size
+    total = cfg.total_batch_tokens or per_step
+    if total % per_step:
+        raise InputError(
+            f"total_batch_tokens {total} is not a multiple of device_batch_size x sequence_len x "
+            f"world_size = {cfg.device_batch_size} x {seq_len} x {world_size} = {per_step}"
+        )
+    return total // per_step
+
+
+def seq_warmup_steps(cfg: TrainConfig, seq_len: int) -> int:
+    """Optimiser steps on short contexts: 0 when off or when the model's context is not longer."""
+    if cfg.seq_warmup_frac == 0 or cfg.seq_warmup_len >= seq_len:
+        return 0
+    if seq_len % cfg.seq_warmup_len:
+        raise InputError(f"seq_warmup_len {cfg.seq_warmup_len} must divide the model's "
+                         f"sequence_len {seq_len} (or turn the warmup off: seq_warmup_frac 0)")
+    return round(cfg.seq_warmup_frac * cfg.steps)
+
+
+def mixture(cfg: TrainConfig) -> tuple[list[Path], list[float]]:
+    """The datasets a run trains on ([data_dir, *extra_data]) and their weights: `mix` as
+    given, else each one's share of the train measurements (what concatenating them gives)."""
+    from ping_llm.data.prepare import load_card
+
+    sources = [Path(cfg.data_dir), *map(Path, cfg.extra_data)]
+    if cfg.mix is not None:
+        if len(cfg.mix) != len(sources):
+            raise InputError(f"--mix has {len(cfg.mix)} weights for {len(sources)} datasets")
+        return sources, [float(w) for w in cfg.mix]
+    return sources, [float(load_card(p)["splits"]["train"]["measurements"]) for p in sources]
+
+
+def planned_warmup(ckpt, seq_len: int) -> int:
+    """The sequence-length warmup a checkpointed run planned when it started. Extending a run
+    (resuming with more steps) re-plans the lr schedule for the new total but not the warmup:
+    its switch may already lie behind, and the loader's state was written for that plan."""
+    recorded = ckpt.meta.get("trainer", {}).get("seq_warmup_steps")
+    if recorded is not None:
+        return int(recorded)
+    first = TrainConfig.from_dict({**LEGACY_DEFAULTS, **ckpt.config["train"]})
+    return seq_warmup_steps(first, seq_len)  # older runs: their own config's plan

@@ -13,8 +13,8 @@ all-reduced on the last micro-step only (`no_sync` on the others). The global ba
 `total_batch_tokens = device_batch_size x sequence_len x grad_accum_steps x world_size`, so the
 same config gives the same optimisation on 1 process or N (up to float summation order).
 
-Loader contract (the real one is `ping_llm.data.loader.build_loader`; `SyntheticLoader` below is the
-reference implementation used by tests and benchmarks)::
+Loader contract (the real one is `data.loader.build_loader`; `data.markov.SyntheticLoader` is
+the reference implementation used by tests and benchmarks)::
 
     build_loader(data_dir, split, batch_size, seq_len, seed, rank, world_size) -> loader
     iter(loader) is loader; next(loader) -> (inputs, targets)   int64 CPU tensors, shape (B, T)
@@ -42,19 +42,31 @@ CPU's achievable fp32 matmul rate and passes that).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import math
 import statistics
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ping_llm.config import LEGACY_DEFAULTS, RESUME_FIXED, TrainConfig
+from ping_llm import checkpoint as ckpt_mod
+from ping_llm.config import (
+    LEGACY_DEFAULTS,
+    RESUME_FIXED,
+    TrainConfig,
+    grad_accum_steps,
+    mixture,
+    planned_warmup,
+    seq_warmup_steps,
+)
+from ping_llm.data.markov import mix_seed
 from ping_llm.errors import InputError
+from ping_llm.model import GPT, GPTConfig
+from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
 from ping_llm.runtime import (
     Dist,
     StopFlag,
@@ -66,89 +78,6 @@ from ping_llm.runtime import (
     progress_bar,
     setup,
 )
-
-# ------------------------------------------------------------------------------------------------
-# the reference loader
-
-
-def _mix_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python versions)."""
-    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-class SyntheticLoader:
-    """Seeded, structured synthetic token stream that follows the loader contract above.
-
-    A sparse Markov chain over the vocabulary: token a is followed by one of `branching`
-    successors with fixed probabilities (drawn from `seed`, shared by every split), so a model
-    can learn far below the unigram entropy (~5.4 nats) towards the conditional one (~1.1 nats
-    for branching 4). Global micro-batch g of (seed, split) is generated from its own generator
-    seeded by (seed, split, g); rank r of W yields g = r, r + W, ... Each row's last
-    0..T/8 targets are -1, exercising the ignore-index path like real unused positions.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        seq_len: int,
-        *,
-        seed: int = 0,
-        split: str = "train",
-        rank: int = 0,
-        world_size: int = 1,
-        vocab_size: int = 267,
-        branching: int = 4,
-    ):
-        if not 0 <= rank < world_size:
-            raise InputError(f"rank {rank} out of range for world_size {world_size}")
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.seed, self.split, self.rank, self.world_size = seed, split, rank, world_size
-        g = torch.Generator().manual_seed(_mix_seed("table", seed))
-        self.successors = torch.stack(
-            [torch.randperm(vocab_size, generator=g)[:branching] for _ in range(vocab_size)]
-        )  # (V, K)
-        logits = torch.randn(vocab_size, branching, generator=g) * 1.5
-        self.cum = torch.softmax(logits, -1).cumsum(-1)  # (V, K) cumulative successor probs
-        self.vocab_size = vocab_size
-        self.next_local = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.next_local * self.world_size + self.rank
-        self.next_local += 1
-        return self.batch(g)
-
-    def batch(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global micro-batch g: (inputs, targets), int64 (B, T)."""
-        B, T = self.batch_size, self.seq_len
-        gen = torch.Generator().manual_seed(_mix_seed(self.seed, self.split, g))
-        tok = torch.randint(self.vocab_size, (B,), generator=gen)
-        u = torch.rand(B, T, generator=gen)
-        seq = torch.empty(B, T + 1, dtype=torch.int64)
-        seq[:, 0] = tok
-        for t in range(T):
-            k = (self.cum[tok] < u[:, t : t + 1]).sum(1).clamp_(max=self.cum.size(1) - 1)
-            tok = self.successors[tok, k]
-            seq[:, t + 1] = tok
-        inputs, targets = seq[:, :-1].clone(), seq[:, 1:].clone()
-        pad = torch.randint(0, max(T // 8, 1), (B,), generator=gen)
-        targets[torch.arange(T)[None, :] >= (T - pad)[:, None]] = -1
-        return inputs, targets
-
-    def get_state(self) -> dict:
-        return {"kind": "synthetic", "seed": self.seed, "split": self.split,
-                "next_local": self.next_local}
-
-    def set_state(self, state: dict) -> None:
-        if (state.get("kind"), state.get("seed"), state.get("split")) != (
-            "synthetic", self.seed, self.split
-        ):
-            raise InputError(f"loader state {state} does not belong to this synthetic loader")
-        self.next_local = int(state["next_local"])
-
 
 # ------------------------------------------------------------------------------------------------
 # errors
@@ -164,17 +93,6 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------
 # the loop
-
-
-def grad_accum_steps(cfg: TrainConfig, seq_len: int, world_size: int) -> int:
-    per_step = cfg.device_batch_size * seq_len * world_size
-    total = cfg.total_batch_tokens or per_step
-    if total % per_step:
-        raise InputError(
-            f"total_batch_tokens {total} is not a multiple of device_batch_size x sequence_len x "
-            f"world_size = {cfg.device_batch_size} x {seq_len} x {world_size} = {per_step}"
-        )
-    return total // per_step
 
 
 def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int, d: Dist):
@@ -213,22 +131,9 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int,
     return curriculum, held_out
 
 
-def seq_warmup_steps(cfg: TrainConfig, seq_len: int) -> int:
-    """Optimiser steps on short contexts: 0 when off or when the model's context is not longer."""
-    if cfg.seq_warmup_frac == 0 or cfg.seq_warmup_len >= seq_len:
-        return 0
-    if seq_len % cfg.seq_warmup_len:
-        raise InputError(f"seq_warmup_len {cfg.seq_warmup_len} must divide the model's "
-                         f"sequence_len {seq_len} (or turn the warmup off: seq_warmup_frac 0)")
-    return round(cfg.seq_warmup_frac * cfg.steps)
-
-
 def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) -> list[dict]:
     """--init-from: the parent run's weights (and, with init_optimizer, its optimizer moments)
     into this new run. Returns the lineage: the parent's entry, then the parent's own lineage."""
-    from ping_llm import checkpoint as ckpt_mod
-    from ping_llm.model import GPTConfig
-
     parent = ckpt_mod.load_checkpoint(cfg.init_from)
     if GPTConfig.from_dict(parent.config["model"]) != gpt_config:  # older runs: fewer fields
         raise InputError(
@@ -257,31 +162,7 @@ def _init_from_parent(cfg: TrainConfig, raw, optimizers, gpt_config, d: Dist) ->
     return [entry, *parent.config.get("mixture", []), *parent.config.get("lineage", [])]
 
 
-def mixture(cfg: TrainConfig) -> tuple[list[Path], list[float]]:
-    """The datasets a run trains on ([data_dir, *extra_data]) and their weights: `mix` as
-    given, else each one's share of the train measurements (what concatenating them gives)."""
-    from ping_llm.data.prepare import load_card
-
-    sources = [Path(cfg.data_dir), *map(Path, cfg.extra_data)]
-    if cfg.mix is not None:
-        if len(cfg.mix) != len(sources):
-            raise InputError(f"--mix has {len(cfg.mix)} weights for {len(sources)} datasets")
-        return sources, [float(w) for w in cfg.mix]
-    return sources, [float(load_card(p)["splits"]["train"]["measurements"]) for p in sources]
-
-
-def _planned_warmup(ckpt, seq_len: int) -> int:
-    """The sequence-length warmup a checkpointed run planned when it started. Extending a run
-    (resuming with more steps) re-plans the lr schedule for the new total but not the warmup:
-    its switch may already lie behind, and the loader's state was written for that plan."""
-    recorded = ckpt.meta.get("trainer", {}).get("seq_warmup_steps")
-    if recorded is not None:
-        return int(recorded)
-    first = TrainConfig.from_dict({**LEGACY_DEFAULTS, **ckpt.config["train"]})
-    return seq_warmup_steps(first, seq_len)  # older runs: their own config's plan
-
-
-def _eval_set(eval_loader, cfg: TrainConfig, d: Dist) -> list:
+def _held_out_batches(eval_loader, cfg: TrainConfig, d: Dist) -> list:
     """This rank's share of the fixed held-out set: global micro-batches r, r+W, ... < n."""
     n_local = len(range(d.rank, cfg.eval_batches, d.world_size))
     batches = []
@@ -338,6 +219,42 @@ def _check_resume(ckpt, cfg: TrainConfig, d: Dist) -> None:
                 "exactly an uninterrupted one if these affect optimisation)")
 
 
+@dataclass
+class _Run:
+    """What one training process holds between steps: built by `_setup`, advanced by `_step`."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path | None = None
+    lock: object = None  # checkpoint.RunLock of the run directory (rank 0)
+    wb: object = None  # the wandb run, when logging to wandb
+    gpt_config: object = None
+    accum: int = 1  # micro-batches per optimiser step on each rank
+    warmup: int = 0  # optimiser steps on short contexts (seq_warmup_steps)
+    use_bf16: bool = False
+    model: torch.nn.Module | None = None  # what runs the step: compiled and/or DDP-wrapped
+    raw: torch.nn.Module | None = None  # the GPT itself (its state is what is saved)
+    eval_model: torch.nn.Module | None = None  # compiled, not DDP-wrapped
+    optimizers: list = field(default_factory=list)
+    loader: object = None
+    eval_batches: list = field(default_factory=list)
+    full_config: dict = field(default_factory=dict)  # written to RUN/config.json
+    trainer: dict = field(default_factory=dict)  # tokens seen, training time, ... (checkpointed)
+    tokens_per_step: int = 0
+    flops_per_token: float = 0.0
+    peak: float | None = None  # peak FLOP/s per device, for MFU
+    step: int = 0
+    start_step: int = 0
+    last_saved: int | None = None
+    last_eval: float | None = None
+    last_loss: float | None = None
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
 def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
     """Train (or resume) a run; returns a summary dict (also printed by `ping-llm train --json`).
 
@@ -345,337 +262,366 @@ def train(config: TrainConfig, *, loader=None, eval_loader=None) -> dict:
     sharded for this process's rank; when None they are built from config.data_dir.
     Raises InputError for bad config/data, TrainingDiverged on NaN/inf loss.
     """
-    from ping_llm import checkpoint as ckpt_mod
-    from ping_llm.model import GPT
-    from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
-
     cfg = config
-    d = setup(cfg.device)
-    wb = lock = None
+    r = _Run(cfg, setup(cfg.device))
     try:
-        gpt_config = cfg.gpt_config()
-        T = gpt_config.sequence_len
-        accum = grad_accum_steps(cfg, T, d.world_size)
-        if cfg.dtype == "bfloat16" and d.device.type != "cuda":
-            raise InputError("bf16 autocast is for CUDA only; use dtype auto or float32 on CPU")
-        use_bf16 = d.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
-        if d.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (NS on fp32)
-            torch.backends.cudnn.allow_tf32 = True
-
-        def autocast():
-            if use_bf16:
-                return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            return contextlib.nullcontext()
-
-        run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
-        if run_dir is not None and d.master:
-            lock = ckpt_mod.RunLock(run_dir)
-            lock.acquire()
-        ckpt = None
-        if run_dir is not None:
-            found = ckpt_mod.find_checkpoint(run_dir)
-            if found is not None and not cfg.resume:
-                step = ckpt_mod.read_meta(found)["step"]
-                raise InputError(
-                    f"{run_dir} already holds a checkpoint (step {step}); pass --resume to "
-                    "continue it or choose another --out"
-                )
-            if found is not None:
-                ckpt = ckpt_mod.load_checkpoint(found)
-                _check_resume(ckpt, cfg, d)
-            elif cfg.resume:
-                log0(d, f"resume: no checkpoint in {run_dir}, starting a new run")
-
-        warmup = 0
-        if loader is None:
-            warmup = seq_warmup_steps(cfg, T)
-            if ckpt is not None:  # extended (more --steps): the warmup keeps its first plan
-                warmup = _planned_warmup(ckpt, T)
-            loader, eval_loader = _build_data_loaders(cfg, T, accum, warmup, d)
-
-        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
-        torch.manual_seed(cfg.seed)
-        model = GPT(gpt_config).to(d.device)
-        raw = model
-        if gpt_config.knowledge_dim:
-            from ping_llm.knowledge import AddressKnowledge
-
-            raw.knowledge = AddressKnowledge.open(cfg.geo_db)
-        optimizers = build_optimizers(
-            raw,
-            matrix_lr=cfg.matrix_lr,
-            embedding_lr=cfg.embedding_lr,
-            unembedding_lr=cfg.unembedding_lr,
-            memory_lr=cfg.memory_lr,
-            weight_decay=cfg.weight_decay,
-        )
-        start_step, trainer = 0, {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None,
-                                  "seq_warmup_steps": warmup}
-        if ckpt is not None:
-            if raw.knowledge is not None:
-                ckpt_mod.check_knowledge(ckpt.config, raw.knowledge)
-            raw.load_state_dict({k: v.to(d.device) for k, v in ckpt.model_state.items()})
-            ckpt.load_optimizers(optimizers)
-            loader.set_state(ckpt.loader_states[d.rank])
-            ckpt_mod.restore_rng_state(ckpt.rng_states[d.rank])
-            start_step = ckpt.step
-            trainer.update(ckpt.meta.get("trainer", {}))
-            log0(d, f"resumed from {ckpt.path} at step {start_step}")
-        else:
-            torch.manual_seed(_mix_seed(cfg.seed, "rank", d.rank))
-        if ckpt is not None:
-            lineage = ckpt.config.get("lineage", [])
-        elif cfg.init_from is not None:
-            lineage = _init_from_parent(cfg, raw, optimizers, gpt_config, d)
-        else:
-            lineage = []
-        del ckpt  # the CPU copies of weights and optimizer state
-
-        if cfg.compile:
-            model = torch.compile(model)
-        eval_model = model
-        if d.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-
-        full_config = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
-        if lineage:  # the runs whose weights this one started from, nearest first
-            full_config["lineage"] = lineage
-        if raw.knowledge is not None:  # which database: queries must open the same one
-            full_config["knowledge"] = raw.knowledge.describe()
-        if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
-            from ping_llm.data.prepare import load_card
-
-            card = load_card(cfg.data_dir)
-            full_config["dataset"] = {
-                "train_fingerprint": card["splits"]["train"]["fingerprint"],
-                "split_fingerprints": {k: v.get("fingerprint") for k, v in card["splits"].items()},
-            }
-            if cfg.extra_data:  # the other datasets of the mixture: eval checks them too
-                sources, weights = mixture(cfg)
-                full_config["mixture"] = [
-                    {"data_dir": str(p), "weight": w,
-                     "fingerprint": load_card(p)["splits"]["train"]["fingerprint"]}
-                    for p, w in zip(sources[1:], weights[1:], strict=True)
-                ]
-        if run_dir is not None and d.master:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_mod.write_json_atomic(run_dir / ckpt_mod.CONFIG_FILE, full_config)
-            ckpt_mod.truncate_metrics(run_dir, start_step)
-
-        n_params = raw.num_params()
-        flops_per_token = raw.estimate_flops_per_token()
-        peak = cfg.peak_flops or peak_flops_for(d.device)
-        tokens_per_step = accum * cfg.device_batch_size * T * d.world_size
-        log0(d, f"model {cfg.preset} {gpt_config.to_dict()} | {n_params:,} params | "
-                f"{flops_per_token / 1e6:.1f} MFLOP/token")
-        log0(d, f"device {d.device} x{d.world_size} | bf16 {use_bf16} | compile {cfg.compile} | "
-                f"batch {cfg.device_batch_size}x{T} x accum {accum} x world {d.world_size} = "
-                f"{tokens_per_step:,} tokens/step | steps {start_step}->{cfg.steps}")
-        if peak is None:
-            log0(d, f"MFU: no peak FLOP/s known for {d.device}; pass peak_flops to get one")
-
-        if cfg.wandb != "off" and importlib.util.find_spec("wandb") is None:  # on every rank
-            raise InputError("wandb is not installed: pip install 'ping-llm[wandb]'")
-        if cfg.wandb != "off" and d.master:
-            import wandb
-
-            trainer["wandb_id"] = trainer.get("wandb_id") or uuid.uuid4().hex[:8]  # no RNG use
-            wb = wandb.init(
-                project=cfg.wandb_project, id=trainer["wandb_id"], resume="allow",
-                mode=cfg.wandb, config=full_config,
-                dir=str(run_dir) if run_dir is not None else None,
-                name=run_dir.name if run_dir is not None else None,
-            )
-
-        eval_batches = _eval_set(eval_loader, cfg, d) if eval_loader is not None else []
-        eval_loader = None  # read once and cached: release its pipeline
-
-        def record(rec: dict) -> None:
-            if not d.master:
-                return
-            if run_dir is not None:
-                ckpt_mod.append_metrics(run_dir, rec)
-            if wb is not None:
-                wb.log({f"{rec['kind']}/{k}": v for k, v in rec.items()
-                        if k not in ("kind", "step") and v is not None}, step=rec["step"])
-
-        last_saved = start_step if start_step > 0 else None
-
-        def save(step: int) -> None:
-            nonlocal last_saved
-            if run_dir is None:
-                return
-            loader_states = all_gather(loader.get_state(), d)
-            rng_states = all_gather(ckpt_mod.capture_rng_state(), d)
-            if d.master:
-                ckpt_mod.save_checkpoint(
-                    run_dir, model_state=raw.state_dict(), config=full_config,
-                    optimizers=optimizers, loader_states=loader_states, rng_states=rng_states,
-                    step=step, trainer=trainer,
-                )
-                if cfg.keep_every and step % cfg.keep_every == 0:
-                    ckpt_mod.keep_weights(run_dir, step)
-            barrier(d)
-            last_saved = step
-
-        last_eval = None
-
-        def maybe_eval(step: int, final: bool = False) -> None:
-            nonlocal last_eval
-            if not eval_batches or cfg.eval_every == 0:
-                return
-            if step % cfg.eval_every and not final:
-                return
-            t0 = time.perf_counter()
-            last_eval, count = _evaluate(eval_model, eval_batches, d.device, autocast, d)
-            record({"kind": "eval", "step": step, "eval_loss": last_eval, "eval_tokens": count})
-            log0(d, f"step {step:6d} | eval loss {last_eval:.4f} ({count:,} tokens, "
-                    f"{time.perf_counter() - t0:.1f}s)")
-
-        model.train()
-        if start_step == 0:
-            maybe_eval(0)
-        step, stopped, last_loss = start_step, None, None
-        step_times, t_start = [], time.perf_counter()
+        _setup(r, loader, eval_loader)
+        r.model.train()
+        if r.start_step == 0:
+            _maybe_eval(r, final=False)
+        stopped, step_times, t_start = None, [], time.perf_counter()
         budget_s = cfg.time_budget_s or math.inf
-        budget_done = trainer["train_time_s"] >= budget_s  # a resumed run that already ended
-
+        budget_done = r.trainer["train_time_s"] >= budget_s  # a resumed run that already ended
         with StopFlag() as flag:
-            progress = progress_bar(d, cfg.steps, start_step)
-            while step < cfg.steps and not budget_done:
+            progress = progress_bar(r.d, cfg.steps, r.start_step)
+            while r.step < cfg.steps and not budget_done:
                 t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=d.device)
-                for micro in range(accum):
-                    try:
-                        x, y = next(loader)
-                    except StopIteration:
-                        raise RuntimeError("the training loader ran out of batches") from None
-                    feats = address_features(raw, x)
-                    x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-                    sync = (model.no_sync() if d.world_size > 1 and micro < accum - 1
-                            else contextlib.nullcontext())
-                    with sync:
-                        with autocast():
-                            _, loss = model(x, y, feats=feats)
-                        (loss / accum).backward()
-                    loss_sum += loss.detach()
-                params = [p for p in raw.parameters() if p.grad is not None]
-                if cfg.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                else:
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-                # One all-reduce per step: mean loss, the (already global) grad norm, and "any
-                # rank wants to stop", so that all ranks stop after the same step.
-                want_stop = (
-                    flag.signal_name is not None
-                    or (cfg.stop_at is not None and step + 1 >= cfg.stop_at)
-                    or (cfg.time_limit_s is not None
-                        and time.perf_counter() - t_start > cfg.time_limit_s)
-                )
-                # Training time after this step, as a fraction of the budget (0 without one);
-                # averaged over the ranks so that all of them use the same lr and stop together.
-                spent = (trainer["train_time_s"] + time.perf_counter() - t0) / budget_s
-                stats = torch.stack([loss_sum / accum, grad_norm.float().to(d.device),
-                                     torch.tensor(spent, device=d.device),
-                                     torch.tensor(float(want_stop), device=d.device)])
-                if d.world_size > 1:
-                    all_reduce(stats, d)
-                    stats[:3] /= d.world_size
-                loss_f, norm_f, spent_f, stop_f = stats.tolist()
-                if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
-                    model.zero_grad(set_to_none=True)
-                    where = (f"the last good checkpoint (step {last_saved}) is in "
-                             f"{run_dir / ckpt_mod.CHECKPOINT_DIR}" if last_saved is not None
-                             and run_dir is not None else "no checkpoint was saved")
-                    raise TrainingDiverged(
-                        f"training diverged in step {step + 1}: loss {loss_f}, grad norm "
-                        f"{norm_f} (non-finite). Stopped without saving; {where}. Try lower "
-                        "learning rates, more warmup, or dtype float32.",
-                        step + 1, last_saved,
-                    )
-                at = min(cfg.steps, max(step, round(spent_f * cfg.steps)))  # where in the plan
-                mult = lr_multiplier(at, cfg.steps, cfg.warmup_steps, cfg.warmdown_frac)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["initial_lr"] * mult
-                        if isinstance(opt, Muon):
-                            group["momentum"] = muon_momentum(step)
-                    opt.step()
-                model.zero_grad(set_to_none=True)
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
+                stats = _step(r, flag, t_start, t0, budget_s)
                 dt = time.perf_counter() - t0
-                step += 1
-                last_loss = loss_f
-                trainer["tokens_seen"] += tokens_per_step
-                trainer["train_time_s"] += dt
-                budget_done = spent_f >= 1.0  # the ranks' agreed value, not each one's clock
+                r.trainer["tokens_seen"] += r.tokens_per_step
+                r.trainer["train_time_s"] += dt
+                budget_done = stats["spent"] >= 1.0  # the ranks' agreed value, not each clock
                 if budget_done:  # recorded, so that a resumed run knows it is complete
-                    trainer["train_time_s"] = max(trainer["train_time_s"], cfg.time_budget_s)
+                    r.trainer["train_time_s"] = max(r.trainer["train_time_s"], cfg.time_budget_s)
                 step_times.append(dt)
                 progress.update(1)
-                if step % cfg.log_every == 0 or step == cfg.steps or stop_f > 0 or spent_f >= 1:
-                    tps = tokens_per_step / dt
-                    mfu = flops_per_token * tps / (peak * d.world_size) if peak else None
-                    record({"kind": "train", "step": step, "loss": loss_f, "lr_mult": mult,
-                            "lr_matrix": cfg.matrix_lr * mult, "grad_norm": norm_f,
-                            "tokens_per_s": tps, "mfu": mfu, "dt_s": dt,
-                            "tokens_seen": trainer["tokens_seen"]})
-                    mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                    log0(d, f"step {step:6d}/{cfg.steps} | loss {loss_f:.4f} | lr x{mult:.3f} | "
-                            f"grad {norm_f:.3f} | {tps:,.0f} tok/s | mfu {mfu_s} | "
-                            f"{dt * 1e3:.0f}ms")
-                done = step == cfg.steps or budget_done
-                maybe_eval(step, final=done)
-                if stop_f > 0 and not done:
+                if (r.step % cfg.log_every == 0 or r.step == cfg.steps or stats["stop"]
+                        or budget_done):
+                    _log_step(r, stats, dt)
+                done = r.step == cfg.steps or budget_done
+                _maybe_eval(r, final=done)
+                if stats["stop"] and not done:
                     stopped = (flag.signal_name if flag.signal_name is not None
-                               else "stop_at" if cfg.stop_at is not None and step >= cfg.stop_at
+                               else "stop_at" if cfg.stop_at is not None and r.step >= cfg.stop_at
                                else "time_limit")
-                keep = cfg.keep_every and step % cfg.keep_every == 0
-                if done or stopped or keep or (cfg.save_every and step % cfg.save_every == 0):
-                    save(step)
+                keep = cfg.keep_every and r.step % cfg.keep_every == 0
+                if done or stopped or keep or (cfg.save_every and r.step % cfg.save_every == 0):
+                    _save(r)
                 if stopped:
-                    log0(d, f"stopped ({stopped}) after step {step}; checkpoint saved in "
-                            f"{run_dir}; continue with --resume")
+                    log0(r.d, f"stopped ({stopped}) after step {r.step}; checkpoint saved in "
+                              f"{r.run_dir}; continue with --resume")
                     break
             progress.close()
-
-        measured = step_times[1:] or step_times  # the first step pays for warm-up / compile
-        tps = tokens_per_step / statistics.median(measured) if measured else None
-        summary = {
-            "run_dir": str(run_dir) if run_dir is not None else None,
-            "step": step,
-            "start_step": start_step,
-            "steps": cfg.steps,
-            "completed": step >= cfg.steps or budget_done,
-            "stopped": stopped,
-            "final_loss": last_loss,
-            "final_eval_loss": last_eval,
-            "tokens_seen": trainer["tokens_seen"],
-            "tokens_per_step": tokens_per_step,
-            "grad_accum_steps": accum,
-            "seq_warmup_steps": warmup,
-            "world_size": d.world_size,
-            "device": str(d.device),
-            "bf16": use_bf16,
-            "compile": cfg.compile,
-            "num_params": n_params,
-            "flops_per_token": flops_per_token,
-            "tokens_per_s": tps,
-            "mfu": flops_per_token * tps / (peak * d.world_size) if peak and tps else None,
-            "peak_flops_per_device": peak,
-            "elapsed_s": time.perf_counter() - t_start,
-        }
-        if d.owns_group:
-            barrier(d)  # nobody tears down the group while a peer still talks (gloo aborts)
+        summary = _summary(r, stopped, budget_done, step_times, time.perf_counter() - t_start)
+        if r.d.owns_group:
+            barrier(r.d)  # nobody tears down the group while a peer still talks (gloo aborts)
         return summary
     finally:
-        if wb is not None:
-            wb.finish()
-        if lock is not None:
-            lock.release()
-        if d.owns_group and dist.is_initialized():
+        if r.wb is not None:
+            r.wb.finish()
+        if r.lock is not None:
+            r.lock.release()
+        if r.d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# setup: run directory, data, model and optimisers, the run's config, logging
+
+
+def _setup(r: _Run, loader, eval_loader) -> None:
+    cfg, d = r.cfg, r.d
+    r.gpt_config = cfg.gpt_config()
+    T = r.gpt_config.sequence_len
+    r.accum = grad_accum_steps(cfg, T, d.world_size)
+    if cfg.dtype == "bfloat16" and d.device.type != "cuda":
+        raise InputError("bf16 autocast is for CUDA only; use dtype auto or float32 on CPU")
+    r.use_bf16 = d.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls that remain (NS on fp32)
+        torch.backends.cudnn.allow_tf32 = True
+
+    ckpt = _open_run_dir(r)
+    if loader is None:
+        r.warmup = seq_warmup_steps(cfg, T)
+        if ckpt is not None:  # extended (more --steps): the warmup keeps its first plan
+            r.warmup = planned_warmup(ckpt, T)
+        loader, eval_loader = _build_data_loaders(cfg, T, r.accum, r.warmup, d)
+    r.loader = loader
+
+    _build_model(r)
+    r.trainer = {"tokens_seen": 0, "train_time_s": 0.0, "wandb_id": None,
+                 "seq_warmup_steps": r.warmup}
+    if ckpt is not None:
+        if r.raw.knowledge is not None:
+            ckpt_mod.check_knowledge(ckpt.config, r.raw.knowledge)
+        r.raw.load_state_dict({k: v.to(d.device) for k, v in ckpt.model_state.items()})
+        ckpt.load_optimizers(r.optimizers)
+        loader.set_state(ckpt.loader_states[d.rank])
+        ckpt_mod.restore_rng_state(ckpt.rng_states[d.rank])
+        r.step = r.start_step = r.last_saved = ckpt.step
+        r.trainer.update(ckpt.meta.get("trainer", {}))
+        log0(d, f"resumed from {ckpt.path} at step {r.start_step}")
+        lineage = ckpt.config.get("lineage", [])
+    else:
+        torch.manual_seed(mix_seed(cfg.seed, "rank", d.rank))
+        lineage = []
+        if cfg.init_from is not None:
+            lineage = _init_from_parent(cfg, r.raw, r.optimizers, r.gpt_config, d)
+    del ckpt  # the CPU copies of weights and optimizer state
+
+    if cfg.compile:
+        r.model = torch.compile(r.model)
+    r.eval_model = r.model
+    if d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        r.model = DDP(r.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    r.full_config = _run_config(cfg, r.gpt_config, r.raw, lineage)
+    if r.run_dir is not None and d.master:
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_mod.write_json_atomic(r.run_dir / ckpt_mod.CONFIG_FILE, r.full_config)
+        ckpt_mod.truncate_metrics(r.run_dir, r.start_step)
+
+    n_params = r.raw.num_params()
+    r.flops_per_token = r.raw.estimate_flops_per_token()
+    r.peak = cfg.peak_flops or peak_flops_for(d.device)
+    r.tokens_per_step = r.accum * cfg.device_batch_size * T * d.world_size
+    log0(d, f"model {cfg.preset} {r.gpt_config.to_dict()} | {n_params:,} params | "
+            f"{r.flops_per_token / 1e6:.1f} MFLOP/token")
+    log0(d, f"device {d.device} x{d.world_size} | bf16 {r.use_bf16} | compile {cfg.compile} | "
+            f"batch {cfg.device_batch_size}x{T} x accum {r.accum} x world {d.world_size} = "
+            f"{r.tokens_per_step:,} tokens/step | steps {r.start_step}->{cfg.steps}")
+    if r.peak is None:
+        log0(d, f"MFU: no peak FLOP/s known for {d.device}; pass peak_flops to get one")
+    _start_wandb(r)
+    if eval_loader is not None:  # read once and cached; the loader itself is then released
+        r.eval_batches = _held_out_batches(eval_loader, cfg, d)
+
+
+def _open_run_dir(r: _Run):
+    """Lock the run directory (rank 0) and load its checkpoint when resuming (else None)."""
+    cfg, d = r.cfg, r.d
+    r.run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    if r.run_dir is None:
+        return None
+    if d.master:
+        r.lock = ckpt_mod.RunLock(r.run_dir)
+        r.lock.acquire()
+    found = ckpt_mod.find_checkpoint(r.run_dir)
+    if found is not None and not cfg.resume:
+        step = ckpt_mod.read_meta(found)["step"]
+        raise InputError(f"{r.run_dir} already holds a checkpoint (step {step}); pass --resume "
+                         "to continue it or choose another --out")
+    if found is None:
+        if cfg.resume:
+            log0(d, f"resume: no checkpoint in {r.run_dir}, starting a new run")
+        return None
+    ckpt = ckpt_mod.load_checkpoint(found)
+    _check_resume(ckpt, cfg, d)
+    return ckpt
+
+
+def _build_model(r: _Run) -> None:
+    cfg = r.cfg
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.seed)
+    r.model = r.raw = GPT(r.gpt_config).to(r.d.device)
+    if r.gpt_config.knowledge_dim:
+        from ping_llm.knowledge import AddressKnowledge
+
+        r.raw.knowledge = AddressKnowledge.open(cfg.geo_db)
+    r.optimizers = build_optimizers(
+        r.raw, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr, memory_lr=cfg.memory_lr,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def _run_config(cfg: TrainConfig, gpt_config, raw, lineage: list) -> dict:
+    """RUN/config.json: the model, the training config, and what eval's leak check follows."""
+    out = {"model": gpt_config.to_dict(), "train": cfg.to_dict()}
+    if lineage:  # the runs whose weights this one started from, nearest first
+        out["lineage"] = lineage
+    if raw.knowledge is not None:  # which database: queries must open the same one
+        out["knowledge"] = raw.knowledge.describe()
+    if cfg.data_dir is not None:  # what `eval` checks against to refuse leaky comparisons
+        from ping_llm.data.prepare import load_card
+
+        card = load_card(cfg.data_dir)
+        out["dataset"] = {
+            "train_fingerprint": card["splits"]["train"]["fingerprint"],
+            "split_fingerprints": {k: v.get("fingerprint") for k, v in card["splits"].items()},
+        }
+        if cfg.extra_data:  # the other datasets of the mixture: eval checks them too
+            sources, weights = mixture(cfg)
+            out["mixture"] = [
+                {"data_dir": str(p), "weight": w,
+                 "fingerprint": load_card(p)["splits"]["train"]["fingerprint"]}
+                for p, w in zip(sources[1:], weights[1:], strict=True)
+            ]
+    return out
+
+
+def _start_wandb(r: _Run) -> None:
+    cfg = r.cfg
+    if cfg.wandb == "off":
+        return
+    if importlib.util.find_spec("wandb") is None:  # checked on every rank
+        raise InputError("wandb is not installed: pip install 'ping-llm[wandb]'")
+    if not r.d.master:
+        return
+    import wandb
+
+    r.trainer["wandb_id"] = r.trainer.get("wandb_id") or uuid.uuid4().hex[:8]  # no RNG use
+    r.wb = wandb.init(
+        project=cfg.wandb_project, id=r.trainer["wandb_id"], resume="allow", mode=cfg.wandb,
+        config=r.full_config, dir=str(r.run_dir) if r.run_dir is not None else None,
+        name=r.run_dir.name if r.run_dir is not None else None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the step, its log line, eval, checkpoint
+
+
+def _step(r: _Run, flag: StopFlag, t_start: float, t0: float, budget_s: float) -> dict:
+    """One optimiser step: `accum` micro-batches (gradients all-reduced on the last), clipping,
+    the lr of the schedule, the update. Returns the ranks' agreed loss, grad norm, share of the
+    time budget spent and whether to stop (a signal, stop_at, the time limit: on any rank)."""
+    cfg, d, model = r.cfg, r.d, r.model
+    loss_sum = torch.zeros((), device=d.device)
+    for micro in range(r.accum):
+        try:
+            x, y = next(r.loader)
+        except StopIteration:
+            raise RuntimeError("the training loader ran out of batches") from None
+        feats = address_features(r.raw, x)
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        sync = (model.no_sync() if d.world_size > 1 and micro < r.accum - 1
+                else contextlib.nullcontext())
+        with sync:
+            with r.autocast():
+                _, loss = model(x, y, feats=feats)
+            (loss / r.accum).backward()
+        loss_sum += loss.detach()
+    params = [p for p in r.raw.parameters() if p.grad is not None]
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # One all-reduce per step: mean loss, the (already global) grad norm, the training time after
+    # this step as a fraction of the budget (0 without one), and "any rank wants to stop", so
+    # that all ranks use the same lr and stop after the same step.
+    want_stop = (flag.signal_name is not None
+                 or (cfg.stop_at is not None and r.step + 1 >= cfg.stop_at)
+                 or (cfg.time_limit_s is not None
+                     and time.perf_counter() - t_start > cfg.time_limit_s))
+    spent = (r.trainer["train_time_s"] + time.perf_counter() - t0) / budget_s
+    stats = torch.stack([loss_sum / r.accum, grad_norm.float().to(d.device),
+                         torch.tensor(spent, device=d.device),
+                         torch.tensor(float(want_stop), device=d.device)])
+    if d.world_size > 1:
+        all_reduce(stats, d)
+        stats[:3] /= d.world_size
+    loss_f, norm_f, spent_f, stop_f = stats.tolist()
+    if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+        model.zero_grad(set_to_none=True)
+        where = (f"the last good checkpoint (step {r.last_saved}) is in "
+                 f"{r.run_dir / ckpt_mod.CHECKPOINT_DIR}" if r.last_saved is not None
+                 and r.run_dir is not None else "no checkpoint was saved")
+        raise TrainingDiverged(
+            f"training diverged in step {r.step + 1}: loss {loss_f}, grad norm {norm_f} "
+            f"(non-finite). Stopped without saving; {where}. Try lower learning rates, more "
+            "warmup, or dtype float32.", r.step + 1, r.last_saved)
+    at = min(cfg.steps, max(r.step, round(spent_f * cfg.steps)))  # where in the plan
+    mult = lr_multiplier(at, cfg.steps, cfg.warmup_steps, cfg.warmdown_frac)
+    for opt in r.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * mult
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(r.step)
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+    r.step += 1
+    r.last_loss = loss_f
+    return {"loss": loss_f, "grad_norm": norm_f, "spent": spent_f, "stop": stop_f > 0,
+            "lr_mult": mult}
+
+
+def _log_step(r: _Run, stats: dict, dt: float) -> None:
+    cfg, mult = r.cfg, stats["lr_mult"]
+    tps = r.tokens_per_step / dt
+    mfu = r.flops_per_token * tps / (r.peak * r.d.world_size) if r.peak else None
+    _record(r, {"kind": "train", "step": r.step, "loss": stats["loss"], "lr_mult": mult,
+                "lr_matrix": cfg.matrix_lr * mult, "grad_norm": stats["grad_norm"],
+                "tokens_per_s": tps, "mfu": mfu, "dt_s": dt,
+                "tokens_seen": r.trainer["tokens_seen"]})
+    mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+    log0(r.d, f"step {r.step:6d}/{cfg.steps} | loss {stats['loss']:.4f} | lr x{mult:.3f} | "
+              f"grad {stats['grad_norm']:.3f} | {tps:,.0f} tok/s | mfu {mfu_s} | "
+              f"{dt * 1e3:.0f}ms")
+
+
+def _record(r: _Run, rec: dict) -> None:
+    """A metrics line: RUN/metrics.jsonl and wandb (rank 0)."""
+    if not r.d.master:
+        return
+    if r.run_dir is not None:
+        ckpt_mod.append_metrics(r.run_dir, rec)
+    if r.wb is not None:
+        r.wb.log({f"{rec['kind']}/{k}": v for k, v in rec.items()
+                  if k not in ("kind", "step") and v is not None}, step=rec["step"])
+
+
+def _maybe_eval(r: _Run, final: bool) -> None:
+    """The held-out loss every eval_every steps and at the end."""
+    cfg = r.cfg
+    if not r.eval_batches or cfg.eval_every == 0 or (r.step % cfg.eval_every and not final):
+        return
+    t0 = time.perf_counter()
+    r.last_eval, count = _evaluate(r.eval_model, r.eval_batches, r.d.device, r.autocast, r.d)
+    _record(r, {"kind": "eval", "step": r.step, "eval_loss": r.last_eval, "eval_tokens": count})
+    log0(r.d, f"step {r.step:6d} | eval loss {r.last_eval:.4f} ({count:,} tokens, "
+              f"{time.perf_counter() - t0:.1f}s)")
+
+
+def _save(r: _Run) -> None:
+    """A checkpoint of this step (all ranks' loader and RNG states; rank 0 writes)."""
+    if r.run_dir is None:
+        return
+    loader_states = all_gather(r.loader.get_state(), r.d)
+    rng_states = all_gather(ckpt_mod.capture_rng_state(), r.d)
+    if r.d.master:
+        ckpt_mod.save_checkpoint(
+            r.run_dir, model_state=r.raw.state_dict(), config=r.full_config,
+            optimizers=r.optimizers, loader_states=loader_states, rng_states=rng_states,
+            step=r.step, trainer=r.trainer,
+        )
+        if r.cfg.keep_every and r.step % r.cfg.keep_every == 0:
+            ckpt_mod.keep_weights(r.run_dir, r.step)
+    barrier(r.d)
+    r.last_saved = r.step
+
+
+def _summary(r: _Run, stopped, budget_done: bool, step_times: list, elapsed: float) -> dict:
+    cfg, d = r.cfg, r.d
+    measured = step_times[1:] or step_times  # the first step pays for warm-up / compile
+    tps = r.tokens_per_step / statistics.median(measured) if measured else None
+    return {
+        "run_dir": str(r.run_dir) if r.run_dir is not None else None,
+        "step": r.step,
+        "start_step": r.start_step,
+        "steps": cfg.steps,
+        "completed": r.step >= cfg.steps or budget_done,
+        "stopped": stopped,
+        "final_loss": r.last_loss,
+        "final_eval_loss": r.last_eval,
+        "tokens_seen": r.trainer["tokens_seen"],
+        "tokens_per_step": r.tokens_per_step,
+        "grad_accum_steps": r.accum,
+        "seq_warmup_steps": r.warmup,
+        "world_size": d.world_size,
+        "device": str(d.device),
+        "bf16": r.use_bf16,
+        "compile": cfg.compile,
+        "num_params": r.raw.num_params(),
+        "flops_per_token": r.flops_per_token,
+        "tokens_per_s": tps,
+        "mfu": r.flops_per_token * tps / (r.peak * d.world_size) if r.peak and tps else None,
+        "peak_flops_per_device": r.peak,
+        "elapsed_s": elapsed,
+    }
