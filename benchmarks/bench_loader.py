@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ping_llm import tokens as T
-from ping_llm.data import loader, prepare
+from ping_llm.data import contexts, loader, prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,7 +74,7 @@ def plain_sampler(store: loader.RowStore, n_seqs: int, seq_len: int, seed: int =
         names = [T.format_address(a, v) for a, v in zip(row.addr, row.version, strict=True)]
         times, rtts = row.time.tolist(), row.rtt_ms().tolist()
         srcs, dsts = row.src.tolist(), row.dst.tolist()
-        mode = rng.choices(loader.MODES, weights=(0.4, 0.3, 0.3))[0]
+        mode = rng.choices(contexts.MODES, weights=(0.4, 0.3, 0.3))[0]
         frac = {"full": 1.0, "none": 0.0}.get(mode, rng.uniform(0.1, 0.9))
         keep = min(1.0, 2 * budget / 16 / max(row.n, 1))  # about twice the measurements needed
         i = rng.randrange(max(1, row.n - int(budget / 16 / keep)))

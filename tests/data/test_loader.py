@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 
 from ping_llm import tokens
-from ping_llm.data import loader, prepare, schema
+from ping_llm.data import contexts, loader, prepare, schema
 from ping_llm.errors import InputError
 
 T0 = 1_700_000_000
@@ -80,7 +80,7 @@ def _key(m: tokens.Measurement):
 @pytest.mark.parametrize("name", ["big", "small"])
 def test_batches_equal_the_reference_encoder_and_decode_to_real_measurements(data, name):
     ds = data[name]
-    sampler = loader.BatchSampler(ds, "train", loader.SamplerConfig(seq_len=512), seed=3)
+    sampler = loader.BatchSampler(ds, "train", contexts.SamplerConfig(seq_len=512), seed=3)
     n = sampler.plan.n_items
     pairs = np.array([[g, g % n] for g in range(0, 3 * n, max(1, n // 5))][:12])
     out = sampler(pairs)
@@ -120,12 +120,12 @@ def _contexts(ds, cfg, n, seed=0):
     sampler = loader.BatchSampler(ds, "train", cfg, seed)
     rng = np.random.default_rng(seed)
     row = sampler.store.row(0)
-    return row, [loader.sample_context(row, cfg.seq_len + 1, rng, cfg) for _ in range(n)]
+    return row, [contexts.sample_context(row, cfg.seq_len + 1, rng, cfg) for _ in range(n)]
 
 
 @pytest.mark.parametrize("probs", [(0.4, 0.3, 0.3), (0.1, 0.6, 0.3)])
 def test_timestamp_modes_follow_their_configured_frequencies(data, probs):
-    cfg = loader.SamplerConfig(seq_len=256, mode_probs=probs)
+    cfg = contexts.SamplerConfig(seq_len=256, mode_probs=probs)
     row, ctxs = _contexts(data["big"], cfg, 900)
     kind = Counter()
     none_sorted = 0
@@ -136,7 +136,7 @@ def test_timestamp_modes_follow_their_configured_frequencies(data, probs):
         k = "full" if c.has_time.all() else "none" if not c.has_time.any() else "partial"
         kind[k] += 1
         none_sorted += k == "none" and bool((np.diff(t) >= 0).all())
-    observed = [kind[m] for m in loader.MODES]
+    observed = [kind[m] for m in contexts.MODES]
     assert stats.chisquare(observed, np.array(probs) * len(ctxs)).pvalue > 1e-3
     assert none_sorted < 0.05 * max(kind["none"], 1)  # "none" contexts are shuffled
     fracs = [c.info["frac"] for c in ctxs if c.mode == "partial"]
@@ -144,7 +144,7 @@ def test_timestamp_modes_follow_their_configured_frequencies(data, probs):
 
 
 def test_windows_are_log_uniform_and_contexts_stay_inside_them(data):
-    cfg = loader.SamplerConfig(seq_len=1024, mode_probs=(1.0, 0.0, 0.0))
+    cfg = contexts.SamplerConfig(seq_len=1024, mode_probs=(1.0, 0.0, 0.0))
     row, ctxs = _contexts(data["big"], cfg, 600, seed=1)
     u, inside = [], 0
     for c in ctxs:
@@ -162,7 +162,7 @@ def test_windows_are_log_uniform_and_contexts_stay_inside_them(data):
 
 
 def test_rows_get_contexts_in_proportion_to_size_and_small_rows_are_packed(data):
-    cfg = loader.SamplerConfig(seq_len=512)
+    cfg = contexts.SamplerConfig(seq_len=512)
     big = loader.Plan(loader.RowStore(data["big"], "train"), cfg, seed=0)
     counts = np.bincount(big.item_row, minlength=len(big.expected))
     np.testing.assert_array_equal(counts, np.rint(big.expected / 513).astype(int))
@@ -330,17 +330,17 @@ def _decoded(seq):
 
 def test_readdressing_fractions_zero_leave_every_batch_unchanged(data):
     pairs = np.array([[g, g] for g in range(6)])
-    plain = loader.BatchSampler(data["big"], "train", loader.SamplerConfig(seq_len=256), 3)
-    off = loader.SamplerConfig(seq_len=256, readdress_src=0.0, readdress_dst=0.0,
+    plain = loader.BatchSampler(data["big"], "train", contexts.SamplerConfig(seq_len=256), 3)
+    off = contexts.SamplerConfig(seq_len=256, readdress_src=0.0, readdress_dst=0.0,
                                readdress_keep=0.9)
     assert np.array_equal(plain(pairs), loader.BatchSampler(data["big"], "train", off, 3)(pairs))
 
 
 @pytest.mark.parametrize("name", ["big", "small"])
 def test_readdressed_contexts_keep_everything_but_the_source_and_map_it_consistently(data, name):
-    cfg = loader.SamplerConfig(seq_len=512, readdress_src=1.0)
+    cfg = contexts.SamplerConfig(seq_len=512, readdress_src=1.0)
     pairs = np.array([[g, g % 7] for g in range(8)])
-    plain = loader.BatchSampler(data[name], "train", loader.SamplerConfig(seq_len=512), 3)
+    plain = loader.BatchSampler(data[name], "train", contexts.SamplerConfig(seq_len=512), 3)
     aug = loader.BatchSampler(data[name], "train", cfg, 3)
     a, b = plain(pairs), aug(pairs)
     assert np.array_equal(a < 0, b < 0)  # same lengths: versions are kept
@@ -370,7 +370,7 @@ def test_readdress_draws_global_unicast_addresses_some_inside_the_real_network()
     addr[: n // 2, :4] = [20, 1, 2, 3]
     addr[n // 2 :] = np.frombuffer(bytes.fromhex("20010db8000100020003000400050006"), np.uint8)
     version = np.r_[np.full(n // 2, 4), np.full(n // 2, 6)]
-    new = loader.readdress(addr, version, rng, keep=0.5)
+    new = contexts.readdress(addr, version, rng, keep=0.5)
     v4, v6 = new[: n // 2], new[n // 2 :]
     assert (v4[:, 4:] == 0).all() and (v4[:, 0] >= 1).all() and (v4[:, 0] <= 223).all()
     assert ((v6[:, 0] & 0xE0) == 0x20).all()  # 2000::/3
@@ -389,9 +389,9 @@ def test_bad_arguments_and_foreign_states_are_input_errors(data):
     with pytest.raises(InputError, match="no rows"):
         loader.build_loader(data["small"], "test_time", 2, 256, 0, 0, 1)
     with pytest.raises(InputError):
-        loader.SamplerConfig(mode_probs=(0.5, 0.5, 0.5))
+        contexts.SamplerConfig(mode_probs=(0.5, 0.5, 0.5))
     with pytest.raises(InputError, match="readdress_src"):
-        loader.SamplerConfig(readdress_src=1.5)
+        contexts.SamplerConfig(readdress_src=1.5)
     a = loader.build_loader(data["small"], "train", 2, 256, 0, 0, 1)
     b = loader.build_loader(data["small"], "train", 2, 256, 1, 0, 1)
     with pytest.raises(InputError, match="seed"):

@@ -357,9 +357,9 @@ def _in_world(world, src, dst) -> np.ndarray:
 
 def new_sources(src: np.ndarray, seed: int, name: str) -> np.ndarray:
     """Each distinct source address -> a fresh uniformly random global unicast address of its
-    family (loader.readdress with nothing of the real network kept): a probe never seen. Seeded
+    family (contexts.readdress with nothing of the real network kept): a probe never seen. Seeded
     by (seed, set name), so `calibrate` re-addresses val exactly as `eval --readdress-sources`."""
-    from ping_llm.data.loader import readdress
+    from ping_llm.data.contexts import readdress
 
     uniq, inv = np.unique(src.astype(str), return_inverse=True)
     addr, version = tk.parse_addresses(uniq)
