@@ -52,9 +52,7 @@ def _prepare(inputs, out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def results(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, out, **FAST)
-    res["_out"] = out
-    return res
+    return ev.evaluate(trained_run.data_dir, trained_run.run_dir, out, **FAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,20 +188,20 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
     from ping_llm.data.synth import world_path
     from ping_llm.eval.baselines import make_baselines
 
-    assert results["leak_check"]["mode"] == "fingerprint"
-    assert all(v == 0 for v in results["leak_check"]["overlap"].values())
+    assert results.leak_check["mode"] == "fingerprint"
+    assert all(v == 0 for v in results.leak_check["overlap"].values())
     # the world was found through card -> ingest metadata -> results file
-    assert Path(results["synthetic"]["world_file"]) == world_path(trained_run.results)
-    assert set(results["splits"]) <= set(ev.EVAL_SPLITS) and results["splits"]
-    for split in results["splits"].values():
-        assert 0 < split["n_evaluated"] <= 16 and split["n_total"] >= split["n_evaluated"]
-        assert split["subsample"]["seed"] == 0
-        names = set(split["methods"])
+    assert Path(results.synthetic["world_file"]) == world_path(trained_run.results)
+    assert set(results.splits) <= set(ev.EVAL_SPLITS) and results.splits
+    for split in results.splits.values():
+        assert 0 < split.n_evaluated <= 16 and split.n_total >= split.n_evaluated
+        assert split.subsample["seed"] == 0
+        names = set(split.methods)
         plain = {n for n, b in make_baselines().items() if not getattr(b, "context_only", False)}
         assert {"model k=0", "model k=2", "truth"} | plain <= names
         for k in (0, 2):
-            m = split["methods"][f"model k={k}"]
-            assert m["n"] == split["n_evaluated"]
+            m = split.methods[f"model k={k}"]
+            assert m["n"] == split.n_evaluated
             assert math.isfinite(m["median_ae_ms"]) and m["median_ae_ms"] >= 0
             assert 0 <= m["coverage_50"] <= m["coverage_90"] <= 1
             assert m["crps_cens_ms"] <= m["crps_ms"] + 1e-9
@@ -217,52 +215,52 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
             assert a["gain_nats"] == pytest.approx(
                 a["logp_result_with_time"] - a["logp_result_without_time"], abs=1e-9)
         # a 150-step model is far from the generator's own law
-        assert split["methods"]["truth"]["logp_result"] > split["methods"]["model k=0"][
+        assert split.methods["truth"]["logp_result"] > split.methods["model k=0"][
             "logp_result"]
         for b in plain:
-            m = split["methods"][b]
+            m = split.methods[b]
             assert 0 <= m["coverage"] <= 1
-            assert m["fallback"]["n"] == split["n_evaluated"]
-            assert m["covered"]["n"] == round(m["coverage"] * split["n_evaluated"])
+            assert m["fallback"]["n"] == split.n_evaluated
+            assert m["covered"]["n"] == round(m["coverage"] * split.n_evaluated)
         assert {"ip_version", "pair_seen_in_train", "source_seen_in_train"} == set(
-            split["breakdowns"])
-    assert results["leak_check"]["split_invariants"]["violations"] == {}
+            split.breakdowns)
+    assert results.leak_check["split_invariants"]["violations"] == {}
     # a synthetic dataset: the geolocation baseline reads the world's own database
-    assert results["baselines"]["geo_db"]["name"] == "ping-llm-synthetic-world-City"
-    assert "test_probe" in results["splits"]
-    probe = results["splits"]["test_probe"]  # held-out probes are unseen by construction
-    assert set(probe["breakdowns"]["source_seen_in_train"]) == {"0"}
+    assert results.baselines["geo_db"]["name"] == "ping-llm-synthetic-world-City"
+    assert "test_probe" in results.splits
+    probe = results.splits["test_probe"]  # held-out probes are unseen by construction
+    assert set(probe.breakdowns["source_seen_in_train"]) == {"0"}
     # cold sources: every baseline that reads a context got the same k = 2 as the model
     for b in ("vivaldi", "dmfsgd", "biased_mf", "source_offset", "context_median", "geo",
               "source_failure_rate"):
-        m = probe["methods"][f"{b} k=2"]
+        m = probe.methods[f"{b} k=2"]
         assert m["kind"] == "baseline" and m["context"] == 2 and m["point_only"]
-        assert m["fallback"]["n"] == probe["n_evaluated"]
-    assert "context_median" not in probe["methods"]  # only with a context
+        assert m["fallback"]["n"] == probe.n_evaluated
+    assert "context_median" not in probe.methods  # only with a context
     # a P(failed)-only method shows no RTT numbers
-    assert "median_ae_ms" not in probe["methods"]["source_failure_rate"]["fallback"]
-    assert "roc_auc" in probe["methods"]["source_failure_rate k=2"]["fallback"]
+    assert "median_ae_ms" not in probe.methods["source_failure_rate"]["fallback"]
+    assert "roc_auc" in probe.methods["source_failure_rate k=2"]["fallback"]
     for name in ("test_time", "test_pair"):  # warm sources: no k rows for baselines
-        assert not [n for n in results["splits"].get(name, {}).get("methods", {})
+        assert not [n for n in (results.splits[name].methods if name in results.splits else {})
                     if " k=" in n and not n.startswith("model")]
 
 
 def test_eval_numbers_recompute_from_the_per_query_predictions(results):
-    for name, split in results["splits"].items():
-        plot = results["plot_data"][name]
-        ok = ~plot["failed"]
+    for split in results.splits.values():
+        plot = split.plot
+        ok = ~plot.failed
         for method in ("model k=0", "pair_median", "truth"):
-            med = plot["methods"][method]["median"]
+            med = plot.methods[method]["median"]
             sel = ok & np.isfinite(med)
-            err = np.abs(med[sel] - plot["obs"][sel])
-            m = split["methods"][method]
+            err = np.abs(med[sel] - plot.obs[sel])
+            m = split.methods[method]
             m = m.get("fallback", m)
             assert m["median_ae_ms"] == pytest.approx(float(np.median(err)))
             assert m["mae_ms"] == pytest.approx(float(err.mean()))
 
 
 def test_report_files_are_self_contained_and_consistent(results):
-    out = Path(results["_out"])
+    out = Path(results.files["html"]).parent
     html = (out / "report.html").read_text()
     assert not re.search(r"(src|href)\s*=\s*[\"']?\s*(https?:)?//", html)
     assert "<script" not in html.lower()
@@ -315,15 +313,15 @@ def test_eval_on_an_external_set_reports_what_train_has_seen(trained_run):
     test_pair = trained_run.data_dir / "splits" / "test_pair.parquet"
     res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, test_paths=[test_pair],
                       max_queries=8, contexts=(0,), n_examples=0, progress=False)
-    assert list(res["splits"]) == ["external"]
-    seen = res["external"]["seen_in_train"]
+    assert list(res.splits) == ["external"]
+    seen = res.external["seen_in_train"]
     # test_pair holds pairs never in train, between sources and destinations that are
     assert seen["pairs"]["distinct_seen"] == 0
     assert seen["sources"]["distinct_seen_frac"] == 1.0
     assert seen["destinations"]["measurements_seen_frac"] == 1.0
-    ext = res["splits"]["external"]
-    assert ext["methods"]["pair_median"]["coverage"] == 0.0
-    assert ext["n_evaluated"] == 8
+    ext = res.splits["external"]
+    assert ext.methods["pair_median"]["coverage"] == 0.0
+    assert ext.n_evaluated == 8
 
 
 def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
@@ -338,11 +336,11 @@ def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
     res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, test_paths=[test_time],
                       max_queries=8, contexts=(0, 2), n_examples=0, progress=False,
                       context_from="test", test_since=mid)
-    ext = res["splits"]["external"]
-    assert ext["n_total"] == int(pc.sum(pc.greater_equal(t, mid)).as_py())
-    assert ext["context_pool"].startswith("own earlier external")
-    assert res["settings"]["context_from"] == "test"
-    assert "vivaldi k=2" in ext["methods"] and "source_offset k=2" in ext["methods"]
+    ext = res.splits["external"]
+    assert ext.n_total == int(pc.sum(pc.greater_equal(t, mid)).as_py())
+    assert ext.context_pool.startswith("own earlier external")
+    assert res.settings.context_from == "test"
+    assert "vivaldi k=2" in ext.methods and "source_offset k=2" in ext.methods
     with pytest.raises(InputError, match="inside --since"):
         ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, test_paths=[test_time],
                     contexts=(0,), progress=False, test_since=2**40)
@@ -365,13 +363,13 @@ def test_readdressed_val_asks_about_known_probes_as_if_never_seen(trained_run):
     res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, splits=("val",),
                       max_queries=12, contexts=(0, 2), n_examples=0, progress=False,
                       readdress=True)
-    val = res["splits"]["val"]
-    assert res["settings"]["readdress"] and val["readdressed_sources"]
-    assert val["context_pool"] == "train, other destinations"
-    assert "vivaldi k=2" in val["methods"] and "source_offset k=2" in val["methods"]
-    seen = val["breakdowns"]["source_seen_in_train"]
+    val = res.splits["val"]
+    assert res.settings.readdress and val.readdressed_sources
+    assert val.context_pool == "train, other destinations"
+    assert "vivaldi k=2" in val.methods and "source_offset k=2" in val.methods
+    seen = val.breakdowns["source_seen_in_train"]
     assert set(seen) == {"0"}  # no re-addressed source was ever in train
-    assert val["methods"]["model k=2"]["context_mean"] > 0
+    assert val.methods["model k=2"]["context_mean"] > 0
 
 
 def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsys):
@@ -414,7 +412,7 @@ def test_kept_checkpoints_give_a_learning_curve_in_the_report(trained_run, tmp_p
     assert [p.name for p in ck.kept_checkpoints(run)] == ["step-0000003", "step-0000006"]
     res = ev.evaluate(trained_run.data_dir, run, tmp_path / "rep", splits=("val", "test_pair"),
                       max_queries=8, contexts=(0,), n_examples=0, progress=False)
-    pts = res["learning_curve"]["points"]
+    pts = res.learning_curve["points"]
     assert [(p["step"], p["set"]) for p in pts] == [(3, "val"), (3, "test_pair"),
                                                      (6, "val"), (6, "test_pair")]
     assert pts[0]["tokens_seen"] == 3 * 4 * 128 and all(p["n"] > 0 for p in pts)
@@ -423,4 +421,4 @@ def test_kept_checkpoints_give_a_learning_curve_in_the_report(trained_run, tmp_p
     assert "Learning curve" in (tmp_path / "rep" / "report.html").read_text()
     without = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, splits=("val",),
                           max_queries=4, contexts=(0,), n_examples=0, progress=False)
-    assert without["learning_curve"] is None  # nothing kept, nothing drawn
+    assert without.learning_curve is None  # nothing kept, nothing drawn

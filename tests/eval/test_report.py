@@ -1,5 +1,5 @@
 """The report: formatting, strict JSON, a self-contained HTML page, and tables that show exactly the
-numbers of metrics.json. Built from a small hand-made results dict (no model needed); the
+numbers of metrics.json. Built from small hand-made results (no model needed); the
 end-to-end report of a real evaluation is checked in test_evaluate.py."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 
 from ping_llm.eval import report
 from ping_llm.eval import scoring as S
+from ping_llm.eval.results import EvalResults, RunInfo, SetPlot, SetResult, Settings
 
 
-def _results(with_truth: bool = True, with_examples: bool = True) -> dict:
+def _results(with_truth: bool = True, with_examples: bool = True) -> EvalResults:
     rng = np.random.default_rng(0)
     n = 200
     obs = rng.lognormal(3, 0.5, n)
@@ -54,24 +55,25 @@ def _results(with_truth: bool = True, with_examples: bool = True) -> dict:
     methods["vivaldi"] = S.baseline_summary(brow, obs, failed)
     plot_methods["vivaldi"] = {"median": brow["median"], "p_failed": None, "covered": cov}
     groups = {"ip_version": np.where(rng.random(n) < 0.7, "IPv4", "IPv6").astype(object)}
-    split = {"n_total": 5000, "n_evaluated": n, "n_failed": int(failed.sum()),
-             "context_pool": "train", "methods": methods,
-             "breakdowns": S.breakdowns(groups, obs, failed,
-                                         {"model k=0": {"median": plot_methods["model k=0"][
-                                             "median"]}, "vivaldi": brow})}
     ex = [{"src": "192.0.2.1", "dst": "198.51.100.1", "n": 50,
            "rtt": list(rng.lognormal(3, .2, 50)), "failed_frac": 0.02,
            "model": {"0": {"p_byte1": list(rng.dirichlet(np.ones(132))), "p_failed": 0.05}},
            "truth": {"p_byte1": list(rng.dirichlet(np.ones(132))), "p_failed": 0.01}
            if with_truth else None}] if with_examples else []
-    return {"created": "2026-01-01T00:00:00Z", "data_dir": "d", "run_dir": "r",
-            "run": {"step": 10, "preset": "tiny"},
-            "settings": {"max_queries": n, "seed": 0, "contexts": [0, 4], "device": "cpu"},
-            "leak_check": {"mode": "fingerprint", "dataset_train_fingerprint": "sha256:x"},
-            "synthetic": {"world_file": "w.world.json", "fingerprint": "f"} if with_truth else None,
-            "timings": {"total_s": 1.0}, "splits": {"test_time": split},
-            "plot_data": {"test_time": {"obs": obs, "failed": failed, "methods": plot_methods,
-                                        "examples": ex}}}
+    split = SetResult(
+        n_total=5000, n_evaluated=n, n_failed=int(failed.sum()), context_pool="train",
+        methods=methods,
+        breakdowns=S.breakdowns(groups, obs, failed,
+                                {"model k=0": {"median": plot_methods["model k=0"]["median"]},
+                                 "vivaldi": brow}),
+        plot=SetPlot(obs, failed, plot_methods, ex))
+    return EvalResults(
+        created="2026-01-01T00:00:00Z", data_dir="d", run_dir="r",
+        run=RunInfo(step=10, preset="tiny"),
+        settings=Settings(max_queries=n, seed=0, contexts=[0, 4], device="cpu"),
+        leak_check={"mode": "fingerprint", "dataset_train_fingerprint": "sha256:x"},
+        synthetic={"world_file": "w.world.json", "fingerprint": "f"} if with_truth else None,
+        timings={"total_s": 1.0}, splits={"test_time": split})
 
 
 def test_fmt_shows_missing_as_a_dash_and_scales_decimals():
@@ -139,8 +141,8 @@ def test_summary_table_cells_are_the_metrics_numbers(tmp_path):
 
 
 def test_verdict_compares_the_best_model_setting_with_the_best_baseline():
-    split = _results()["splits"]["test_time"]
-    m = split["methods"]
+    split = _results().splits["test_time"]
+    m = split.methods
     best_model = min(("model k=0", "model k=4"), key=lambda n: m[n]["median_ae_ms"])
     v = report.verdict(split)
     assert v.startswith(f"Best model setting {best_model}")

@@ -287,12 +287,12 @@ def test_eval_scores_the_calibrated_model_and_says_so(calibrated_run, trained_ru
     run, _ = calibrated_run
     kw = dict(splits=("val",), max_queries=8, contexts=(0,), n_examples=0, progress=False)
     res = evaluate(trained_run.data_dir, run, tmp_path / "cal", **kw)
-    assert res["run"]["calibration"] == Calibration.load(run).fitted
+    assert res.run.calibration == Calibration.load(run).fitted
     assert "calibrated on val" in (tmp_path / "cal" / "summary.md").read_text()
     raw = evaluate(trained_run.data_dir, run, tmp_path / "raw", calibrated=False, **kw)
-    assert raw["run"]["calibration"] is None
+    assert raw.run.calibration is None
     assert "raw" in (tmp_path / "raw" / "summary.md").read_text()
-    a = res["splits"]["val"]["methods"]["model k=0"]
-    b = raw["splits"]["val"]["methods"]["model k=0"]
+    a = res.splits["val"].methods["model k=0"]
+    b = raw.splits["val"].methods["model k=0"]
     assert a["nll"] == b["nll"]  # token NLL is the raw model's either way
     assert a["crps_ms"] != b["crps_ms"]

@@ -59,6 +59,7 @@ from ping_llm import tokens as tk
 from ping_llm.data.observations import SourceContext
 from ping_llm.errors import InputError
 from ping_llm.eval.leakcheck import check_leak
+from ping_llm.eval.results import EvalResults, RunInfo, SetPlot, SetResult, Settings
 from ping_llm.eval.scoring import (
     BASELINE_LADDER,
     BLOCK,
@@ -376,8 +377,8 @@ def with_source(context: list, src: str) -> list:
 
 
 def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_queries, seed,
-              world, n_examples, progress, readdress=False) -> tuple[dict, dict]:
-    """Everything for one evaluated set -> (metrics, plot data). readdress: the sources get
+              world, n_examples, progress, readdress=False) -> SetResult:
+    """Everything for one evaluated set (its numbers and its plot data). readdress: the sources get
     new addresses in the queries and their contexts (`new_sources`), after the context and the
     ground truth are looked up under the real ones."""
     from tqdm import tqdm
@@ -386,19 +387,19 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     q = Queries.of(table, max_queries, seed, name)
     obs, failed = q.obs, q.failed
     rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
-    res = {"n_total": table.num_rows, "n_evaluated": len(q),
-           "subsample": {"seed": seed, "max_queries": max_queries,
-                         "method": "uniform without replacement, numpy default_rng([seed, "
-                         "crc32(name)]), kept in row order"},
-           "n_success": int((~failed).sum()), "n_failed": int(failed.sum()),
-           "ip_versions": {str(v): int((q.version == v).sum()) for v in (4, 6)},
-           "methods": {}}
-    plot = {"obs": obs, "failed": failed, "methods": {}}
+    plot = SetPlot(obs, failed)
+    res = SetResult(
+        n_total=table.num_rows, n_evaluated=len(q),
+        subsample={"seed": seed, "max_queries": max_queries,
+                   "method": "uniform without replacement, numpy default_rng([seed, "
+                   "crc32(name)]), kept in row order"},
+        n_success=int((~failed).sum()), n_failed=int(failed.sum()),
+        ip_versions={str(v): int((q.version == v).sum()) for v in (4, 6)}, plot=plot)
 
     truth, tix = None, np.full(len(q), -1)
     if world is not None:
         has = _in_world(world, q.src, q.dst)
-        res["truth_rows"] = int(has.sum())
+        res.truth_rows = int(has.sum())
         if has.any():
             truth = world.truth(q.src[has].astype(str), q.dst[has].astype(str),
                                 q.time[has].astype(float))
@@ -441,18 +442,18 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
         if truth is not None:
             s["kl"] = {kind: {"mean": finite_mean(out[kind]), "median": finite_median(out[kind])}
                        for kind in ("kl_rtt", "kl_byte1", "kl_full")}
-        res["methods"][label] = s
+        res.methods[label] = s
         per_method[label] = out
-        plot["methods"][label] = {x: out[x] for x in ("median", "p_failed", "pit", "kl_rtt")}
+        plot.methods[label] = {x: out[x] for x in ("median", "p_failed", "pit", "kl_rtt")}
     bar.close()
 
     if truth is not None:
         tr = truth_pass(truth, tix, q, rng)
         s = summarize(obs, failed, tr, tix >= 0)
         s.update(kind="truth", coverage=float((tix >= 0).mean()))
-        res["methods"]["truth"] = s
+        res.methods["truth"] = s
         per_method["truth"] = tr
-        plot["methods"]["truth"] = {x: tr[x] for x in ("median", "p_failed", "pit")}
+        plot.methods["truth"] = {x: tr[x] for x in ("median", "p_failed", "pit")}
 
     t1 = time.perf_counter()
     bp = baseline_predictions(fitted, q.src.astype(str), q.dst.astype(str), obs, failed)
@@ -467,17 +468,17 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     for bname, row in bp.items():
         if getattr(fitted.get(bname), "context_only", False):
             continue  # only its "k=K" rows: without a context it is the global median
-        res["methods"][bname] = baseline_summary(row, obs, failed)
+        res.methods[bname] = baseline_summary(row, obs, failed)
         in_context = " k=" in bname
         if in_context:
-            res["methods"][bname]["context"] = int(bname.rsplit("=", 1)[1])
+            res.methods[bname]["context"] = int(bname.rsplit("=", 1)[1])
         rtt_free = row.get("p_failed_only", False)  # its medians are the global median's
         if not (in_context or rtt_free):  # the breakdowns compare the plain methods
             per_method[bname] = row
-        plot["methods"][bname] = {
+        plot.methods[bname] = {
             "median": np.full(len(q), np.nan) if rtt_free else row["median"],
             "p_failed": row.get("p_failed"), "covered": row["covered"], "context": in_context}
-    res["baseline_predict_seconds"] = round(time.perf_counter() - t1, 2)
+    res.baseline_predict_seconds = round(time.perf_counter() - t1, 2)
 
     pair_counts, src_counts = train_counts
     pair_n = np.array([pair_counts.get((s_, d_), 0) for s_, d_ in zip(q.src, q.dst, strict=True)])
@@ -485,12 +486,12 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
     groups = {"ip_version": np.array([f"IPv{v}" for v in q.version], dtype=object),
               "pair_seen_in_train": _bins(pair_n, PAIR_SEEN),
               "source_seen_in_train": _bins(src_n, SOURCE_SEEN)}
-    res["breakdowns"] = breakdowns(groups, obs, failed, per_method)
+    res.breakdowns = breakdowns(groups, obs, failed, per_method)
     q_all = Queries.of(table)
-    plot["examples"] = _examples(engine, name, table, q_all, pool, world, max(contexts), budget,
-                                 n_examples)
-    res["seconds"] = round(time.perf_counter() - t0, 2)
-    return res, plot
+    plot.examples = _examples(engine, name, table, q_all, pool, world, max(contexts), budget,
+                              n_examples)
+    res.seconds = round(time.perf_counter() - t0, 2)
+    return res
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +525,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
              allow_foreign_run: bool = False, n_examples: int = 3, byte2_mass: float = BYTE2_MASS,
              context_from: str = "train", geo_db=None, test_since: int | None = None,
              test_until: int | None = None, splits=EVAL_SPLITS, calibrated: bool = True,
-             readdress: bool = False, progress: bool = True) -> dict:
+             readdress: bool = False, progress: bool = True) -> EvalResults:
     """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the canonical
     Parquet `test_paths` instead) and, with `out_dir`, write the report there
     (`report.write_report`). world: a synthetic world (synth.World or its .world.json path); found
@@ -541,8 +542,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     address in its queries and contexts, and its context skips the query's destination, so known
     probes are asked about as if never seen (cold start on `val`, where choosing is allowed; the
     baselines see the same addresses).
-    Returns the results (plain numbers, plus
-    `plot_data` with per-query arrays)."""
+    Returns the `eval.results.EvalResults` (`to_dict()`: every number, as metrics.json)."""
     from ping_llm import __version__
     from ping_llm.checkpoint import find_checkpoint, read_config, read_meta
     from ping_llm.data.prepare import load_card
@@ -621,63 +621,60 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     train_pool = ContextPool(train)
     cold_train_pool = ContextPool(train, other_destinations=True) if readdress else None
 
-    results = {
-        "format": "ping-llm-eval", "format_version": 1, "ping_llm": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "data_dir": str(data_dir), "run_dir": str(run_dir),
-        "dataset": {"fingerprints": {s: v.get("fingerprint") for s, v in card["splits"].items()},
-                    "measurements": {s: v.get("measurements") for s, v in card["splits"].items()},
-                    "counts": card.get("counts"), "time_range": card.get("time_range"),
-                    "inputs": card.get("inputs")},
-        "run": {"step": meta.get("step"), "model": run_config.get("model"),
-                "preset": (run_config.get("train") or {}).get("preset"),
-                "trainer": meta.get("trainer"),
-                "calibration": None if engine.calibration is None else engine.calibration.fitted,
-                "knowledge": run_config.get("knowledge")},
-        "settings": {"max_queries": max_queries, "contexts": list(contexts), "seed": seed,
-                     "context_from": context_from, "splits": list(sets), "readdress": readdress,
-                     "device": str(device), "levels": list(LEVELS), "pit_bins": PIT_BINS,
-                     "byte2_mass": byte2_mass, "censor_ms": CENSOR_MS,
-                     "baseline_crps_levels": len(BASELINE_LADDER),
-                     "test_paths": [str(p) for p in paths] if external else None,
-                     "test_window": [test_since, test_until] if external else None},
-        "leak_check": leak,
-        "synthetic": None if world is None else {
+    results = EvalResults(
+        ping_llm=__version__, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        data_dir=str(data_dir), run_dir=str(run_dir),
+        dataset={"fingerprints": {s: v.get("fingerprint") for s, v in card["splits"].items()},
+                 "measurements": {s: v.get("measurements") for s, v in card["splits"].items()},
+                 "counts": card.get("counts"), "time_range": card.get("time_range"),
+                 "inputs": card.get("inputs")},
+        run=RunInfo(step=meta.get("step"), model=run_config.get("model"),
+                    preset=(run_config.get("train") or {}).get("preset"),
+                    trainer=meta.get("trainer"),
+                    calibration=None if engine.calibration is None else engine.calibration.fitted,
+                    knowledge=run_config.get("knowledge")),
+        settings=Settings(max_queries=max_queries, contexts=list(contexts), seed=seed,
+                          context_from=context_from, splits=list(sets), readdress=readdress,
+                          device=str(device), levels=list(LEVELS), pit_bins=PIT_BINS,
+                          byte2_mass=byte2_mass, censor_ms=CENSOR_MS,
+                          baseline_crps_levels=len(BASELINE_LADDER),
+                          test_paths=[str(p) for p in paths] if external else None,
+                          test_window=[test_since, test_until] if external else None),
+        leak_check=leak,
+        synthetic=None if world is None else {
             "world_file": None if world_file is None else str(world_file),
             "fingerprint": world.fingerprint()},
-        "synthetic_note": world_note,
-        "baselines": {"fit_seconds": fit_secs, "train_measurements": train.num_rows,
-                      "geo_db": fitted["geo"].db.describe()},
-        "splits": {}, "plot_data": {},
-    }
+        synthetic_note=world_note,
+        baselines={"fit_seconds": fit_secs, "train_measurements": train.num_rows,
+                   "geo_db": fitted["geo"].db.describe()},
+    )
     for name, table in sets.items():
         if external:
-            results.setdefault("external", {})["seen_in_train"] = _seen_fractions(table, train)
+            results.external = {"seen_in_train": _seen_fractions(table, train)}
         own = name == "test_probe" or context_from == "test"
         pool = (ContextPool(table, other_destinations=True) if own else
                 cold_train_pool if readdress else train_pool)
-        res, plot = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,
-                              pool=pool, contexts=contexts, max_queries=max_queries, seed=seed,
-                              world=world, n_examples=n_examples, progress=progress,
-                              readdress=readdress)
-        res["context_pool"] = (f"own earlier {name} measurements to other destinations"
-                               if own else "train, other destinations" if readdress else "train")
-        res["readdressed_sources"] = readdress
-        results["splits"][name] = res
-        results["plot_data"][name] = plot
-        timings[f"{name}_s"] = res["seconds"]
+        res = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,
+                        pool=pool, contexts=contexts, max_queries=max_queries, seed=seed,
+                        world=world, n_examples=n_examples, progress=progress,
+                        readdress=readdress)
+        res.context_pool = (f"own earlier {name} measurements to other destinations"
+                            if own else "train, other destinations" if readdress else "train")
+        res.readdressed_sources = readdress
+        results.splits[name] = res
+        timings[f"{name}_s"] = res.seconds
     if not readdress:  # the run's kept checkpoints on the same sets (k = 0, raw)
         from ping_llm.eval.curve import CURVE_QUERIES, learning_curve
 
         t0 = time.perf_counter()
         curve_sets = {n: Queries.of(t, CURVE_QUERIES, seed, n) for n, t in sets.items()}
-        results["learning_curve"] = learning_curve(run_dir, curve_sets, GRID, device, seed=seed,
-                                                   geo_db=geo_db)
+        results.learning_curve = learning_curve(run_dir, curve_sets, GRID, device, seed=seed,
+                                                geo_db=geo_db)
         timings["learning_curve_s"] = round(time.perf_counter() - t0, 2)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
-    results["timings"] = timings
+    results.timings = timings
     if out_dir is not None:
         from ping_llm.eval.report import write_report
 
-        results["files"] = write_report(results, out_dir)
+        results.files = write_report(results, out_dir)
     return results

@@ -1,6 +1,6 @@
 """The plots of the evaluation report (matplotlib, Agg backend; each figure -> base64 PNG).
 
-One function per figure, each reading the `evaluate` results (and their `plot_data`): CDFs of
+One function per figure, each reading an `eval.results.EvalResults` (and its sets' `plot`): CDFs of
 absolute and relative error per method (`fig_error_cdfs`), error vs number of context
 measurements (`fig_context`), PIT histograms and interval coverage (`fig_calibration`),
 reliability of P(failed) (`fig_reliability`), example RTT distributions against the observed
@@ -15,6 +15,8 @@ import io
 import math
 
 import numpy as np
+
+from ping_llm.eval.results import EvalResults, SetPlot
 
 
 def _plt():
@@ -62,15 +64,15 @@ def _cdf(ax, x, **kw):
         ax.plot(np.maximum(x, 1e-3), np.arange(1, len(x) + 1) / len(x), **kw)
 
 
-def fig_error_cdfs(name: str, plot: dict) -> str:
+def fig_error_cdfs(name: str, plot: SetPlot) -> str:
     plt = _plt()
-    ok = ~plot["failed"]
-    y = plot["obs"][ok]
-    names = [n for n, m in plot["methods"].items() if not m.get("context")]  # k rows: fig_context
+    ok = ~plot.failed
+    y = plot.obs[ok]
+    names = [n for n, m in plot.methods.items() if not m.get("context")]  # k rows: fig_context
     sty = _styles(names)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for n in names:
-        med = plot["methods"][n]["median"][ok]
+        med = plot.methods[n]["median"][ok]
         sel = np.isfinite(med)
         if not sel.any():
             continue
@@ -87,19 +89,18 @@ def fig_error_cdfs(name: str, plot: dict) -> str:
     return _png(fig)
 
 
-def fig_context(results: dict) -> str:
+def fig_context(results: EvalResults) -> str:
     """The in-context curve: per evaluated set, median abs error and censored CRPS against the
     number of context measurements k, for the model and for every baseline that read the same k
     (k = 0: its plain prediction); the best plain baseline dashed."""
     plt = _plt()
-    splits = list(results["splits"].items())
+    splits = list(results.splits.items())
     fig, axes = plt.subplots(2, max(len(splits), 1), figsize=(4.4 * max(len(splits), 1), 6.4),
                              squeeze=False)
     cmap = plt.get_cmap("tab10")
     for col, (name, split) in enumerate(splits):
-        methods = split["methods"]
-        curves = {"model": sorted((m["context"], m) for m in methods.values()
-                                  if m.get("kind") == "model")}
+        methods = split.methods
+        curves = {"model": sorted((m["context"], m) for m in split.of_kind("model").values())}
         for label, m in methods.items():
             if m.get("kind") == "baseline" and " k=" in label and not m.get("p_failed_only"):
                 base = label.rsplit(" k=", 1)[0]
@@ -148,17 +149,18 @@ def _finite_or_inf(v) -> float:
     return v if v is not None and math.isfinite(v) else math.inf
 
 
-def fig_calibration(results: dict) -> str:
+def fig_calibration(results: EvalResults) -> str:
     plt = _plt()
-    splits = list(results["splits"])
+    splits = list(results.splits)
     fig, axes = plt.subplots(len(splits), 2, figsize=(11, 3.2 * len(splits)), squeeze=False)
     for r, name in enumerate(splits):
-        split, plot = results["splits"][name], results["plot_data"][name]
-        ok = ~plot["failed"]
-        sty = _styles(list(plot["methods"]))
+        split = results.splits[name]
+        plot = split.plot
+        ok = ~plot.failed
+        sty = _styles(list(plot.methods))
         ax = axes[r, 0]
         edges = np.linspace(0, 1, 11)
-        for n, m in plot["methods"].items():
+        for n, m in plot.methods.items():
             pit = m.get("pit")
             if pit is None:
                 continue
@@ -172,7 +174,7 @@ def fig_calibration(results: dict) -> str:
                title=f"{name}: PIT histogram (flat = calibrated; U = overconfident)")
         ax.legend(ncol=2)
         ax = axes[r, 1]
-        rows = [(n, m) for n, m in split["methods"].items()]
+        rows = list(split.methods.items())
         labels, c50, c90 = [], [], []
         for n, m in rows:
             mm = m["fallback"] if m.get("kind") == "baseline" else m
@@ -207,21 +209,21 @@ def _reliability(p, y, bins=10):
             np.array([len(g) for g in parts]))
 
 
-def fig_reliability(results: dict) -> str:
+def fig_reliability(results: EvalResults) -> str:
     """Equal-count bins of predicted P(failed): mean prediction vs observed failure rate, with
     binomial standard errors; on the diagonal when calibrated."""
     plt = _plt()
-    splits = list(results["splits"])
+    splits = list(results.splits)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
     for i, name in enumerate(splits):
-        plot = results["plot_data"][name]
+        plot = results.splits[name].plot
         ax = axes[0, i]
-        y = plot["failed"].astype(float)
-        models = [n for n in plot["methods"] if n.startswith("model")]
+        y = plot.failed.astype(float)
+        models = [n for n in plot.methods if n.startswith("model")]
         show = {models[0], models[-1], "truth", "pair_median"} if models else {"truth"}
-        sty = _styles(list(plot["methods"]))
+        sty = _styles(list(plot.methods))
         top = 0.05
-        for n, m in plot["methods"].items():
+        for n, m in plot.methods.items():
             pf = m.get("p_failed")
             if pf is None or n not in show:
                 continue
@@ -243,11 +245,11 @@ def fig_reliability(results: dict) -> str:
     return _png(fig)
 
 
-def fig_examples(results: dict) -> str | None:
+def fig_examples(results: EvalResults) -> str | None:
     from ping_llm import tokens as tk
 
     plt = _plt()
-    exs = [(name, ex) for name, p in results["plot_data"].items() for ex in p.get("examples", [])]
+    exs = [(name, ex) for name, s in results.splits.items() for ex in s.plot.examples]
     if not exs:
         return None
     edges = tk.byte1_bin_edges_ms()
@@ -293,14 +295,14 @@ def fig_examples(results: dict) -> str | None:
     return _png(fig)
 
 
-def fig_nll(results: dict) -> str:
+def fig_nll(results: EvalResults) -> str:
     plt = _plt()
-    splits = list(results["splits"])
+    splits = list(results.splits)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
     fields = ("start", "src", "dst", "time", "result")
     for i, name in enumerate(splits):
         ax = axes[0, i]
-        ms = [m for m in results["splits"][name]["methods"].values() if m.get("kind") == "model"]
+        ms = list(results.splits[name].of_kind("model").values())
         w = 0.8 / max(len(ms), 1)
         for j, m in enumerate(ms):
             vals = [m["nll"]["per_field"].get(f, np.nan) for f in fields]
@@ -315,18 +317,17 @@ def fig_nll(results: dict) -> str:
     return _png(fig)
 
 
-def fig_kl(results: dict) -> str | None:
+def fig_kl(results: EvalResults) -> str | None:
     plt = _plt()
-    splits = [s for s in results["splits"] if any(
-        "kl" in m for m in results["splits"][s]["methods"].values())]
+    splits = [n for n, s in results.splits.items() if any("kl" in m for m in s.methods.values())]
     if not splits:
         return None
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
     for i, name in enumerate(splits):
         ax = axes[0, i]
-        plot = results["plot_data"][name]
-        sty = _styles(list(plot["methods"]))
-        for n, m in plot["methods"].items():
+        plot = results.splits[name].plot
+        sty = _styles(list(plot.methods))
+        for n, m in plot.methods.items():
             if "kl_rtt" in m and n.startswith("model"):
                 _cdf(ax, m["kl_rtt"], label=n, **sty[n])
         ax.set(xscale="log", xlabel="KL(true || model), RTT codes given a reply (nats)",
@@ -336,9 +337,9 @@ def fig_kl(results: dict) -> str | None:
     return _png(fig)
 
 
-def fig_learning_curve(results: dict) -> str | None:
+def fig_learning_curve(results: EvalResults) -> str | None:
     """Median AE and CRPS (k = 0, raw) per evaluated set against the tokens seen."""
-    curve = results.get("learning_curve")
+    curve = results.learning_curve
     if not curve:
         return None
     plt = _plt()

@@ -29,6 +29,7 @@ from ping_llm.eval.plots import (
     fig_nll,
     fig_reliability,
 )
+from ping_llm.eval.results import EvalResults, SetResult
 
 # summary table: (header, where the number is in a method's metrics, kind of number)
 COLUMNS = (
@@ -79,11 +80,11 @@ def json_safe(obj):
     return obj
 
 
-def table_rows(split: dict) -> list[tuple[str, dict]]:
+def table_rows(split: SetResult) -> list[tuple[str, dict]]:
     """(row label, metrics) of a split's summary table: models, truth, baselines with fallback,
     then baselines on their covered queries."""
     rows, covered = [], []
-    for name, m in split["methods"].items():
+    for name, m in split.methods.items():
         if m.get("kind") == "baseline":
             rows.append((name, {**m["fallback"], "coverage": m["coverage"]}))
             covered.append((f"{name} [covered]", {**m["covered"], "coverage": m["coverage"]}))
@@ -98,7 +99,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def summary_table(split: dict) -> tuple[list[str], list[list[str]]]:
+def summary_table(split: SetResult) -> tuple[list[str], list[list[str]]]:
     header = ["method"] + [c[0] for c in COLUMNS]
     rows = table_rows(split)
     full = [m.get("median_ae_ms") for name, m in rows if "[covered]" not in name
@@ -115,13 +116,11 @@ def summary_table(split: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _ablation_table(split: dict) -> tuple[list[str], list[list[str]]]:
+def _ablation_table(split: SetResult) -> tuple[list[str], list[list[str]]]:
     header = ["context k", "context used (mean)", "log P(result) with time",
               "without time", "gain (nats)", "log P(RTT) with time", "without time"]
     body = []
-    for m in split["methods"].values():
-        if m.get("kind") != "model":
-            continue
+    for m in split.of_kind("model").values():
         a = m["timestamp_ablation"]
         body.append([str(m["context"]), fmt(m["context_mean"], "frac"),
                      fmt(a["logp_result_with_time"], "nats"),
@@ -130,22 +129,21 @@ def _ablation_table(split: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _nll_table(split: dict) -> tuple[list[str], list[list[str]]]:
+def _nll_table(split: SetResult) -> tuple[list[str], list[list[str]]]:
     fields = ("start", "src", "dst", "time", "result")
     header = ["context k"] + [f"NLL {f} (nats)" for f in fields] + ["total"]
     body = []
-    for m in split["methods"].values():
-        if m.get("kind") == "model":
-            pf = m["nll"]["per_field"]
-            body.append([str(m["context"])] + [fmt(pf.get(f), "nats") for f in fields]
-                        + [fmt(m["nll"]["total"], "nats")])
+    for m in split.of_kind("model").values():
+        pf = m["nll"]["per_field"]
+        body.append([str(m["context"])] + [fmt(pf.get(f), "nats") for f in fields]
+                    + [fmt(m["nll"]["total"], "nats")])
     return header, body
 
 
-def _kl_table(split: dict) -> tuple[list[str], list[list[str]]] | None:
+def _kl_table(split: SetResult) -> tuple[list[str], list[list[str]]] | None:
     body = []
-    for m in split["methods"].values():
-        if m.get("kind") == "model" and "kl" in m:
+    for m in split.of_kind("model").values():
+        if "kl" in m:
             k = m["kl"]
             body.append([str(m["context"])] + [fmt(k[x][s], "nats") for x in
                                                ("kl_rtt", "kl_byte1", "kl_full")
@@ -157,8 +155,8 @@ def _kl_table(split: dict) -> tuple[list[str], list[list[str]]] | None:
     return header, body
 
 
-def _breakdown_table(split: dict, kind: str) -> tuple[list[str], list[list[str]]]:
-    cells = split["breakdowns"][kind]
+def _breakdown_table(split: SetResult, kind: str) -> tuple[list[str], list[list[str]]]:
+    cells = split.breakdowns[kind]
     labels = list(cells)
     header = ["method"] + [f"{lab} (n)" for lab in labels]
     methods = list(next(iter(cells.values()))) if cells else []
@@ -172,53 +170,53 @@ def _breakdown_table(split: dict, kind: str) -> tuple[list[str], list[list[str]]
     return header, body
 
 
-def _header_md(results: dict) -> list[str]:
-    s, run = results["settings"], results["run"]
-    lines = [f"# ping-llm evaluation ({results['created']})", "",
-             f"- dataset: `{results['data_dir']}`; run: `{results['run_dir']}` "
-             f"(step {run.get('step')}, preset {run.get('preset')})",
-             f"- leak check: {results['leak_check']['mode']}; dataset train fingerprint "
-             f"`{results['leak_check']['dataset_train_fingerprint']}`",
-             f"- queries per set: at most {s['max_queries']} (seed {s['seed']}); contexts "
-             f"{s['contexts']}; device {s['device']}; total {results['timings']['total_s']} s"]
-    if s.get("readdress"):
+def _header_md(results: EvalResults) -> list[str]:
+    s, run = results.settings, results.run
+    lines = [f"# ping-llm evaluation ({results.created})", "",
+             f"- dataset: `{results.data_dir}`; run: `{results.run_dir}` "
+             f"(step {run.step}, preset {run.preset})",
+             f"- leak check: {results.leak_check['mode']}; dataset train fingerprint "
+             f"`{results.leak_check['dataset_train_fingerprint']}`",
+             f"- queries per set: at most {s.max_queries} (seed {s.seed}); contexts "
+             f"{s.contexts}; device {s.device}; total {results.timings['total_s']} s"]
+    if s.readdress:
         lines.append("- sources re-addressed: every evaluated source is asked about under a new "
                      "random address, with its train measurements to other destinations as "
                      "context (cold start on known probes)")
-    cal = run.get("calibration")
+    cal = run.calibration
     lines.append("- model distributions: raw (no calibration.json, or --no-calibration)"
                  if not cal else
                  f"- model distributions: calibrated on {cal.get('split')} "
                  f"({cal.get('queries')} queries x k={cal.get('contexts')}, step "
                  f"{cal.get('step')}); token NLL is the raw model's")
-    model = run.get("model") or {}
+    model = run.model or {}
     if model.get("prefix_buckets") or model.get("knowledge_dim"):
-        know = run.get("knowledge") or {}
+        know = run.knowledge or {}
         lines.append("- the model reads " + " and ".join(
             ([f"prefix memory ({model['prefix_buckets']} rows per level)"]
              if model.get("prefix_buckets") else [])
             + ([f"address knowledge from {know.get('name')} built {know.get('build_date')}"]
                if model.get("knowledge_dim") else [])))
-    if results.get("synthetic"):
-        lines.append(f"- synthetic world: `{results['synthetic']['world_file']}` (fingerprint "
-                     f"{results['synthetic']['fingerprint']}): KL and the truth row are exact")
-    inv = results["leak_check"].get("split_invariants")
+    if results.synthetic:
+        lines.append(f"- synthetic world: `{results.synthetic['world_file']}` (fingerprint "
+                     f"{results.synthetic['fingerprint']}): KL and the truth row are exact")
+    inv = results.leak_check.get("split_invariants")
     if inv:
         lines.append("- split invariants on the data: " + ", ".join(
             f"{k} {v}" for k, v in inv["checked"].items()))
-    if s.get("test_paths"):
-        lo, hi = s.get("test_window") or (None, None)
+    if s.test_paths:
+        lo, hi = s.test_window or (None, None)
         window = "" if lo is None and hi is None else f", time window [{lo}, {hi}) epoch s"
-        lines.append(f"- external set: `{', '.join(s['test_paths'])}`{window}; context from "
-                     f"{s.get('context_from', 'train')}")
-    geo = (results.get("baselines") or {}).get("geo_db")
+        lines.append(f"- external set: `{', '.join(s.test_paths)}`{window}; context from "
+                     f"{s.context_from}")
+    geo = results.baselines.get("geo_db")
     if geo:
         lines.append(f"- geolocation baseline: {geo['name']} built {geo['build_date']} "
                      f"(sha256 `{geo['sha256'][:16]}…`)" + (
                          f", {geo['licence']}. {geo['attribution']}" if geo.get("licence")
                          else ""))
-    if results.get("external"):
-        seen = results["external"]["seen_in_train"]
+    if results.external:
+        seen = results.external["seen_in_train"]
         lines.append("- external set seen in train: " + ", ".join(
             f"{k} {v['distinct_seen']}/{v['distinct']} distinct, "
             f"{100 * v['measurements_seen_frac']:.1f}% of measurements" for k, v in seen.items()))
@@ -230,15 +228,14 @@ def _header_md(results: dict) -> list[str]:
     return lines
 
 
-def verdict(split: dict) -> str:
+def verdict(split: SetResult) -> str:
     """One sentence: the model's best context setting against the best baseline (median AE over
     all queries, baselines with their fallback)."""
     def med(m):
         v = m.get("fallback", m).get("median_ae_ms")
         return v if v is not None and math.isfinite(v) else math.inf
 
-    models = {n: m for n, m in split["methods"].items() if m.get("kind") == "model"}
-    base = {n: m for n, m in split["methods"].items() if m.get("kind") == "baseline"}
+    models, base = split.of_kind("model"), split.of_kind("baseline")
     if not models or not base:
         return ""
     bm = min(models, key=lambda n: med(models[n]))
@@ -287,11 +284,11 @@ DEFINITIONS = """## Definitions
 """
 
 
-def summary_markdown(results: dict) -> str:
+def summary_markdown(results: EvalResults) -> str:
     lines = _header_md(results)
-    for name, split in results["splits"].items():
-        lines += [f"## {name}: {split['n_evaluated']} of {split['n_total']} measurements "
-                  f"({split['n_failed']} failed)", ""]
+    for name, split in results.splits.items():
+        lines += [f"## {name}: {split.n_evaluated} of {split.n_total} measurements "
+                  f"({split.n_failed} failed)", ""]
         lines += [_md_table(*summary_table(split)), ""]
         v = verdict(split)
         if v:
@@ -343,15 +340,15 @@ def _md_inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def report_html(results: dict) -> str:
+def report_html(results: EvalResults) -> str:
     head = _header_md(results)
     body = [f"<h1>{html.escape(head[0][2:])}</h1>", "<ul>"]
     body += [f"<li>{_md_inline(line[2:])}</li>" for line in head[1:] if line.startswith("- ")]
     body += ["</ul>", f'<p class="note">{_md_inline(head[-2])}</p>']
     body += ["<h2>Error vs context</h2>", _img(fig_context(results), "error vs context")]
-    for name, split in results["splits"].items():
-        body.append(f"<h2>{html.escape(name)}: {split['n_evaluated']} of {split['n_total']} "
-                    f"measurements ({split['n_failed']} failed)</h2>")
+    for name, split in results.splits.items():
+        body.append(f"<h2>{html.escape(name)}: {split.n_evaluated} of {split.n_total} "
+                    f"measurements ({split.n_failed} failed)</h2>")
         header, rows = summary_table(split)
         classes = ["covered" if "[covered]" in r[0] else "model" if r[0].startswith("model")
                    else "truth" if r[0] == "truth" else "" for r in rows]
@@ -359,15 +356,15 @@ def report_html(results: dict) -> str:
         v = verdict(split)
         if v:
             body.append(f"<p><b>{html.escape(v)}</b></p>")
-        body.append(f'<p class="note">context pool: {html.escape(split.get("context_pool", ""))}'
+        body.append(f'<p class="note">context pool: {html.escape(split.context_pool)}'
                     "</p>")
-        body.append(_img(fig_error_cdfs(name, results["plot_data"][name]), f"{name} errors"))
+        body.append(_img(fig_error_cdfs(name, split.plot), f"{name} errors"))
         body += ["<h3>Timestamp ablation</h3>", _html_table(*_ablation_table(split))]
         body += ["<h3>Token NLL per field</h3>", _html_table(*_nll_table(split))]
         kl = _kl_table(split)
         if kl:
             body += ["<h3>KL(true ‖ model)</h3>", _html_table(*kl)]
-        for kind in split.get("breakdowns", {}):
+        for kind in split.breakdowns:
             body += [f"<h3>Median abs error (ms) by {kind.replace('_', ' ')}</h3>",
                      _html_table(*_breakdown_table(split, kind))]
     body += ["<h2>Calibration</h2>", _img(fig_calibration(results), "calibration"),
@@ -384,7 +381,7 @@ def report_html(results: dict) -> str:
         body += ["<h2>KL to the truth</h2>", _img(kl, "kl")]
     curve = fig_learning_curve(results)
     if curve:
-        lc = results["learning_curve"]
+        lc = results.learning_curve
         body += ["<h2>Learning curve</h2>",
                  f'<p class="note">The run\'s kept checkpoints (train --keep-every), each on the '
                  f"same {lc['queries_per_set']} queries per set, without context and without "
@@ -394,17 +391,17 @@ def report_html(results: dict) -> str:
         body.append(f"<li>{html.escape(' '.join(item.split()))}</li>")
     body += ["</ul>"]
     body += ["<h2>Timings (s)</h2>", _html_table(
-        ["stage", "seconds"], [[k, str(v)] for k, v in results.get("timings", {}).items()])]
+        ["stage", "seconds"], [[k, str(v)] for k, v in results.timings.items()])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>ping-llm evaluation</title><style>{_CSS}</style></head><body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(results: dict, out_dir) -> dict:
+def write_report(results: EvalResults, out_dir) -> dict:
     """Write metrics.json, summary.md and report.html into out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    numbers = {k: v for k, v in results.items() if k not in ("plot_data", "files")}
+    numbers = {k: v for k, v in results.to_dict().items() if k != "files"}
     paths = {"metrics": out / "metrics.json", "summary": out / "summary.md",
              "html": out / "report.html"}
     text = json.dumps(json_safe(numbers), indent=1, allow_nan=False)
