@@ -26,14 +26,8 @@ from ping_llm.data.prepare import load_card
 from ping_llm.data.schema import read_canonical
 from ping_llm.eval import metrics as M
 from ping_llm.eval.calibrate import known_of, populations, raw_distributions
-from ping_llm.eval.evaluate import (
-    BYTE2_MASS,
-    CONTEXTS,
-    MAX_QUERIES,
-    ContextPool,
-    Queries,
-    new_sources,
-)
+from ping_llm.eval.evaluate import BYTE2_MASS, CONTEXTS
+from ping_llm.eval.queries import MAX_QUERIES, ContextPool, Queries, new_sources
 from ping_llm.eval.scoring import GRID, distribution_metrics
 from ping_llm.query.calibration import POPULATIONS, Calibration, pair_keys
 from ping_llm.query.engine import Engine

@@ -22,6 +22,7 @@ from ping_llm import tokens as tk
 from ping_llm.cli import main as cli_main
 from ping_llm.errors import InputError
 from ping_llm.eval import evaluate as ev
+from ping_llm.eval import queries as Q
 
 FAST = dict(max_queries=16, contexts=(0, 2), n_examples=1, progress=False)
 
@@ -65,17 +66,17 @@ def test_seen_bins_label_counts():
 
 
 def test_subsample_is_seeded_per_set_and_sorted():
-    a = ev.subsample(10_000, 100, 0, "test_time")
+    a = Q.subsample(10_000, 100, 0, "test_time")
     assert len(a) == 100 and np.all(np.diff(a) > 0)
-    assert np.array_equal(a, ev.subsample(10_000, 100, 0, "test_time"))
-    assert not np.array_equal(a, ev.subsample(10_000, 100, 1, "test_time"))
-    assert not np.array_equal(a, ev.subsample(10_000, 100, 0, "test_pair"))
-    assert np.array_equal(ev.subsample(50, 100, 0, "x"), np.arange(50))
-    assert np.array_equal(ev.subsample(50, None, 0, "x"), np.arange(50))
+    assert np.array_equal(a, Q.subsample(10_000, 100, 0, "test_time"))
+    assert not np.array_equal(a, Q.subsample(10_000, 100, 1, "test_time"))
+    assert not np.array_equal(a, Q.subsample(10_000, 100, 0, "test_pair"))
+    assert np.array_equal(Q.subsample(50, 100, 0, "x"), np.arange(50))
+    assert np.array_equal(Q.subsample(50, None, 0, "x"), np.arange(50))
 
 
 def test_context_is_the_most_recent_measurements_strictly_before_the_query(canonical_table):
-    pool = ev.ContextPool(canonical_table([
+    pool = Q.ContextPool(canonical_table([
         ("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.2", 11.0, 50),
         ("1.0.0.1", "2.0.0.3", -1.0, 300), ("1.0.0.2", "2.0.0.1", 9.0, 1),
         ("1.0.0.1", "2.0.0.4", 12.0, 200)]))
@@ -94,13 +95,13 @@ def test_context_is_the_most_recent_measurements_strictly_before_the_query(canon
 def test_a_cold_context_is_the_sources_pings_to_other_destinations(canonical_table):
     rows = [("1.0.0.1", "2.0.0.1", 10.0, 100), ("1.0.0.1", "2.0.0.2", 11.0, 150),
             ("1.0.0.1", "2.0.0.1", 10.5, 200), ("1.0.0.1", "2.0.0.3", 12.0, 250)]
-    own = ev.ContextPool(canonical_table(rows), other_destinations=True)
+    own = Q.ContextPool(canonical_table(rows), other_destinations=True)
     lo, p = own.before(np.array(["1.0.0.1"], dtype=object), np.array([300]))
     # a query to 2.0.0.1 never sees that pair's own history, only the other destinations
     assert [(m.dst, m.time) for m in own.context(lo[0], p[0], 4, 10_000, "2.0.0.1")] == [
         ("2.0.0.2", 150), ("2.0.0.3", 250)]
     assert [m.time for m in own.context(lo[0], p[0], 1, 10_000, "2.0.0.1")] == [250]
-    train = ev.ContextPool(canonical_table(rows))  # from train the pair's history is fair game
+    train = Q.ContextPool(canonical_table(rows))  # from train the pair's history is fair game
     assert len(train.context(lo[0], p[0], 4, 10_000, "2.0.0.1")) == 4
 
 
@@ -351,10 +352,10 @@ def test_eval_context_from_the_external_set_inside_a_time_window(trained_run):
 
 def test_new_sources_are_fresh_random_addresses_one_per_source():
     src = np.array(["10.0.0.1", "2001:db8::1", "10.0.0.1", "192.0.2.9"], dtype=object)
-    new = ev.new_sources(src, 0, "val")
+    new = Q.new_sources(src, 0, "val")
     assert new[0] == new[2] and len(set(new)) == 3 and not set(new) & set(src)
     assert [":" in a for a in new] == [":" in a for a in src]
-    assert list(ev.new_sources(src, 0, "val")) == list(new)  # seeded
+    assert list(Q.new_sources(src, 0, "val")) == list(new)  # seeded
 
 
 def test_readdressed_val_asks_about_known_probes_as_if_never_seen(trained_run):

@@ -21,16 +21,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ping_llm.errors import InputError
-from ping_llm.eval.evaluate import (
-    BYTE2_MASS,
-    CONTEXTS,
-    MAX_QUERIES,
-    ContextPool,
-    Queries,
-    new_sources,
-    with_source,
-)
+from ping_llm.eval.evaluate import BYTE2_MASS, CONTEXTS
 from ping_llm.eval.leakcheck import check_leak
+from ping_llm.eval.queries import MAX_QUERIES, ContextPool, Queries, new_sources, with_source
 from ping_llm.eval.scoring import GRID, dense_pmf, distribution_metrics
 from ping_llm.query.calibration import Calibration, pair_keys
 

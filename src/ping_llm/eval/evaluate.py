@@ -48,7 +48,6 @@ import json
 import sys
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +58,13 @@ from ping_llm import tokens as tk
 from ping_llm.data.observations import SourceContext
 from ping_llm.errors import InputError
 from ping_llm.eval.leakcheck import check_leak
+from ping_llm.eval.queries import (
+    MAX_QUERIES,
+    ContextPool,
+    Queries,
+    new_sources,
+    with_source,
+)
 from ping_llm.eval.results import EvalResults, RunInfo, SetPlot, SetResult, Settings
 from ping_llm.eval.scoring import (
     BASELINE_LADDER,
@@ -86,7 +92,6 @@ from ping_llm.eval.scoring import (
 
 EVAL_SPLITS = ("test_time", "test_pair", "test_probe")
 CONTEXTS = (0, 1, 4, 16, 64)  # 64 is cut to what fits the model's window (context_mean says)
-MAX_QUERIES = 500
 BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
 PAIR_SEEN = ((0, 0, "0"), (1, 9, "1-9"), (10, 99, "10-99"), (100, None, "100+"))
 SOURCE_SEEN = ((0, 0, "0"), (1, 99, "1-99"), (100, 999, "100-999"), (1000, None, "1000+"))
@@ -94,14 +99,6 @@ SOURCE_SEEN = ((0, 0, "0"), (1, 99, "1-99"), (100, 999, "100-999"), (1000, None,
 
 # ----------------------------------------------------------------------------------------------
 # inputs and the leak check
-
-
-def _table_arrays(table: pa.Table) -> dict:
-    t = table.column("event_time").cast(pa.int64()).to_numpy()
-    return dict(src=np.asarray(table.column("src_addr").to_pylist(), dtype=object),
-                dst=np.asarray(table.column("dst_addr").to_pylist(), dtype=object),
-                rtt=table.column("rtt").to_numpy(), time=t,
-                version=table.column("ip_version").to_numpy().astype(np.int64))
 
 
 def find_world_file(card: dict, data_dir) -> Path | None:
@@ -131,65 +128,6 @@ def find_world_file(card: dict, data_dir) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# queries and context
-
-
-def subsample(n: int, max_queries: int | None, seed: int, name: str) -> np.ndarray:
-    """Deterministic uniform subsample of range(n) (sorted): default_rng([seed, crc32(name)])."""
-    if not max_queries or n <= max_queries:
-        return np.arange(n)
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    return np.sort(rng.choice(n, size=max_queries, replace=False))
-
-
-class ContextPool:
-    """Measurements to draw in-context examples from, sorted by (source, time).
-
-    other_destinations: a query's context skips the query's own destination, so the context is
-    what a new node knows about itself (its pings elsewhere), never the pair's own history; used
-    for pools of the evaluated set itself (test_probe, `context_from="test"`)."""
-
-    def __init__(self, table: pa.Table, other_destinations: bool = False):
-        a = _table_arrays(table)
-        order = np.lexsort((a["time"], a["src"].astype(str)))
-        self.src = a["src"][order].astype(str)
-        self.dst, self.rtt, self.time = a["dst"][order], a["rtt"][order], a["time"][order]
-        self.sources, self.first = np.unique(self.src, return_index=True)
-        self.last = np.r_[self.first[1:], len(self.src)]
-        self.other_destinations = other_destinations
-
-    def before(self, src: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per query: (lo, p) with rows [lo, p) the source's measurements strictly before t."""
-        n = len(self.sources)
-        i = np.minimum(np.searchsorted(self.sources, src.astype(str)), max(n - 1, 0))
-        hit = (self.sources[i] == src.astype(str)) if n else np.zeros(len(src), bool)
-        lo = np.where(hit, self.first[i] if n else 0, 0)
-        hi = np.where(hit, self.last[i] if n else 0, 0)
-        p = np.array([lo_ + np.searchsorted(self.time[lo_:hi_], tq, "left")
-                      for lo_, hi_, tq in zip(lo, hi, t, strict=True)], dtype=np.int64)
-        return lo, np.where(hit, p, lo)
-
-    def context(self, lo: int, p: int, k: int, budget: int, dst: str | None = None) -> list:
-        """The k most recent measurements in [lo, p) (to destinations other than `dst` when the
-        pool is `other_destinations`), time-ordered, cut to `budget` tokens."""
-        if k == 0:
-            return []
-        if self.other_destinations and dst is not None:
-            rows = np.arange(lo, p)[self.dst[lo:p] != dst][-k:]
-        else:
-            rows = np.arange(max(lo, p - k), p)
-        ms = [tk.Measurement(self.src[r], self.dst[r], float(self.rtt[r]), int(self.time[r]))
-              for r in rows]
-        while ms and len(tk.encode_reference(ms)) > budget:
-            ms = ms[1:]
-        return ms
-
-
-# ----------------------------------------------------------------------------------------------
-# model: teacher-forced scores and exact distributions
-
-
-# ----------------------------------------------------------------------------------------------
 # aggregation
 
 
@@ -201,45 +139,7 @@ def _bins(counts: np.ndarray, spec) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# baselines
-
-
-# ----------------------------------------------------------------------------------------------
 # one evaluated set
-
-
-@dataclass
-class Queries:
-    src: np.ndarray  # object (N,)
-    dst: np.ndarray
-    rtt: np.ndarray  # ms, -1 = failed
-    time: np.ndarray  # epoch s
-    version: np.ndarray
-
-    @property
-    def failed(self) -> np.ndarray:
-        return self.rtt < 0
-
-    @property
-    def obs(self) -> np.ndarray:
-        return np.where(self.rtt < 0, np.nan, self.rtt)
-
-    def __len__(self) -> int:
-        return len(self.rtt)
-
-    def measurement(self, i: int, with_time: bool = True) -> tk.Measurement:
-        t = int(self.time[i]) if with_time else None
-        return tk.Measurement(str(self.src[i]), str(self.dst[i]), float(self.rtt[i]), t)
-
-    @classmethod
-    def of(cls, table: pa.Table, max_queries: int | None = None, seed: int = 0,
-           name: str = "") -> Queries:
-        """The rows of a canonical table (`subsample`d to max_queries by (seed, name))."""
-        if max_queries:
-            table = table.take(pa.array(subsample(table.num_rows, max_queries, seed, name),
-                                        pa.int64()))
-        a = _table_arrays(table)
-        return cls(a["src"], a["dst"], a["rtt"], a["time"], a["version"])
 
 
 def _model_pass(engine, q: Queries, ctxs: list, truth, tix, rng, bar=None) -> dict:
@@ -354,26 +254,6 @@ def _in_world(world, src, dst) -> np.ndarray:
     for i, (s, d) in enumerate(zip(src, dst, strict=True)):
         out[i] = s in idx and d in idx and world.kind[idx[s] // 2] != ANYCAST
     return out
-
-
-def new_sources(src: np.ndarray, seed: int, name: str) -> np.ndarray:
-    """Each distinct source address -> a fresh uniformly random global unicast address of its
-    family (contexts.readdress with nothing of the real network kept): a probe never seen. Seeded
-    by (seed, set name), so `calibrate` re-addresses val exactly as `eval --readdress-sources`."""
-    from ping_llm.data.contexts import readdress
-
-    uniq, inv = np.unique(src.astype(str), return_inverse=True)
-    addr, version = tk.parse_addresses(uniq)
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 2])
-    new = readdress(addr, version, rng, keep=0.0)
-    names = np.array([tk.format_address(a, v) for a, v in zip(new, version, strict=True)],
-                     dtype=object)
-    return names[inv]
-
-
-def with_source(context: list, src: str) -> list:
-    """The same measurements under another source address (a re-addressed source's context)."""
-    return [tk.Measurement(src, m.dst, m.rtt_ms, m.time) for m in context]
 
 
 def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_queries, seed,
