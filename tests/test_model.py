@@ -253,14 +253,13 @@ def test_kv_cache_prefix_once_then_batched_continuations_equals_full_forward(n_k
     with torch.no_grad():
         cache = KVCache(model.config, batch_size=1, max_len=20)
         model(prefix, kv_cache=cache)
-        batch = cache.expand(5)
-        assert cache.pos == batch.pos == 12
         for seed in (1, 2):  # two rounds of continuations from the same prefix
+            batch = cache.expand(5)
+            assert cache.pos == batch.pos == 12
             cont = tokens(5, 6, seed=seed)
             got, _ = model(cont, kv_cache=batch)  # (5, 6, V)
             full, _ = model(torch.cat([prefix.expand(5, -1), cont], dim=1))  # (5, 18, V)
             torch.testing.assert_close(got, full[:, 12:], rtol=0, atol=CACHE_ATOL)
-            batch.rewind(12)
         # the batch-1 cache is untouched and can be expanded again
         again = cache.expand(2)
         cont = tokens(2, 3, seed=3)

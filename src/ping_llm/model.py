@@ -25,8 +25,8 @@ what a geolocation database says about an address at the byte that completes it
 Inference: `KVCache` holds keys/values of earlier positions (and their token ids). The query
 engine runs a shared prefix once with batch 1, `expand`s the cache to batch B (or `select`s
 rows of it), then scores B continuations in one forward (`GPT.forward(idx, kv_cache=cache)`
-returns logits for the new positions only); `rewind` returns to the prefix to try the next set
-without recomputing it.
+returns logits for the new positions only); the batch-1 cache is untouched, so it can be
+expanded again for the next set without recomputing the prefix.
 
 Construction on a device without paying for a CPU init: `with torch.device("meta"): m = GPT(c)`,
 then `m.to_empty(device=dev); m.init_weights()` (which also recomputes the RoPE tables, since
@@ -179,7 +179,7 @@ class KVCache:
         model(prefix[None], kv_cache=cache)           # run the shared prefix once
         batch = cache.expand(B)                       # B independent copies of it
         logits, _ = model(continuations, kv_cache=batch)   # (B, T_cont, V)
-        batch.rewind(prefix_len)                      # back to the prefix, try the next set
+        batch = cache.expand(B)                       # the prefix again, for the next set
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None):
@@ -255,12 +255,6 @@ class KVCache:
             new.idx = self.idx[start:stop]
         new.pos = self.pos
         return new
-
-    def rewind(self, pos: int) -> None:
-        """Forget every position >= pos (cheap: only the counter moves)."""
-        if not 0 <= pos <= self.pos:
-            raise InputError(f"can only rewind to 0..{self.pos}, got {pos}")
-        self.pos = pos
 
     def expand(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A new cache of `batch_size` rows, each a copy of this batch-1 cache's positions.
