@@ -12,16 +12,16 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ping_llm"
 
-# Bottom to top. The language and the errors are everyone's; the data side knows nothing of the
-# model; the model side (flat, as in nanochat) reads data; queries run a model; evaluation asks
-# queries; the CLI and the demo drive everything.
+# Bottom to top. The language, the errors and the options (config fields that are flags) are
+# everyone's; the data side knows nothing of the model; the model side (flat, as in nanochat) reads
+# data; queries run a model; evaluation asks queries; the CLI and the demo drive everything.
 LAYERS = [
-    {"__init__", "errors", "tokens"},
+    {"__init__", "errors", "tokens", "options"},
     {"data"},
     {"config", "model", "optim", "runtime", "checkpoint", "knowledge", "train"},
     {"query"},
     {"eval"},
-    {"cli", "demo"},
+    {"cli", "verbs", "demo"},
 ]
 
 

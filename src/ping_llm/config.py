@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ping_llm.errors import InputError
+from ping_llm.options import option
+
+PRESETS = ("tiny", "small", "full")  # model sizes (model.GPTConfig.preset)
+DTYPES = ("auto", "bfloat16", "float32")
+WANDB_MODES = ("off", "online", "offline")
 
 
 @dataclass
@@ -25,6 +30,10 @@ class TrainConfig:
     total_batch_tokens (None = one micro-batch per rank) sets the tokens per optimiser step,
     and grad_accum_steps = total_batch_tokens / (device_batch_size x sequence_len x world_size)
     must come out a positive integer.
+
+    The fields made with `option` are `ping-llm train` flags, their help the field's doc. The CLI
+    spells the flags for the others itself, as none is one value of one field (--data for
+    data_dir and extra_data, --mix, --model, --out, --resume); stop_at is for tests only.
     """
 
     data_dir: str | None = None  # prepared dataset (has card.json); None when loaders are given
@@ -33,62 +42,82 @@ class TrainConfig:
     extra_data: list = field(default_factory=list)
     mix: list | None = None
     out_dir: str | None = None  # run directory; None writes nothing (benchmarks)
-    preset: str = "tiny"
+    preset: str = option("tiny", "model size", choices=PRESETS)
     model: dict = field(default_factory=dict)  # GPTConfig overrides, e.g. {"n_layer": 2}
-    steps: int = 1000  # optimiser steps in the whole run (the LR schedule spans these)
-    device_batch_size: int = 8
-    total_batch_tokens: int | None = None
-    matrix_lr: float = 0.02  # Muon, hidden matrices
-    embedding_lr: float = 0.2  # AdamW, scaled by (n_embd/768)^-0.5 in optim.build_optimizers
-    unembedding_lr: float = 0.004
-    memory_lr: float = 0.2  # AdamW, the prefix-memory table (scaled like embedding_lr)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    warmdown_frac: float = 0.2  # last fraction of steps: linear decay to 0
-    # Sequence-length warmup (loader.CurriculumLoader, docs/results.md): the first
-    # seq_warmup_frac of the steps train on contexts of seq_warmup_len tokens (same tokens per
-    # batch), then full-length ones. Off when the model's context is not longer; loaders passed
-    # to train() are used as they are.
-    seq_warmup_frac: float = 0.5
-    seq_warmup_len: int = 256
-    # Identity augmentation (loader.readdress): the fraction of training contexts whose source
-    # (destinations) get new addresses, so the model must read the context to predict them.
-    # 0.25 chosen on val (docs/results.md): most of 0.5's gain on re-addressed (cold) val, none
-    # of its loss on known sources without context.
-    readdress_src: float = 0.25
-    readdress_dst: float = 0.0
+    steps: int = option(1000, "optimiser steps of the whole run, which the lr schedule spans")
+    device_batch_size: int = option(8, "sequences per device per micro-step", flag="--batch-size")
+    total_batch_tokens: int | None = option(
+        None, "tokens per optimiser step over all devices; sets gradient accumulation (default: "
+        "one micro-batch per device)")
+    matrix_lr: float = option(0.02, "Muon lr for hidden matrices")
+    # The embedding's lr is scaled by (n_embd/768)^-0.5 in optim.build_optimizers, the prefix
+    # memory's likewise.
+    embedding_lr: float = option(0.2, "AdamW lr for the embedding")
+    unembedding_lr: float = option(0.004, "AdamW lr for lm_head")
+    memory_lr: float = option(0.2, "AdamW lr for the prefix-memory table")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    warmup_steps: int = option(0, "linear lr warmup steps")
+    warmdown_frac: float = option(0.2, "last fraction of steps: linear lr decay to 0")
+    # Sequence-length warmup (data.loader.CurriculumLoader, docs/results.md), with the same
+    # tokens per batch. Off when the model's context is not longer; loaders passed to train()
+    # are used as they are.
+    seq_warmup_frac: float = option(0.5, "first fraction of steps on short contexts, then full "
+                                    "length; 0 = off", metavar="FRAC")
+    seq_warmup_len: int = option(256, "length of those short contexts; divides sequence_len",
+                                 metavar="TOKENS")
+    # Identity augmentation (data.contexts.readdress). 0.25 chosen on val (docs/results.md): most of
+    # 0.5's gain on re-addressed (cold) val, none of its loss on known sources without context.
+    readdress_src: float = option(0.25, "fraction of training contexts whose source gets new "
+                                  "addresses, so the model learns to read its context",
+                                  metavar="FRAC")
+    readdress_dst: float = option(0.0, "likewise for the destinations of a context",
+                                  metavar="FRAC")
     # What the model knows about addresses beyond their bytes (docs/results.md, "Address
-    # knowledge"): prefix_buckets rows per level of the hashed prefix memory (model.prefix_slots;
-    # 0 = none), and knowledge = features of every address from a MaxMind database (geo_db; None
-    # = the packaged GeoLite2-City), recorded in the run and required again by every query.
-    prefix_buckets: int = 0
-    knowledge: bool = False
-    geo_db: str | None = None
-    grad_clip: float = 1.0  # max global grad norm; 0 = no clipping (norm still logged)
-    eval_every: int = 100  # steps; 0 = never (except none at all)
-    eval_batches: int = 8  # global micro-batches in the fixed held-out set
-    eval_split: str = "val"  # the split for choosing; test splits are for reporting only
-    save_every: int = 250  # steps; 0 = only at the end and on SIGINT/SIGTERM
-    log_every: int = 10
-    seed: int = 0
-    compile: bool = False
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N | mps ...
-    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bfloat16 | float32
-    wandb: str = "off"  # off | online | offline
-    wandb_project: str = "ping-llm"
-    peak_flops: float | None = None  # per device, for MFU; None = PEAK_BF16_FLOPS / null on CPU
-    time_limit_s: float | None = None  # stop cleanly (checkpoint) before this wall time
-    # Follow the schedule by training time: the lr decays over the last warmdown_frac of this
-    # many seconds of steps, and the run is complete when they are spent (`steps` is then an upper
-    # bound). For a machine whose speed is not known in advance; not bit-reproducible.
-    time_budget_s: float | None = None
+    # knowledge"): the hashed prefix memory (model.prefix_slots) and the database's features,
+    # which the run records and every query then requires.
+    prefix_buckets: int = option(0, "prefix memory: hashed embedding rows per prefix level (/8 "
+                                 "/16 /24 /32, IPv6 /16../64); 0 = none")
+    knowledge: bool = option(False, "feed the model each address's location, country and ASN "
+                             "from a MaxMind database")
+    geo_db: str | None = option(None, "that database (default: the packaged GeoLite2-City of "
+                                "2019-12-24)", metavar="FILE")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 = no clipping, the norm still "
+                              "logged")
+    eval_every: int = option(100, "steps between held-out evals (and one at the end); 0 = none "
+                             "at all")
+    eval_batches: int = option(8, "global micro-batches in the fixed held-out set")
+    eval_split: str = option("val", "held-out split of the dataset, for choosing; test splits "
+                             "are for reporting only")
+    save_every: int = option(250, "steps between checkpoints; 0 = only at the end and on "
+                             "SIGINT/SIGTERM")
+    log_every: int = option(10, "steps between log lines")
+    seed: int = option(0, "seed of init and data order")
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N | mps ...")
+    dtype: str = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere",
+                        choices=DTYPES)
+    wandb: str = option("off", "log to wandb", choices=WANDB_MODES)
+    wandb_project: str = option("ping-llm", "wandb project")
+    peak_flops: float | None = option(None, "peak FLOP/s per device, for MFU (default: looked "
+                                      "up for common data-centre GPUs; none on CPU)")
+    time_limit_s: float | None = option(None, "stop cleanly with a checkpoint after this much "
+                                        "training time", flag="--time-limit", unit="minutes")
+    # Following the schedule by training time is for a machine whose speed is not known in
+    # advance; it is not bit-reproducible.
+    time_budget_s: float | None = option(
+        None, "finish the schedule in this much training time: the lr decays over its last "
+        "--warmdown-frac and the run ends complete (--steps becomes an upper bound)",
+        flag="--time-budget", unit="minutes")
     stop_at: int | None = None  # stop cleanly (checkpoint) after this global step, as if preempted
-    # A new run that starts from another run's weights (fine-tuning, a later campaign); its
-    # lineage is recorded and eval's leak check follows it. init_optimizer also takes the
-    # parent's optimizer moments (its learning rates and schedule are this run's own).
-    init_from: str | None = None
-    init_optimizer: bool = False
-    keep_every: int = 0  # also keep the weights of every N-th step (RUN/kept/): learning curves
+    # A run that starts from another run's weights: a fine-tune, a later campaign.
+    init_from: str | None = option(None, "start a new run from another run's weights (fine-tune "
+                                   "on --data); the lineage is recorded and eval's leak check "
+                                   "follows it", metavar="PARENT_RUN")
+    init_optimizer: bool = option(False, "with --init-from: also take the parent's optimizer "
+                                  "moments; the learning rates and schedule stay this run's own",
+                                  action="store_true")
+    keep_every: int = option(0, "also keep the weights of every N-th step in RUN/kept/: `eval` "
+                             "then draws the learning curve; 0 = none")
     resume: bool = False  # continue from out_dir's checkpoint if there is one
 
     def __post_init__(self):
@@ -121,13 +150,13 @@ class TrainConfig:
                 raise InputError(f"{name} must be a fraction in [0, 1], got {v!r}")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             raise InputError(f"warmdown_frac must be in [0, 1], got {self.warmdown_frac}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
+        if self.dtype not in DTYPES:
             raise InputError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
-        if self.wandb not in ("off", "online", "offline"):
+        if self.wandb not in WANDB_MODES:
             raise InputError(f"wandb must be off, online or offline, got {self.wandb!r}")
         if not isinstance(self.knowledge, bool):
             raise InputError(f"knowledge must be true or false, got {self.knowledge!r}")
-        if self.preset not in ("tiny", "small", "full"):
+        if self.preset not in PRESETS:
             raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
         if not isinstance(self.model, dict):
             raise InputError(f"model overrides must be a dict, got {type(self.model).__name__}")

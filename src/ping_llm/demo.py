@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ping_llm.errors import InputError
+from ping_llm.options import option
 
 STAGES = ("synth", "ingest", "prepare", "train", "calibrate", "eval", "queries")
 # Fixed costs on 2 CPU cores (measured on the default world): everything but training.
@@ -34,14 +35,18 @@ CALIBRATION_STEPS = 6
 
 @dataclass
 class DemoConfig:
-    out: str = "demo"
-    minutes: float = 15.0
-    seed: int = 0
-    probes: int | None = None  # synthetic world size (None = the default world)
-    days: float | None = None
-    eval_queries: int = 1000  # per test split
-    steps: int | None = None  # training steps (None = as many as fit the budget)
-    seq_len: int | None = None  # model context in tokens (None = the tiny preset's 1024)
+    """What `ping-llm demo` takes; every field is one of its flags."""
+
+    out: str = option("demo", "run directory", metavar="DIR")
+    minutes: float = option(15.0, "wall-time budget of the whole demo; training gets most of it")
+    seed: int = option(0, "seed of the world, splits and model")
+    probes: int | None = option(None, "probes in the synthetic world (default: as `ping-llm "
+                                "synth`)")
+    days: float | None = option(None, "days of measurements (default: as `ping-llm synth`)")
+    eval_queries: int = option(1000, "evaluated measurements per test split")
+    steps: int | None = option(None, "training steps (default: as many as fit the budget)")
+    seq_len: int | None = option(None, "model context in tokens (default: the tiny preset's "
+                                 "1024); shorter trains faster per token")
 
     def __post_init__(self):
         if not self.minutes > 0:
@@ -193,20 +198,20 @@ def _evaluate(dataset: Path, run_dir: Path, report_dir: Path, results_path: Path
 
     res = evaluate(dataset, run_dir, report_dir, max_queries=cfg.eval_queries,
                    contexts=(0, 1, 4), seed=cfg.seed, world=world_path(results_path))
-    pair = res["splits"]["test_pair"]
+    pair = res.splits["test_pair"]
     header, rows = summary_table(pair)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print("\n  test_pair (pairs never seen in training), "
-          f"{pair['methods'][next(iter(pair['methods']))].get('n', '?')} measurements:")
+          f"{next(iter(pair.methods.values())).get('n', '?')} measurements:")
     for r in [header, *rows]:
         print("    " + "  ".join(str(c).replace("**", "").ljust(w) for c, w in zip(r, widths,
                                                                                     strict=True)))
     headline = {}
     for name in ("model k=0", "model k=4", "global_median", "pair_median", "vivaldi", "dmfsgd"):
-        m = pair["methods"].get(name)
+        m = pair.methods.get(name)
         if m is not None:  # baselines are reported with the global-median fallback
             headline[name] = m.get("median_ae_ms", m.get("fallback", {}).get("median_ae_ms"))
-    return {"report": res["files"]["html"], "test_pair_median_ae_ms": headline}
+    return {"report": res.files["html"], "test_pair_median_ae_ms": headline}
 
 
 def _queries(run_dir: Path, dataset: Path, results_path: Path) -> dict:

@@ -17,11 +17,7 @@ from ping_llm.errors import InputError
 GEOLITE2_SHA256 = "a253d9cd68fe17b00087da24375f31f07cd4bb3852dc5fe3afe37b8f59e5abd0"
 
 AMS = "193.0.14.129"  # k-root, RIPE NCC Amsterdam (5 km radius)
-NL = "195.20.44.123"  # Netherlands, ~3 km from AMS
-DE = "188.40.131.135"  # Germany, ~340 km from AMS
-DXB = "94.204.244.170"  # Dubai, ~5160 km from AMS, ~4820 km from DE
-KWI = "212.43.17.251"  # Kuwait City, ~4000 km from DE, ~10650 km from US
-US = "67.227.226.240"  # Lansing, Michigan, ~11400 km from DXB
+DXB = "94.204.244.170"  # Dubai
 PRIVATE = ["10.0.0.1", "192.168.1.1", "fd00::1"]
 
 

@@ -6,11 +6,9 @@ without importing FastAPI and torch (`ping-llm --help` stays instant).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _limit(default, help: str):
-    return field(default=default, metadata={"help": help})
+from ping_llm.options import option
 
 
 @dataclass
@@ -18,16 +16,17 @@ class Limits:
     """Per-request limits (422 beyond them, 413 for the body) and the lanes' settings. Each field
     is also a `ping-llm serve` flag (--max-cost ...) whose help is the field's."""
 
-    max_batch: int = _limit(1024, "queries per /rtt_many, candidates per /rank, measurements "
+    max_batch: int = option(1024, "queries per /rtt_many, candidates per /rank, measurements "
                             "per /score")
-    max_context: int = _limit(60, "context measurements per request (60 IPv4 ones 4 minutes "
+    max_context: int = option(60, "context measurements per request (60 IPv4 ones 4 minutes "
                               "apart take 967 of a 1024-token window; what does not fit the "
                               "model's window is refused by its own length check)")
-    max_k: int = _limit(1000, "/destinations k")
-    max_sample: int = _limit(1000, "/sample n")
-    max_cost: int = _limit(50_000, "token positions one request may cost (an IPv4 0/0 -> 0/0 "
+    max_k: int = option(1000, "/destinations k")
+    max_sample: int = option(1000, "/sample n")
+    max_cost: int = option(50_000, "token positions one request may cost (an IPv4 0/0 -> 0/0 "
                            "query costs ~21,000, a plain one ~45)")
-    fast_cost: int = _limit(4_000, "requests costing up to this run on the fast lane")
-    max_body_bytes: int = _limit(1 << 20, "request body size in bytes (413 beyond it)")
-    coalesce: int = _limit(256, "cheap RTT queries answered per model batch")
-    wait_ms: float = _limit(2.0, "after the first queued query, wait this long (ms) for more")
+    fast_cost: int = option(4_000, "requests costing up to this run on the fast lane")
+    max_body_bytes: int = option(1 << 20, "request body size in bytes (413 beyond it)")
+    coalesce: int = option(256, "cheap RTT queries answered per model batch")
+    wait_ms: float = option(2.0, "after the first queued query, wait this long for more",
+                            metavar="MS")
