@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "demo",
-        "the main job: synth -> ingest -> prepare -> train -> eval -> report -> queries",
+        "the main job: synth -> ingest -> prepare -> train -> calibrate -> eval -> report -> "
+        "queries",
         "ping-llm demo --out demo --minutes 10",
         verbs.cmd_demo,
     )

@@ -657,13 +657,14 @@ def test_truncated_json_array_keeps_the_complete_elements(africa_lines, tmp_path
     assert record["line"] == len(complete) + 2
 
 
-def test_a_directory_input_skips_the_world_file_synth_writes_beside_its_output(
+def test_a_directory_input_skips_the_files_synth_writes_beside_its_output(
     africa_lines, tmp_path
 ):
     d = tmp_path / "in"
     d.mkdir()
     (d / "results.jsonl").write_bytes(b"\n".join(africa_lines[:50]) + b"\n")
     (d / "results.jsonl.world.json").write_text('{"config": {}}')
+    (d / "results.jsonl.geo.mmdb").write_bytes(bytes(range(256)) * 64)  # not JSON at all
     rep = ingest.ingest([d], tmp_path / "out", progress=False)
     assert rep.rejected == 0 and rep.rows == rows_of(africa_lines[:50])
 

@@ -1,4 +1,4 @@
-"""The context sampler: which measurements of one probe's row make a training context, and how.
+"""The context sampler: which measurements of a probe's row make a training context (docs/data.md).
 
 Context sampler (`sample_context`). Timestamp mode: full (time order, every measurement
 timestamped), none (shuffled, no timestamps) or partial (a fraction U(0.1, 0.9) timestamped and in

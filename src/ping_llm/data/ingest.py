@@ -72,6 +72,7 @@ from ping_llm.data import seen, streams
 from ping_llm.data.ripe import COUNTS, SOURCE_MODES, Batch, Reject, result_key
 from ping_llm.data.schema import CANONICAL_SCHEMA
 from ping_llm.data.streams import StreamState, decompressed, json_values, open_chunks
+from ping_llm.data.synth import COMPANION_SUFFIXES
 from ping_llm.errors import InputError
 
 FORMAT_VERSION = 1
@@ -341,11 +342,12 @@ def _expand_inputs(inputs) -> list[str]:
         if s == "-":
             out.append(s)
         elif os.path.isdir(s):
-            # Skip hidden files and the world description `ping-llm synth` writes beside its
-            # output, so that a directory of synthetic results ingests cleanly.
+            # Skip hidden files and what `ping-llm synth` writes beside its results (the world,
+            # its geolocation database), so that a directory of synthetic results ingests
+            # cleanly.
             out.extend(str(p) for p in sorted(Path(s).iterdir())
                        if p.is_file() and not p.name.startswith(".")
-                       and not p.name.endswith(".world.json"))
+                       and not p.name.endswith(COMPANION_SUFFIXES))
         elif os.path.isfile(s):
             out.append(s)
         elif glob.has_magic(s):

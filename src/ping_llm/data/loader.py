@@ -1,5 +1,5 @@
 """Training batches from a prepared dataset: a grain pipeline over the probe-centric rows and the
-context sampler (docs/tokens.md).
+context sampler (`data.contexts`; docs/data.md, "Training contexts").
 
     loader = build_loader("data/prepared", "train", batch_size=8, seq_len=1024, seed=0,
                           rank=0, world_size=1)

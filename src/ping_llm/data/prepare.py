@@ -19,9 +19,10 @@ Dataset directory:
                                     (rules, counts, fingerprints), rows and shards, token stats
     splits/<split>.parquet          canonical table of each split, sorted (deterministic bytes)
     rows/<split>/rows-NNNNN.array_record   the records, sharded (~shard_bytes each)
-    rows/<split>/index.parquet      one line per record: shard, source, prb_id, chunk, n, t_first,
-                                    t_last, tokens_none / tokens_full (exact token counts of the
-                                    whole row without / with timestamps), bytes
+    rows/<split>/index.parquet      one line per record: record, shard, source, prb_id, chunk,
+                                    n, n_v6, n_failed, t_first, t_last, tokens_none /
+                                    tokens_full (exact token counts of the whole row without /
+                                    with timestamps), bytes (docs/data.md)
 A split's fingerprint is a sha256 over its sorted content (column by column); a training run
 copies the train fingerprint so that evaluation can refuse a mismatched dataset.
 """

@@ -275,6 +275,11 @@ class Truth:
 # the world
 
 
+# What `synth_atlas.generate` writes beside its results (the world, its geolocation database):
+# not results, so a directory of synthetic output ingests cleanly (`ingest` skips them).
+COMPANION_SUFFIXES = (".world.json", ".geo.mmdb")
+
+
 def world_path(out) -> Path:
     """Where `synth_atlas.generate` records the world next to its output."""
     return Path(str(out) + ".world.json")

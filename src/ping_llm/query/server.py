@@ -23,9 +23,11 @@ result; `_cost` below for the other endpoints). Over `max_cost` it is refused wi
 names its cost and the limit; bodies over `max_body_bytes` get a 413 before they are parsed.
 Requests run on one of two lanes, each one model thread: cheap ones (cost <= `fast_cost`) on
 the fast lane, the rest on the slow lane, so a cheap question never waits behind an expensive
-one. Work on the slow lane is cancelled (within one model forward, `query.runner.CANCEL`) when its
-client disconnects. /docs is a page rendered from the OpenAPI schema here, with no outside links
-(FastAPI's own loads its scripts from a CDN, so it is blank offline).
+one. A request that runs on its own, on either lane (everything but the coalesced cheap RTT
+questions), is cancelled within one model forward (`query.runner.CANCEL`) when its client
+disconnects; /healthz's `cancelled` counts the slow lane's. /docs is a page rendered from the
+OpenAPI schema here, with no outside links (FastAPI's own loads its scripts from a CDN, so it is
+blank offline).
 
 Batching: cheap RTT questions from concurrent requests (/rtt and /rtt_many) go into one asyncio
 queue; a worker task takes the first, waits up to `wait_ms` for more, drains up to `coalesce` of
