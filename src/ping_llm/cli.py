@@ -17,6 +17,7 @@ import sys
 
 from ping_llm import __version__, verbs
 from ping_llm.config import TrainConfig
+from ping_llm.data.prepare import PrepareConfig
 from ping_llm.demo import DemoConfig
 from ping_llm.errors import InputError
 from ping_llm.options import add_arguments
@@ -278,31 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="canonical Parquet files or dirs")
     p.add_argument("--out", required=True, metavar="DATASET_DIR", help="dataset directory")
-    p.add_argument("--seed", type=int, default=0, help="split hash seed (default 0)")
-    p.add_argument("--time-fraction", type=float, default=0.1,
-                   help="last fraction of the time range -> test_time (default 0.1)")
-    p.add_argument("--probe-fraction", type=float, default=0.1,
-                   help="fraction of probes held out -> test_probe (default 0.1)")
-    p.add_argument("--pair-fraction", type=float, default=0.05,
-                   help="fraction of (probe, dst) pairs held out -> test_pair (default 0.05)")
-    p.add_argument("--val-time-fraction", type=float, default=0.05,
-                   help="fraction of the time range just before test_time -> val (default 0.05)")
-    p.add_argument("--val-pair-fraction", type=float, default=0.05,
-                   help="fraction of (probe, dst) pairs held out -> val (default 0.05)")
+    add_arguments(p, PrepareConfig)
     p.add_argument("--since", metavar="TIME",
                    help="keep only measurements at or after TIME (epoch s or ISO 8601, UTC)")
     p.add_argument("--until", metavar="TIME",
                    help="keep only measurements before TIME (epoch s or ISO 8601, UTC)")
-    p.add_argument("--max-record-mb", type=float, default=8.0,
-                   help="cap of one probe row; larger probes are split (default 8)")
-    p.add_argument("--rtt-column", default="rtt",
-                   help="column holding the RTT in ms, e.g. rtt_avg for the author's files")
-    p.add_argument("--memory-limit", default="2GB", metavar="SIZE",
-                   help="DuckDB's memory; it spills to disk beyond it (default 2GB; Python "
-                        "adds ~0.7 GB)")
-    p.add_argument("--temp-dir", metavar="DIR",
-                   help="where DuckDB spills (default: inside the dataset's work directory)")
-    p.add_argument("--limit", type=int, help="use at most this many measurements")
     p.add_argument("--force", action="store_true", help="replace an existing dataset")
     p.add_argument("--stats", action="store_true",
                    help="run the training sampler and print padding etc. per split")

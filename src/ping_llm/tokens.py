@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ping_llm.errors import InputError
+
+if TYPE_CHECKING:  # the two address-position helpers at the end run on the model's tensors
+    import torch
 
 # ----------------------------------------------------------------------------------------------
 # vocabulary
@@ -481,6 +484,8 @@ def address_progress(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     those bytes as 0; to be sure of a position, give it ADDRESS_LOOKBACK tokens of history.
     Torch ops only (no Python loop over positions), so the model runs it on any device.
     """
+    import torch  # not at the top: the rest of the language (and `ping-llm --help`) needs none
+
     B, T = idx.shape
     pos = torch.arange(T, device=idx.device).expand(B, T)
     role_at = torch.where(idx < BYTE0, pos, torch.full_like(pos, -1))

@@ -117,27 +117,14 @@ def cmd_prepare(args) -> int:
     from ping_llm.data import loader, prepare
     from ping_llm.query.targets import parse_time
 
-    cfg = prepare.PrepareConfig(
-        seed=args.seed,
-        time_fraction=args.time_fraction,
-        probe_fraction=args.probe_fraction,
-        pair_fraction=args.pair_fraction,
-        val_time_fraction=args.val_time_fraction,
-        val_pair_fraction=args.val_pair_fraction,
-        since=parse_time(args.since),
-        until=parse_time(args.until),
-        max_record_bytes=int(args.max_record_mb * (1 << 20)),
-        rtt_column=args.rtt_column,
-        limit=args.limit,
-        memory_limit=args.memory_limit,
-        temp_dir=args.temp_dir,
-    )
+    cfg = prepare.PrepareConfig(**given(args, prepare.PrepareConfig),
+                                since=parse_time(args.since), until=parse_time(args.until))
     card = prepare.prepare(args.inputs, args.out, cfg, overwrite=args.force,
                            progress=not args.no_progress)
     out = {"out": args.out, "card": card}
     if args.stats:
         out["stats"] = {
-            split: loader.measure(args.out, split, seq_len=args.seq_len, seed=args.seed,
+            split: loader.measure(args.out, split, seq_len=args.seq_len, seed=cfg.seed,
                                   max_batches=args.stats_batches)
             for split in card["rows"]
         }

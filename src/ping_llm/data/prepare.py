@@ -49,31 +49,44 @@ from ping_llm.data import schema
 from ping_llm.data.rows import RECORD_MAGIC, RECORD_VERSION, RowWriter
 from ping_llm.data.splits import SPLIT_RULES, SPLITS, assign, split_invariants
 from ping_llm.errors import InputError
+from ping_llm.options import option
 
 FORMAT = "ping-llm-dataset"
 FORMAT_VERSION = 2  # 2: splits keyed on the probe, a val split, invariants in the card
 @dataclass
 class PrepareConfig:
-    """How to split and pack. Fractions: of the time range, of sources, of (src, dst) pairs."""
+    """How to split and pack. Fractions: of the time range, of sources, of (src, dst) pairs.
 
-    seed: int = 0
-    time_fraction: float = 0.1
-    probe_fraction: float = 0.1
-    pair_fraction: float = 0.05
-    val_time_fraction: float = 0.05  # of the time range, just before the time cut
-    val_pair_fraction: float = 0.05  # of (probe, dst) pairs
+    The fields made with `option` are `ping-llm prepare` flags, their help the field's doc;
+    since / until take any time on the command line (`query.targets.parse_time`), so the CLI
+    spells those two itself."""
+
+    seed: int = option(0, "split hash seed")
+    time_fraction: float = option(0.1, "last fraction of the time range -> test_time",
+                                  metavar="FRAC")
+    probe_fraction: float = option(0.1, "fraction of probes held out -> test_probe",
+                                   metavar="FRAC")
+    pair_fraction: float = option(0.05, "fraction of (probe, dst) pairs held out -> test_pair",
+                                  metavar="FRAC")
+    val_time_fraction: float = option(0.05, "fraction of the time range just before test_time "
+                                      "-> val", metavar="FRAC")
+    val_pair_fraction: float = option(0.05, "fraction of (probe, dst) pairs held out -> val",
+                                      metavar="FRAC")
     since: int | None = None  # epoch s: keep only measurements at or after it
     until: int | None = None  # epoch s: keep only measurements before it
-    max_record_bytes: int = 8 << 20
+    max_record_bytes: int = option(8 << 20, "cap of one probe row; larger probes are split",
+                                   flag="--max-record-mb", unit="MB")
     shard_bytes: int = 256 << 20
-    rtt_column: str = "rtt"  # e.g. "rtt_avg" for the author's files with several RTT columns
-    limit: int | None = None  # keep at most this many measurements (in input order)
+    rtt_column: str = option("rtt", "column holding the RTT in ms, e.g. rtt_avg for the "
+                             "author's files with several RTT columns")
+    limit: int | None = option(None, "use at most this many measurements (in input order)")
     row_splits: tuple[str, ...] = SPLITS  # splits that get ArrayRecord rows
-    # DuckDB's memory (it spills to disk beyond it) and where it spills: a directory on a disk
-    # with room for about the canonical input's size; default inside the work directory that
-    # becomes --out. Python's own share is ~0.7 GB on top (measured to 72M packets).
-    memory_limit: str = "2GB"
-    temp_dir: str | None = None
+    # Where DuckDB spills: a directory on a disk with room for about the canonical input's size.
+    # Python's own share is ~0.7 GB on top of memory_limit (measured to 72M packets).
+    memory_limit: str = option("2GB", "DuckDB's memory; it spills to disk beyond it (Python "
+                               "adds ~0.7 GB)", metavar="SIZE")
+    temp_dir: str | None = option(None, "where DuckDB spills (default: inside the dataset's "
+                                  "work directory)", metavar="DIR")
 
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
