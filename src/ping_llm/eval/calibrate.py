@@ -1,7 +1,7 @@
 """`ping-llm calibrate`: fit a run's calibration (`ping_llm.query.calibration`) on the val split.
 
 The val queries are drawn and given context exactly as `ping-llm eval --splits val` does
-(`evaluate.Queries.of`, `evaluate.ContextPool` over train, k in CONTEXTS pooled, so the maps see
+(`queries.Queries.of`, `queries.ContextPool` over train, k in CONTEXTS pooled, so the maps see
 every context size the report shows), and again with their sources re-addressed as `eval
 --readdress-sources` does (new sources: the cold start); the raw model's distributions give the
 randomised PITs of the replies and P(failed) against the outcomes; the fitted maps go to
@@ -21,9 +21,16 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ping_llm.errors import InputError
-from ping_llm.eval.evaluate import BYTE2_MASS, CONTEXTS
+from ping_llm.eval.evaluate import BYTE2_MASS
 from ping_llm.eval.leakcheck import check_leak
-from ping_llm.eval.queries import MAX_QUERIES, ContextPool, Queries, new_sources, with_source
+from ping_llm.eval.queries import (
+    CONTEXTS,
+    MAX_QUERIES,
+    ContextPool,
+    Queries,
+    new_sources,
+    with_source,
+)
 from ping_llm.eval.scoring import GRID, dense_pmf, distribution_metrics
 from ping_llm.query.calibration import Calibration, pair_keys
 

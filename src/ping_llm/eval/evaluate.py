@@ -59,6 +59,8 @@ from ping_llm.data.observations import SourceContext
 from ping_llm.errors import InputError
 from ping_llm.eval.leakcheck import check_leak
 from ping_llm.eval.queries import (
+    CONTEXTS,
+    EVAL_SPLITS,
     MAX_QUERIES,
     ContextPool,
     Queries,
@@ -90,8 +92,6 @@ from ping_llm.eval.scoring import (
     truth_pdf,
 )
 
-EVAL_SPLITS = ("test_time", "test_pair", "test_probe")
-CONTEXTS = (0, 1, 4, 16, 64)  # 64 is cut to what fits the model's window (context_mean says)
 BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
 PAIR_SEEN = ((0, 0, "0"), (1, 9, "1-9"), (10, 99, "10-99"), (100, None, "100+"))
 SOURCE_SEEN = ((0, 0, "0"), (1, 99, "1-99"), (100, 999, "100-999"), (1000, None, "1000+"))
