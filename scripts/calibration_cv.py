@@ -26,7 +26,7 @@ from ping_llm.data.prepare import load_card
 from ping_llm.data.schema import read_canonical
 from ping_llm.eval import metrics as M
 from ping_llm.eval.calibrate import known_of, populations, raw_distributions
-from ping_llm.eval.evaluate import BYTE2_MASS
+from ping_llm.eval.config import BYTE2_MASS
 from ping_llm.eval.queries import CONTEXTS, MAX_QUERIES, ContextPool, Queries, new_sources
 from ping_llm.eval.scoring import GRID, distribution_metrics
 from ping_llm.query.calibration import POPULATIONS, Calibration, pair_keys

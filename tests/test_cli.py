@@ -18,6 +18,7 @@ from ping_llm.cli import build_parser, main
 from ping_llm.config import TrainConfig
 from ping_llm.data.prepare import PrepareConfig
 from ping_llm.demo import DemoConfig
+from ping_llm.eval.config import EvalConfig
 from ping_llm.options import UNITS, add_arguments, given, option, show_default
 from ping_llm.query.limits import Limits
 
@@ -102,7 +103,7 @@ NOT_TRAIN_FLAGS = {
 SPELLED_BY_THE_CLI = {"data_dir": "--data", "extra_data": "--data", "mix": "--mix",
                       "model": "--model", "out_dir": "--out", "resume": "--resume"}
 FLAGS_FROM_FIELDS = [("train", TrainConfig), ("serve", Limits), ("demo", DemoConfig),
-                     ("prepare", PrepareConfig)]
+                     ("prepare", PrepareConfig), ("eval", EvalConfig)]
 
 
 def _verb_parser(verb):
@@ -134,13 +135,16 @@ def test_help_shows_each_flags_default_as_the_dataclass_has_it(verb, cls):
     for f in _flag_fields(cls):
         help = by_dest[f.name].help
         assert help.startswith(f.metadata["help"]), f.name
-        if f.default is None:  # the help says what none means, in words
+        store = f.metadata["argparse"].get("action") in ("store_true", "store_false")
+        if f.default is None or store:  # the help says what none means / the flag is the change
             assert help == f.metadata["help"], f.name
             continue
         shown = re.fullmatch(r".*\((.+)\)", help).group(1)
         unit = UNITS.get(f.metadata["unit"], 1)  # a flag in minutes or MB shows its unit
         if isinstance(f.default, bool):
             assert shown == ("on" if f.default else "off"), f.name
+        elif isinstance(f.default, tuple):  # as the comma-separated flag takes it
+            assert shown == ",".join(map(str, f.default)), f.name
         else:
             assert float(shown) * unit == f.default if unit != 1 else \
                 type(f.default)(shown) == f.default, (f.name, shown)

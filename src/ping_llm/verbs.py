@@ -12,7 +12,6 @@ import sys
 
 from ping_llm import __version__
 from ping_llm.errors import InputError
-from ping_llm.eval.queries import EVAL_SPLITS
 from ping_llm.options import given
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3  # their meaning: ping_llm.cli
@@ -352,35 +351,31 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-EVAL_SPLITS_DEFAULT = ",".join(EVAL_SPLITS)
 
 
 def cmd_eval(args) -> int:
     import contextlib
 
     from ping_llm.eval import evaluate as ev
+    from ping_llm.eval.config import COMMA_FLAGS, EvalConfig
     from ping_llm.query.targets import parse_time
 
     if (args.since or args.until) and not args.test:
         raise InputError("--since/--until select a time window of the --test set; give --test")
-    if args.test and args.splits != EVAL_SPLITS_DEFAULT:
+    if args.test and args.splits is not None:
         raise InputError("--splits chooses the dataset's splits; with --test the external set "
                          "is evaluated instead")
-    try:
-        contexts = [int(x) for x in args.contexts.split(",") if x.strip() != ""]
-    except ValueError:
-        raise InputError(f"--contexts takes integers like 0,1,4,16: {args.contexts!r}") from None
+    options = given(args, EvalConfig)
+    for name, read in COMMA_FLAGS.items():
+        if name in options:
+            options[name] = read(options[name])
+    if options.get("max_queries") == 0:  # on the command line 0 means all
+        options["max_queries"] = None
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
-        res = ev.evaluate(args.data, args.run, args.out, test_paths=args.test,
-                          max_queries=args.max_queries or None, contexts=contexts,
-                          seed=args.seed, device=args.device, world=args.world,
-                          allow_foreign_run=args.allow_foreign_run, n_examples=args.examples,
-                          context_from=args.context_from, geo_db=args.geo_db,
-                          test_since=parse_time(args.since), test_until=parse_time(args.until),
-                          splits=tuple(x.strip() for x in args.splits.split(",") if x.strip()),
-                          calibrated=not args.no_calibration, readdress=args.readdress_sources,
-                          progress=not args.no_progress)
+        res = ev.evaluate(args.data, args.run, args.out, EvalConfig(**options),
+                          test_paths=args.test, test_since=parse_time(args.since),
+                          test_until=parse_time(args.until))
     if args.json:
         from ping_llm.eval.report import json_safe
 

@@ -165,7 +165,7 @@ def test_foreign_run_passes_when_its_train_data_is_disjoint(trained_run, tmp_pat
     other = _prepare([tmp_path / "later"], tmp_path / "later-dataset")
     card = load_card(other)
     train = read_canonical(other / "splits" / "train.parquet")
-    sets = {s: read_canonical(other / "splits" / f"{s}.parquet") for s in ev.EVAL_SPLITS}
+    sets = {s: read_canonical(other / "splits" / f"{s}.parquet") for s in Q.EVAL_SPLITS}
     cfg = read_config(trained_run.run_dir)
     with pytest.raises(InputError):
         ev.check_leak(card, cfg, train, sets)
@@ -193,7 +193,7 @@ def test_eval_scores_every_test_split_against_baselines_and_truth(results, train
     assert all(v == 0 for v in results.leak_check["overlap"].values())
     # the world was found through card -> ingest metadata -> results file
     assert Path(results.synthetic["world_file"]) == world_path(trained_run.results)
-    assert set(results.splits) <= set(ev.EVAL_SPLITS) and results.splits
+    assert set(results.splits) <= set(Q.EVAL_SPLITS) and results.splits
     for split in results.splits.values():
         assert 0 < split.n_evaluated <= 16 and split.n_total >= split.n_evaluated
         assert split.subsample["seed"] == 0

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ping_llm.errors import InputError
-from ping_llm.eval.evaluate import BYTE2_MASS
+from ping_llm.eval.config import BYTE2_MASS
 from ping_llm.eval.leakcheck import check_leak
 from ping_llm.eval.queries import (
     CONTEXTS,

@@ -57,11 +57,9 @@ import pyarrow.compute as pc
 from ping_llm import tokens as tk
 from ping_llm.data.observations import SourceContext
 from ping_llm.errors import InputError
+from ping_llm.eval.config import EvalConfig
 from ping_llm.eval.leakcheck import check_leak
 from ping_llm.eval.queries import (
-    CONTEXTS,
-    EVAL_SPLITS,
-    MAX_QUERIES,
     ContextPool,
     Queries,
     new_sources,
@@ -92,7 +90,6 @@ from ping_llm.eval.scoring import (
     truth_pdf,
 )
 
-BYTE2_MASS = 1.0 - 1e-3  # engine refinement: bins holding 99.9% of the mass get byte2 (see doc)
 PAIR_SEEN = ((0, 0, "0"), (1, 9, "1-9"), (10, 99, "10-99"), (100, None, "100+"))
 SOURCE_SEEN = ((0, 0, "0"), (1, 99, "1-99"), (100, 999, "100-999"), (1000, None, "1000+"))
 
@@ -386,42 +383,27 @@ def _train_counts(train: pa.Table) -> tuple[dict, dict]:
     return pairs, dict(zip(s["src_addr"].to_pylist(), s["rtt_count"].to_pylist(), strict=True))
 
 
-def _check_args(max_queries, contexts, seed) -> tuple:
-    if max_queries is not None and (isinstance(max_queries, bool) or int(max_queries) < 1):
-        raise InputError(f"max_queries must be a positive integer or None, got {max_queries!r}")
-    try:
-        ks = sorted({int(k) for k in contexts})
-    except (TypeError, ValueError):
-        raise InputError(f"contexts must be integers, got {contexts!r}") from None
-    if not ks or ks[0] < 0 or ks[-1] > 256:
-        raise InputError(f"contexts must be integers in 0..256, got {contexts!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
-    return (None if max_queries is None else int(max_queries)), tuple(ks)
-
-
-def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MAX_QUERIES,
-             contexts=CONTEXTS, seed: int = 0, device: str = "cpu", world=None,
-             allow_foreign_run: bool = False, n_examples: int = 3, byte2_mass: float = BYTE2_MASS,
-             context_from: str = "train", geo_db=None, test_since: int | None = None,
-             test_until: int | None = None, splits=EVAL_SPLITS, calibrated: bool = True,
-             readdress: bool = False, progress: bool = True) -> EvalResults:
+def evaluate(data_dir, run_dir, out_dir=None, config: EvalConfig | None = None, *,
+             test_paths=None, test_since: int | None = None, test_until: int | None = None,
+             **options) -> EvalResults:
     """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the canonical
     Parquet `test_paths` instead) and, with `out_dir`, write the report there
-    (`report.write_report`). world: a synthetic world (synth.World or its .world.json path); found
-    from the dataset's provenance when None. context_from: where a query's k context measurements
-    come from for test_time / test_pair / an external set: "train" (the source's most recent train
-    measurements before the query) or "test" (its own earlier measurements in the evaluated set, to
-    other destinations: a new campaign whose sources are unknown); test_probe always uses its own.
-    geo_db: the MaxMind database of the geolocation baseline (default: a synthetic world's own, else
-    the packaged GeoLite2-City) and of a run that reads address knowledge (default: the one the run
-    recorded). test_since / test_until (epoch s): keep only that time window of the external set
-    (the drift protocol). splits: the dataset's splits to score; ("val",) is how defaults are chosen
-    without looking at the test splits. calibrated: apply the run's calibration.json (if it has one)
-    to the model's distributions, as queries do. readdress: every evaluated source gets a new random
-    address in its queries and contexts, and its context skips the query's destination, so known
-    probes are asked about as if never seen (cold start on `val`, where choosing is allowed; the
-    baselines see the same addresses).
+    (`report.write_report`). The settings are an `eval.config.EvalConfig`, or its fields as
+    keyword arguments (`options`): world, a synthetic world (synth.World or its .world.json
+    path), found from the dataset's provenance when None; context_from, where a query's k context
+    measurements come from for test_time / test_pair / an external set: "train" (the source's
+    most recent train measurements before the query) or "test" (its own earlier measurements in
+    the evaluated set, to other destinations: a new campaign whose sources are unknown);
+    test_probe always uses its own. geo_db: the MaxMind database of the geolocation baseline
+    (default: a synthetic world's own, else the packaged GeoLite2-City) and of a run that reads
+    address knowledge (default: the one the run recorded). splits: the dataset's splits to
+    score; ("val",) is how defaults are chosen without looking at the test splits. calibrated:
+    apply the run's calibration.json (if it has one) to the model's distributions, as queries
+    do. readdress: every evaluated source gets a new random address in its queries and contexts,
+    and its context skips the query's destination, so known probes are asked about as if never
+    seen (cold start on `val`, where choosing is allowed; the baselines see the same addresses).
+    test_since / test_until (epoch s): keep only that time window of the external set (the
+    drift protocol).
     Returns the `eval.results.EvalResults` (`to_dict()`: every number, as metrics.json)."""
     from ping_llm import __version__
     from ping_llm.checkpoint import find_checkpoint, read_config, read_meta
@@ -432,9 +414,18 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     from ping_llm.query.targets import parse_time
 
     t_start = time.perf_counter()
-    max_queries, contexts = _check_args(max_queries, contexts, seed)
-    if context_from not in ("train", "test"):
-        raise InputError(f"context_from must be 'train' or 'test', got {context_from!r}")
+    if config is None:
+        try:
+            config = EvalConfig(**options)
+        except TypeError as e:  # an unknown keyword: name it in one line
+            raise InputError(f"evaluate: {e}") from None
+    elif options:
+        raise InputError("evaluate: give a config or its fields, not both")
+    c = config
+    max_queries, contexts, seed, device, world = (c.max_queries, c.contexts, c.seed, c.device,
+                                                  c.world)
+    context_from, splits, readdress, progress = c.context_from, c.splits, c.readdress, c.progress
+    geo_db, byte2_mass = c.geo_db, c.byte2_mass
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     card = load_card(data_dir)
     run_config = read_config(run_dir)
@@ -462,9 +453,6 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
         if test_since is not None or test_until is not None:
             raise InputError("test_since / test_until select a window of an external set "
                              "(test_paths); give test_paths")
-        bad = [s for s in splits if s not in (*EVAL_SPLITS, "val")]
-        if bad or not splits:
-            raise InputError(f"splits must be among {[*EVAL_SPLITS, 'val']}, got {list(splits)}")
         sets = {s: read_canonical(data_dir / card["splits"][s]["parquet"]) for s in splits
                 if card["splits"].get(s, {}).get("measurements")}
         if not sets:
@@ -472,7 +460,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     timings["read_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     leak = check_leak(card, run_config, train, sets, external=external,
-                      allow_foreign_run=allow_foreign_run)
+                      allow_foreign_run=c.allow_foreign_run)
     timings["leak_check_s"] = round(time.perf_counter() - t0, 2)
 
     world_file, world_note = None, None
@@ -493,9 +481,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
     t0 = time.perf_counter()
     fitted, fit_secs = fit_baselines(train, progress, baseline_db)
     timings["baselines_fit_s"] = round(time.perf_counter() - t0, 2)
-    if not 0.5 <= byte2_mass <= 1.0:
-        raise InputError(f"byte2_mass must be in [0.5, 1], got {byte2_mass}")
-    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass, calibrated=calibrated,
+    engine = Engine.load(run_dir, device=device, byte2_mass=byte2_mass, calibrated=c.calibrated,
                          geo_db=geo_db)
     counts = _train_counts(train)
     train_pool = ContextPool(train)
@@ -536,7 +522,7 @@ def evaluate(data_dir, run_dir, out_dir=None, *, test_paths=None, max_queries=MA
                 cold_train_pool if readdress else train_pool)
         res = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,
                         pool=pool, contexts=contexts, max_queries=max_queries, seed=seed,
-                        world=world, n_examples=n_examples, progress=progress,
+                        world=world, n_examples=c.n_examples, progress=progress,
                         readdress=readdress)
         res.context_pool = (f"own earlier {name} measurements to other destinations"
                             if own else "train, other destinations" if readdress else "train")
