@@ -3,7 +3,7 @@ and address knowledge (`ping_llm.knowledge`) -- where they enter, that every que
 them exactly as training does, and that runs with and without them save, load and answer.
 
 Identities between two computation paths (KV cache vs full forward) run in float64, as in
-tests/test_query.py. The addresses are real ones the packaged GeoLite2-City places (RIPE NCC,
+tests/query/test_engine.py. The addresses are real ones the packaged GeoLite2-City places (RIPE NCC,
 Google, Cloudflare) or does not (private ranges).
 """
 

@@ -2,7 +2,7 @@
 
 Every `ping-llm train` option is a field here, with its default and its help; the CLI builds
 its flags from these fields. Kept apart from `ping_llm.train` (and free of torch) so that
-`ping-llm --help` stays instant. `config_for_run` is the CLI's rule for --resume and
+`ping-llm --help` stays quick. `config_for_run` is the CLI's rule for --resume and
 --init-from: a resumed run keeps its checkpoint's settings unless given again, a child run its
 parent's model shape.
 """

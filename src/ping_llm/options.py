@@ -6,7 +6,7 @@ with the default, read from the dataclass so that no default is typed twice. `ad
 a dataclass's flags to a parser; `given` reads back the ones given, as keyword arguments for it.
 Every flag defaults to None, "not given": the dataclass's own default applies, and a resumed run
 can tell an option given now from one it recorded (`config.config_for_run`). litgpt's idea (flags
-and help from the config) with plain argparse; free of torch, so `ping-llm --help` stays instant.
+and help from the config) with plain argparse; free of torch, so `ping-llm --help` stays quick.
 """
 
 from __future__ import annotations

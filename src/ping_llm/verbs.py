@@ -2,7 +2,7 @@
 (plain text, or JSON with --json) and return the exit status.
 
 The flags themselves are in `ping_llm.cli`, which also maps errors to exit statuses. Imports of
-heavy modules happen inside the verbs so that `ping-llm --help` stays instant.
+heavy modules happen inside the verbs so that `ping-llm --help` stays quick.
 """
 
 from __future__ import annotations

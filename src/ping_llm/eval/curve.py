@@ -24,7 +24,7 @@ BLOCK = 256  # queries per engine call
 def learning_curve(run_dir, sets: dict, grid, device="cpu", max_queries=CURVE_QUERIES,
                    seed: int = 0, geo_db=None) -> dict | None:
     """{"points": [{step, tokens_seen, set, median_ae_ms, crps_ms, n}, ...]} over the run's kept
-    checkpoints and its latest one; None when it kept none. sets: name -> `evaluate.Queries`."""
+    checkpoints and its latest one; None when it kept none. sets: name -> `queries.Queries`."""
     kept = ck.kept_checkpoints(run_dir)
     if not kept:
         return None

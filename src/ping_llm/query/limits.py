@@ -1,7 +1,7 @@
 """The HTTP service's per-request limits and its lanes' settings (`ping-llm serve` flags).
 
 Kept apart from `query.server` so that the command line can build its flags from these fields
-without importing FastAPI and torch (`ping-llm --help` stays instant).
+without importing FastAPI and torch (`ping-llm --help` stays quick).
 """
 
 from __future__ import annotations
