@@ -442,8 +442,7 @@ class Engine:
                                     time=time, context=context, method=method, beam=beam,
                                     seed=seed)
         if with_rtt and out:
-            ctx = self.runner.context(context).measurements
-            dists = self.rtt_many([Query(src, d.dst, time) for d in out], context=ctx)
+            dists = self.rtt_many([Query(src, d.dst, time) for d in out], context=context)
             for d, r in zip(out, dists, strict=True):
                 d.rtt = r
         return out
