@@ -36,7 +36,8 @@ def test_every_stage_finished_and_is_recorded(demo_dir):
 def test_artefacts_exist_and_describe_themselves(demo_dir):
     out, summary, _ = demo_dir
     card = json.loads((out / "dataset" / "card.json").read_text())
-    assert set(card["splits"]) == {"train", "val", "test_time", "test_probe", "test_pair"}
+    assert set(card["splits"]) == {"train", "val", "val_probe", "test_time", "test_probe",
+                                  "test_pair"}
     assert all(card["splits"][s]["measurements"] > 0 for s in card["splits"])
     meta = json.loads((out / "run" / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == 120

@@ -305,20 +305,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "calibrate",
-        "fit the run's calibration of its distributions on the val split (calibration.json)",
+        "fit the run's calibration of its distributions on the val splits (calibration.json)",
         "ping-llm calibrate --data data/prepared --run runs/tiny\n\n"
         "Every query, eval and the server then apply it (--no-calibration turns it off there).",
         verbs.cmd_calibrate,
     )
     p.add_argument("--data", required=True, metavar="DATASET_DIR",
-                   help="the prepared dataset the run was trained on (its val split)")
+                   help="the prepared dataset the run was trained on (its val and val_probe "
+                   "splits)")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="trained run directory")
     p.add_argument("--max-queries", type=int, default=MAX_QUERIES, metavar="N",
                    help=f"val measurements, each asked at every k of "
                    f"{','.join(map(str, CONTEXTS))}, about the known source and about it "
-                   "re-addressed")
+                   "re-addressed; as many of val_probe, about its new probes")
     p.add_argument("--known-only", action="store_true",
-                   help="fit on the known sources only, not also on them re-addressed as new")
+                   help="fit on the known sources only, not also on new ones (val re-addressed, "
+                   "val_probe)")
     p.add_argument("--geo-db", metavar="FILE", help=RUN_GEO_DB_HELP)
     p.add_argument("--seed", type=int, default=0, help="subsample / PIT seed")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")

@@ -183,9 +183,10 @@ def _calibrate(dataset: Path, run_dir: Path, cfg: DemoConfig) -> dict:
     s = calibrate(dataset, run_dir, max_queries=min(CALIBRATE_QUERIES, cfg.eval_queries),
                   seed=cfg.seed)
     for name, rows in s["val"].items():
-        print(f"  val, {name}: coverage of the 90% interval, raw -> calibrated: " + ", ".join(
-            f"{k} {v['before']['coverage_90']:.2f} -> {v['after']['coverage_90']:.2f}"
-            for k, v in rows.items()))
+        cov = ", ".join(f"{k} {v['before']['coverage_90']:.2f} -> "
+                        f"{v['after']['coverage_90']:.2f}" for k, v in rows.items())
+        print(f"  {s['split_of'][name]}, {name}: coverage of the 90% interval, raw -> "
+              f"calibrated: {cov}")
     return {"file": s["file"], "val": s["val"]}
 
 

@@ -409,13 +409,15 @@ def cmd_calibrate(args) -> int:
     if args.json:
         _print_json(s)
         return EXIT_OK
-    print(f"calibrated on {s['queries']} val queries x k={s['contexts']} x "
-          f"{' + '.join(s['populations'])} ({s['replies']} replies) at step {s['step']}: "
+    print(f"calibrated on {s['queries']} val + {s['val_probe_queries']} val_probe queries "
+          f"x k={s['contexts']} "
+          f"({' + '.join(s['populations'])}; {s['replies']} replies) at step {s['step']}: "
           f"{s['file']}")
     print("val coverage of the 50% / 90% intervals, before -> after (in-sample):")
     for name, rows in s["val"].items():
         for k, v in rows.items():
             b, a = v["before"], v["after"]
-            print(f"  {name:<14} {k:<5} {b['coverage_50']:.3f} -> {a['coverage_50']:.3f}   "
+            who = f"{s['split_of'][name]}, {name}"
+            print(f"  {who:<24} {k:<5} {b['coverage_50']:.3f} -> {a['coverage_50']:.3f}   "
                   f"{b['coverage_90']:.3f} -> {a['coverage_90']:.3f}")
     return EXIT_OK

@@ -19,7 +19,8 @@ from ping_llm.data import contexts, loader, prepare, schema
 from ping_llm.errors import InputError
 
 T0 = 1_700_000_000
-ALL_TRAIN = prepare.PrepareConfig(time_fraction=0, probe_fraction=0, pair_fraction=0,
+ALL_TRAIN = prepare.PrepareConfig(time_fraction=0, probe_fraction=0, val_probe_fraction=0,
+                                  pair_fraction=0,
                                   val_time_fraction=0, val_pair_fraction=0,
                                   row_splits=("train",))
 

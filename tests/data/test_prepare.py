@@ -80,7 +80,8 @@ def test_no_test_measurement_held_out_probe_or_pair_leaks_into_train(prepared, c
     card = prepare.load_card(ds)
     sp = card["split_params"]
     train = _split_table(ds, "train")
-    tests = {s: _split_table(ds, s) for s in ("test_time", "test_probe", "test_pair", "val")}
+    tests = {s: _split_table(ds, s)
+             for s in ("test_time", "test_probe", "test_pair", "val", "val_probe")}
     for s, t in tests.items():
         assert t.num_rows > 0, f"{name}: {s} is empty"
     # every input measurement is in exactly one split
@@ -115,6 +116,17 @@ def test_no_test_measurement_held_out_probe_or_pair_leaks_into_train(prepared, c
     assert not {p for p in train_probes
                 if splits.u01(card["seed"], "probe", unit[p]) < sp["probe_fraction"]}
     assert not set(tp["src_addr"].to_pylist()) & set(train["src_addr"].to_pylist())
+    # val_probe: whole probes never in train nor in test_probe, from the next hash interval;
+    # every drawn unit with a measurement before the cuts is there, under every address
+    vp = tests["val_probe"]
+    val_probes = set(_probe(vp))
+    hi = sp["probe_fraction"] + sp["val_probe_fraction"]
+    assert val_probes and not val_probes & (train_probes | held_probes)
+    assert all(sp["probe_fraction"] <= splits.u01(card["seed"], "probe", unit[p]) < hi
+               for p in val_probes)
+    assert not {p for p in train_probes if splits.u01(card["seed"], "probe", unit[p]) < hi}
+    assert not set(vp["src_addr"].to_pylist()) & set(train["src_addr"].to_pylist())
+    assert not set(vp["src_addr"].to_pylist()) & set(tp["src_addr"].to_pylist())
     # test_pair: held-out (probe, dst) pairs never in train, both ends in train, hashed out
     pairs = _probe_dst(tests["test_pair"])
     assert pairs and not pairs & train_pairs
@@ -377,7 +389,8 @@ def test_addresses_are_canonicalised_so_one_address_is_one_source(tmp_path):
         "ip_version": pa.array(np.full(n, 6), pa.int8()), "rtt": np.full(n, 10.0),
     })
     pq.write_table(tbl, tmp_path / "x.parquet")
-    cfg = prepare.PrepareConfig(time_fraction=0, probe_fraction=0, pair_fraction=0)
+    cfg = prepare.PrepareConfig(time_fraction=0, probe_fraction=0, val_probe_fraction=0,
+                                pair_fraction=0)
     card = prepare.prepare([tmp_path / "x.parquet"], tmp_path / "ds", cfg, progress=False)
     assert card["counts"]["sources"] == 2
     got = _split_table(tmp_path / "ds", "train")

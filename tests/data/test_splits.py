@@ -24,6 +24,15 @@ def test_split_invariants_key_on_the_probe_not_its_address(canonical_table):
     inv = split_invariants({"train": train.slice(1), "val": train.slice(0, 1),
                               "test_probe": test_probe})
     assert inv["violations"] == {"test_probe probes in val": 1}
+    # val_probe is the cold start chosen on: out of train, and sharing no probe with test_probe
+    inv = split_invariants({"train": train, "val_probe": train.slice(1)})
+    assert inv["violations"] == {"val_probe probes in train": 1,
+                                 "val_probe source addresses in train": 1,
+                                 "val_probe measurements in train": 1}
+    inv = split_invariants({"train": train.slice(1), "val_probe": test_probe,
+                              "test_probe": test_probe})
+    assert inv["violations"] == {"test_probe probes in val_probe": 1,
+                                 "test_probe source addresses in val_probe": 1}
     # without prb_id the address is the probe: then the same rows hold no probe leak
     inv = split_invariants({"train": train.drop_columns(["prb_id"]),
                               "test_probe": test_probe.drop_columns(["prb_id"])})

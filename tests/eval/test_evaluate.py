@@ -373,6 +373,18 @@ def test_readdressed_val_asks_about_known_probes_as_if_never_seen(trained_run):
     assert val.methods["model k=2"]["context_mean"] > 0
 
 
+def test_val_probe_asks_about_held_out_probes_with_their_own_context(trained_run):
+    """The cold start that defaults are chosen on: probes never in train, under their real
+    addresses, their context their own earlier val_probe pings, as test_probe's is."""
+    res = ev.evaluate(trained_run.data_dir, trained_run.run_dir, None, splits=("val_probe",),
+                      max_queries=12, contexts=(0, 2), n_examples=0, progress=False)
+    vp = res.splits["val_probe"]
+    assert vp.context_pool == "own earlier val_probe measurements to other destinations"
+    assert not vp.readdressed_sources and "biased_mf k=2" in vp.methods
+    assert set(vp.breakdowns["source_seen_in_train"]) == {"0"}
+    assert vp.methods["model k=2"]["context_mean"] > 0
+
+
 def test_cli_eval_writes_the_report_and_prints_json(trained_run, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = cli_main(["eval", "--data", str(trained_run.data_dir), "--run", str(trained_run.run_dir),

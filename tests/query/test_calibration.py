@@ -191,9 +191,14 @@ def test_calibrate_fits_on_val_and_writes_the_run_calibration(calibrated_run, tr
     step = checkpoint.read_meta(checkpoint.find_checkpoint(run))["step"]
     assert s["file"] == str(run / CALIBRATION_FILE) and s["step"] == step
     assert cal.fitted["step"] == step and cal.fitted["split"] == "val"
-    # 60 val queries x 5 context sizes x (known sources, the same re-addressed as new ones)
-    assert cal.fitted["queries"] == s["queries"] == 60 and cal.fitted["outcomes"] == 600
-    assert s["populations"] == cal.fitted["populations"] == ["known sources", "new sources"]
+    # 5 context sizes x (60 val queries about known sources, the same re-addressed as new
+    # ones, and 60 val_probe queries about new probes under their real addresses)
+    vp = schema.read_canonical(trained_run.data_dir / "splits" / "val_probe.parquet")
+    assert vp.num_rows >= 60 and s["val_probe_queries"] == 60
+    assert cal.fitted["queries"] == s["queries"] == 60 and cal.fitted["outcomes"] == 900
+    assert cal.fitted["val_probe"]["queries"] == 60
+    assert s["populations"] == cal.fitted["populations"] == ["known sources", "new sources",
+                                                             "new probes"]
     train = schema.read_canonical(trained_run.data_dir / "splits" / "train.parquet")
     assert cal.known_sources == sorted(set(train["src_addr"].to_pylist()))
     pairs = set(zip(train["src_addr"].to_pylist(), train["dst_addr"].to_pylist(), strict=True))
@@ -207,9 +212,25 @@ def test_calibrate_fits_on_val_and_writes_the_run_calibration(calibrated_run, tr
     assert not (trained_run.run_dir / CALIBRATION_FILE).exists()  # the copy, not the original
 
 
-def _busiest_source(canonical) -> tuple[str, list[str], list[dict]]:
-    """The world's busiest source, three of its destinations, its first five measurements."""
-    t = schema.read_canonical(canonical).sort_by("event_time").to_pylist()
+def test_a_dataset_without_val_probe_is_calibrated_on_val_alone(trained_run, tmp_path):
+    """Datasets prepared before val_probe existed (or with --val-probe-fraction 0) still
+    calibrate: new sources then come from val re-addressed only."""
+    data = tmp_path / "dataset"
+    shutil.copytree(trained_run.data_dir, data)
+    card = json.loads((data / "card.json").read_text())
+    del card["splits"]["val_probe"]
+    (data / "card.json").write_text(json.dumps(card))
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    s = calibrate(data, run, max_queries=20, contexts=(0, 1), progress=False)
+    assert s["populations"] == ["known sources", "new sources"] and s["val_probe_queries"] == 0
+    assert Calibration.load(run).fitted["outcomes"] == 20 * 2 * 2
+
+
+def _busiest_source(train) -> tuple[str, list[str], list[dict]]:
+    """The train split's busiest source, three of its destinations, its first five
+    measurements."""
+    t = schema.read_canonical(train).sort_by("event_time").to_pylist()
     counts = Counter(r["src_addr"] for r in t)
     src = counts.most_common(1)[0][0]
     mine = [r for r in t if r["src_addr"] == src]
@@ -225,7 +246,7 @@ def test_every_distribution_of_a_calibrated_run_is_the_raw_one_mapped(calibrated
     cal = Calibration.load(run)
     eng, raw = Engine.load(run), Engine.load(run, calibrated=False)
     assert eng.calibration == cal and raw.calibration is None
-    src, dsts, ctx = _busiest_source(trained_run.canonical)
+    src, dsts, ctx = _busiest_source(trained_run.data_dir / "splits" / "train.parquet")
     stranger = "203.0.113.77"  # never a train source: the "new" maps
     nowhere = "198.51.100.9"  # never a destination: a known source's new pair
     assert cal.population(stranger, dsts[0]) == "new"
@@ -273,7 +294,10 @@ def test_cli_calibrate_prints_val_coverage_before_and_after(trained_run, tmp_pat
             "--max-queries", "40", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "new sources    k=16" in out and "->" in out and (run / CALIBRATION_FILE).is_file()
+    lines = out.splitlines()
+    for who in ("val, known sources", "val, new sources", "val_probe, new probes"):
+        assert any(who in ln and "k=16" in ln and "->" in ln for ln in lines), who
+    assert (run / CALIBRATION_FILE).is_file()
     assert main([*argv, "--json", "--known-only"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["queries"] == 40 and out["populations"] == ["known sources"]

@@ -66,6 +66,9 @@ class PrepareConfig:
                                   metavar="FRAC")
     probe_fraction: float = option(0.1, "fraction of probes held out -> test_probe",
                                    metavar="FRAC")
+    val_probe_fraction: float = option(0.1, "fraction of probes held out -> val_probe (the "
+                                       "cold start that defaults are chosen on)",
+                                       metavar="FRAC")
     pair_fraction: float = option(0.05, "fraction of (probe, dst) pairs held out -> test_pair",
                                   metavar="FRAC")
     val_time_fraction: float = option(0.05, "fraction of the time range just before test_time "
@@ -91,13 +94,15 @@ class PrepareConfig:
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InputError(f"seed must be an integer >= 0, got {self.seed!r}")
-        for name in ("time_fraction", "probe_fraction", "pair_fraction", "val_time_fraction",
-                     "val_pair_fraction"):
+        for name in ("time_fraction", "probe_fraction", "val_probe_fraction", "pair_fraction",
+                     "val_time_fraction", "val_pair_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and 0 <= v < 1):
                 raise InputError(f"{name} must be in [0, 1), got {v!r}")
         if self.time_fraction + self.val_time_fraction >= 1:
             raise InputError("time_fraction + val_time_fraction must be < 1")
+        if self.probe_fraction + self.val_probe_fraction >= 1:
+            raise InputError("probe_fraction + val_probe_fraction must be < 1")
         if self.pair_fraction + self.val_pair_fraction >= 1:
             raise InputError("pair_fraction + val_pair_fraction must be < 1")
         for name in ("since", "until"):
@@ -452,6 +457,7 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 "smallest probe key ('prb:<prb_id>' or the canonical source address) of the "
                 "probes linked by shared source addresses",
                 "time_fraction": cfg.time_fraction, "probe_fraction": cfg.probe_fraction,
+                "val_probe_fraction": cfg.val_probe_fraction,
                 "pair_fraction": cfg.pair_fraction, "val_time_fraction": cfg.val_time_fraction,
                 "val_pair_fraction": cfg.val_pair_fraction,
                 "since": _iso(cfg.since), "until": _iso(cfg.until),
@@ -460,6 +466,7 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
                 "val_time_cut": _iso(params["val_time_cut"]),
                 **{k: int(params[k]) for k in (
                     "probes_sharing_an_address", "largest_unit_probes", "held_out_units",
+                    "val_probe_units_drawn",
                     "held_out_pairs_drawn",
                     "val_pairs_drawn", "unseen_probes", "unseen_probe_measurements")},
             },

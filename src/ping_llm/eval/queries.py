@@ -19,6 +19,7 @@ import pyarrow as pa
 from ping_llm import tokens as tk
 
 EVAL_SPLITS = ("test_time", "test_pair", "test_probe")  # what `eval` scores by default
+CHOICE_SPLITS = ("val", "val_probe")  # what defaults are chosen on (known probes, new probes)
 CONTEXTS = (0, 1, 4, 16, 64)  # 64 is cut to what fits the model's window (context_mean says)
 MAX_QUERIES = 500  # per evaluated set, by default
 

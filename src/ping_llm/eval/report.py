@@ -254,12 +254,12 @@ DEFINITIONS = """## Definitions
 - Queries: a seeded uniform subsample (without replacement) of each evaluated set; failed pings
   stay in and score P(failed); RTT metrics are over the successful ones.
 - Context k: the k most recent measurements of the query's source strictly before its time, from
-  train; for test_probe (probes never in train) and with `--context-from test`, the source's own
-  earlier measurements in the evaluated set to other destinations. Fewer are used when fewer
-  exist ("context used"), and long contexts are cut to what fits the model's window. With such a
-  cold context, every baseline that can read it gets the same k ("<baseline> k=K": Vivaldi
-  updates of the new node, MF / DMFSGD fold-in, source offset, geo + residual, per-source
-  failure rate); elsewhere the baselines already fit the source on train.
+  train; for test_probe and val_probe (probes never in train) and with `--context-from test`,
+  the source's own earlier measurements in the evaluated set to other destinations. Fewer are
+  used when fewer exist ("context used"), and long contexts are cut to what fits the model's
+  window. With such a cold context, every baseline that can read it gets the same k
+  ("<baseline> k=K": Vivaldi updates of the new node, MF / DMFSGD fold-in, source offset,
+  geo + residual, per-source failure rate); elsewhere the baselines already fit the source on train.
 - Point error: the median of the predicted distribution given a reply; relative error
   |pred - obs| / obs.
 - CRPS: of the full predictive distribution (model: exact pmf on the RTT code grid; quantile
