@@ -3,8 +3,9 @@ score on the other half, and the reverse. No test split is read.
 
     python scripts/calibration_cv.py --data menog/data --run menog/run [--cache val.npz]
 
-The raw model is asked val's queries once, exactly as `ping-llm calibrate` asks them (every k of
-`queries.CONTEXTS`, as they are and re-addressed); --cache keeps those answers for a rerun.
+The raw model is asked val's queries once, as `ping-llm calibrate` asks them (every k of
+`queries.CONTEXTS`, as they are and re-addressed; calibrate also asks val_probe, which has no
+pairs to cross-fit on and is left out here); --cache keeps those answers for a rerun.
 Variants: raw; two populations (new pairs take the known maps, as before calibration told pairs
 apart); three populations with every map free; three with the new-pair maps symmetric about the
 median (fitted on the PITs and their mirror 1 - u, so R(1/2) = 1/2 and the median stays the

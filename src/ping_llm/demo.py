@@ -1,7 +1,7 @@
 """`ping-llm demo`: the whole system, end to end, on the embedded synthetic Internet.
 
-synth -> ingest -> prepare -> train (tiny) -> calibrate (on val) -> eval (vs baselines and ground
-truth) -> queries.
+synth -> ingest -> prepare -> train (tiny) -> calibrate (on val, val_probe) -> eval (vs baselines
+and ground truth) -> queries.
 
 Every stage writes into one run directory and records completion in `DIR/stages.json`; running
 the demo again skips what is done (the training stage resumes its checkpoint). `--minutes` is the
@@ -25,7 +25,7 @@ from ping_llm.options import option
 
 STAGES = ("synth", "ingest", "prepare", "train", "calibrate", "eval", "queries")
 # Fixed costs on 2 CPU cores (measured on the default world): everything but training.
-OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 110, "eval": 150,
+OVERHEAD_S = {"synth": 15, "ingest": 10, "prepare": 40, "calibrate": 180, "eval": 150,
               "queries": 15}
 # Evals (every steps/5, eval_batches each) and saves cost roughly 15% on top of the steps.
 EVAL_SAVE_COST = 1.15
@@ -152,8 +152,8 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     stage(2, "ingest", "RIPE Atlas JSON -> canonical Parquet", do_ingest)
     stage(3, "prepare", "splits + probe-centric ArrayRecord rows", do_prepare)
     stage(4, "train", "the tiny Transformer on CPU", do_train)
-    stage(5, "calibrate", "fit the distributions' calibration on val", lambda: _calibrate(
-        dataset, run_dir, cfg))
+    stage(5, "calibrate", "fit the distributions' calibration on val and val_probe",
+          lambda: _calibrate(dataset, run_dir, cfg))
     stage(6, "eval", "model vs baselines vs ground truth",
           lambda: _evaluate(dataset, run_dir, report_dir, results_path, cfg))
     stage(7, "queries", "ask the model", lambda: _queries(run_dir, dataset, results_path))

@@ -195,6 +195,22 @@ def test_since_until_keep_a_time_window(canonical, tmp_path):
         prepare.PrepareConfig(since=hi, until=lo)
 
 
+def test_val_probe_takes_the_next_hash_interval_and_leaves_test_probe_as_it_was(
+        canonical, prepared, tmp_path):
+    name = "ripe_atlas_menog_2019"
+    without = prepare.prepare([canonical[name]], tmp_path / "ds",
+                              prepare.PrepareConfig(val_probe_fraction=0, row_splits=("train",)),
+                              progress=False)
+    card = prepare.load_card(prepared[name])
+    assert card["splits"]["test_probe"]["fingerprint"] == without["splits"]["test_probe"][
+        "fingerprint"]
+    assert card["splits"]["val_probe"]["measurements"] > 0
+    assert not without["splits"].get("val_probe", {}).get("measurements")
+    # without val_probe its probes train: train is larger, test_probe is the same
+    assert without["splits"]["train"]["probes"] == (card["splits"]["train"]["probes"]
+                                                    + card["splits"]["val_probe"]["probes"])
+
+
 def test_splits_are_deterministic_per_seed(canonical, tmp_path):
     src = canonical["ripe_atlas_builtin_v4v6_2019"]
     cfg = prepare.PrepareConfig(seed=7, limit=40_000, row_splits=("train",))
@@ -356,6 +372,8 @@ def test_bad_input_is_an_input_error(tmp_path):
         prepare.prepare([tmp_path / "x.parquet"], tmp_path / "ds", progress=False)
     with pytest.raises(InputError):
         prepare.PrepareConfig(probe_fraction=1.5)
+    with pytest.raises(InputError, match="probe_fraction \\+ val_probe_fraction"):
+        prepare.PrepareConfig(probe_fraction=0.5, val_probe_fraction=0.5)
     pq.write_table(_authors_table(200), tmp_path / "a.parquet")
     with pytest.raises(InputError, match="rtt_nope"):
         prepare.prepare([tmp_path / "a.parquet"], tmp_path / "ds",

@@ -103,6 +103,10 @@ def test_a_dataset_learnt_alongside_may_not_hold_the_held_out_probes(trained_run
                                          "are in the data of the dataset"):
         L.check_leak(_card(test_probe="sha256:probe"), mixed, train, {"test_probe": later},
                      external=True)
+    # nor to val_probe's: what cold-start defaults are chosen on must be new probes too
+    with pytest.raises(InputError, match="1 val_probe probes, 1 val_probe source addresses"):
+        L.check_leak(_card(val_probe="sha256:vprobe"), mixed, train, {"val_probe": later},
+                     external=True)
     # the same row as a test_time measurement is fine: known probes are what test_time asks about
     info = L.check_leak(_card(test_time="sha256:time"), mixed, train, {"test_time": later},
                         external=True)

@@ -5,6 +5,7 @@ returns (and off on request); `ping-llm calibrate` fits it for a trained run."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -312,7 +313,8 @@ def test_eval_scores_the_calibrated_model_and_says_so(calibrated_run, trained_ru
     kw = dict(splits=("val",), max_queries=8, contexts=(0,), n_examples=0, progress=False)
     res = evaluate(trained_run.data_dir, run, tmp_path / "cal", **kw)
     assert res.run.calibration == Calibration.load(run).fitted
-    assert "calibrated on val" in (tmp_path / "cal" / "summary.md").read_text()
+    text = (tmp_path / "cal" / "summary.md").read_text()
+    assert re.search(r"calibrated on val \(60 queries, val_probe \d+ queries x k=", text)
     raw = evaluate(trained_run.data_dir, run, tmp_path / "raw", calibrated=False, **kw)
     assert raw.run.calibration is None
     assert "raw" in (tmp_path / "raw" / "summary.md").read_text()

@@ -403,7 +403,8 @@ def prepare(inputs, out_dir, config: PrepareConfig | None = None, *, overwrite: 
         if "train" not in splits:
             raise InputError(
                 "every measurement went to a test split (too few sources or time steps for these "
-                "fractions); lower --probe-fraction / --time-fraction or add data"
+                "fractions); lower --probe-fraction / --val-probe-fraction / --time-fraction "
+                "or add data"
             )
         rows_section, token_section = {}, {}
         total_rows = sum(splits[s]["measurements"] for s in cfg.row_splits if s in splits)

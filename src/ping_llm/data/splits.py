@@ -52,6 +52,7 @@ from ping_llm.errors import InputError
 SPLITS = ("train", "test_time", "test_probe", "test_pair", "val", "val_probe")  # index = split id
 TEST_SPLITS = ("test_time", "test_pair", "test_probe")
 COLD_SPLITS = ("test_probe", "val_probe")  # probes never in train: context is their own
+CHOICE_SPLITS = ("val", "val_probe")  # what defaults are chosen on (known probes, new probes)
 
 
 SPLIT_RULES = {
@@ -245,8 +246,9 @@ def assign(con, cfg) -> dict:
     # cold start in test_probe, as they were before val_probe existed)
     con.execute("CREATE TABLE st AS SELECT DISTINCT unit FROM m2 "
                 "WHERE probe_kind != 2 AND NOT late AND NOT vlate AND q_kind = 0")
-    # precedence: held-out probe > after the cut > held-out pair > val pair > val time > train;
-    # a probe that has no train measurement at all is cold start wherever its rows fall.
+    # precedence: held-out probe > val probe > after the cut > held-out pair > val pair > val
+    # time > train; a probe that has no train measurement at all is cold start wherever its
+    # rows fall.
     con.execute(
         """CREATE TABLE m AS
         SELECT t, m2.src, dst, v, rtt, prb_id, msm_id, size, src_id, dst_id, m2.probe,

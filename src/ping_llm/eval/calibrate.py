@@ -17,10 +17,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.compute as pc
 
+from ping_llm.data.splits import CHOICE_SPLITS
 from ping_llm.errors import InputError
 from ping_llm.eval.config import BYTE2_MASS
 from ping_llm.eval.leakcheck import check_leak
@@ -35,8 +37,19 @@ from ping_llm.eval.queries import (
 from ping_llm.eval.scoring import GRID, dense_pmf, distribution_metrics
 from ping_llm.query.calibration import Calibration, pair_keys
 
-SPLIT = "val"  # known probes: the known-sources and re-addressed new-sources questions
-COLD_SPLIT = "val_probe"  # new probes under their real addresses, where the dataset has it
+# val: known probes (the known-sources and re-addressed new-sources questions); val_probe: new
+# probes under their real addresses (the new-probes question), where the dataset has it
+SPLIT, COLD_SPLIT = CHOICE_SPLITS
+
+
+class Asked(NamedTuple):
+    """One question put to the raw model: a split's queries, asked with this context."""
+
+    split: str
+    queries: Queries
+    pool: ContextPool
+    new_src: np.ndarray | None  # the sources' new addresses (re-addressed), or None: as they are
+    populations: np.ndarray  # (N,) the population each query's outcome is fitted for
 
 
 def _coverage(dm: dict) -> dict:
@@ -134,51 +147,51 @@ def calibrate(data_dir, run_dir, *, max_queries: int = MAX_QUERIES, contexts=CON
                          geo_db=geo_db)
     train_sources, train_pairs = known_of(train)
     q = Queries.of(val, max_queries, seed, SPLIT)
-    # name -> (queries, context pool, new source addresses or None, populations)
-    asked = {"known sources": (q, ContextPool(train), None,
-                               populations(q.src, q.dst, train_sources, train_pairs))}
+    asked = {"known sources": Asked(SPLIT, q, ContextPool(train), None,
+                                    populations(q.src, q.dst, train_sources, train_pairs))}
     if cold:
-        asked["new sources"] = (q, ContextPool(train, other_destinations=True),
-                                new_sources(q.src, seed, SPLIT), np.full(len(q), "new"))
+        asked["new sources"] = Asked(SPLIT, q, ContextPool(train, other_destinations=True),
+                                     new_sources(q.src, seed, SPLIT), np.full(len(q), "new"))
     if COLD_SPLIT in held:
         qc = Queries.of(held[COLD_SPLIT], max_queries, seed, COLD_SPLIT)
-        asked["new probes"] = (qc, ContextPool(held[COLD_SPLIT], other_destinations=True), None,
-                               populations(qc.src, qc.dst, train_sources, train_pairs))
+        asked["new probes"] = Asked(COLD_SPLIT, qc,
+                                    ContextPool(held[COLD_SPLIT], other_destinations=True), None,
+                                    populations(qc.src, qc.dst, train_sources, train_pairs))
+    n_cold = sum(len(a.queries) for a in asked.values() if a.split == COLD_SPLIT)
     budget = engine.config.sequence_len - 50  # as evaluate: room for the query and its result
     rng = np.random.default_rng([seed, 0xCA1])
-    bar = tqdm(total=sum(len(a[0]) for a in asked.values()) * len(contexts),
-               desc="calibrate on val", unit="q", file=sys.stderr, disable=not progress)
-    got = {name: raw_distributions(engine, qs, pool, contexts, budget, rng, new, bar)
-           for name, (qs, pool, new, _) in asked.items()}
+    bar = tqdm(total=sum(len(a.queries) for a in asked.values()) * len(contexts),
+               desc=f"calibrate on {', '.join(held)}", unit="q", file=sys.stderr,
+               disable=not progress)
+    got = {name: raw_distributions(engine, a.queries, a.pool, contexts, budget, rng, a.new_src,
+                                   bar) for name, a in asked.items()}
     bar.close()
     cat = {key: np.concatenate([np.concatenate(g[key]) for g in got.values()])
            for key in ("pit", "p_failed", "n_context")}
-    failed = np.concatenate([np.tile(a[0].failed, len(contexts)) for a in asked.values()])
-    pops = np.concatenate([np.tile(a[3], len(contexts)) for a in asked.values()])
+    failed = np.concatenate([np.tile(a.queries.failed, len(contexts)) for a in asked.values()])
+    pops = np.concatenate([np.tile(a.populations, len(contexts)) for a in asked.values()])
     cal = Calibration.fit(cat["pit"], cat["n_context"], cat["p_failed"], failed, pops,
                           known_sources=train_sources, known_pairs=train_pairs, fitted={
         "step": step, "data_dir": str(data_dir), "split": SPLIT,
         "split_fingerprint": info.get("fingerprint"), "queries": len(q),
-        COLD_SPLIT: {"split_fingerprint": cold_info.get("fingerprint"),
-                     "queries": len(asked["new probes"][0])} if "new probes" in asked else None,
+        COLD_SPLIT: {"split_fingerprint": cold_info.get("fingerprint"), "queries": n_cold}
+        if n_cold else None,
         "contexts": list(contexts), "populations": list(asked), "seed": seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     path = cal.save(run_dir)
     summary = {"file": str(path), "step": step, "queries": len(q),
-               "val_probe_queries": len(asked["new probes"][0]) if "new probes" in asked else 0,
-               "contexts": list(contexts),
+               "val_probe_queries": n_cold, "contexts": list(contexts),
                "populations": list(asked), "replies": cal.fitted["replies"],
                "known_sources": len(cal.known_sources), "known_pairs": len(train_pairs),
                "platt": cal.platt, "val": {},
-               "split_of": {name: COLD_SPLIT if name == "new probes" else SPLIT
-                            for name in asked}}
+               "split_of": {name: a.split for name, a in asked.items()}}
     for name, g in got.items():
-        qs, _, _, pop = asked[name]
+        a = asked[name]
         rows = summary["val"][name] = {}
         for j, k in enumerate(contexts):
             after = np.stack([cal.probs(row, n, p) for row, n, p in zip(
-                g["pmf"][j], g["n_context"][j], pop, strict=True)])
-            rows[f"k={k}"] = {"before": _coverage(g["metrics"][j]),
-                              "after": _coverage(distribution_metrics(GRID, after, qs.obs, rng))}
+                g["pmf"][j], g["n_context"][j], a.populations, strict=True)])
+            rows[f"k={k}"] = {"before": _coverage(g["metrics"][j]), "after": _coverage(
+                distribution_metrics(GRID, after, a.queries.obs, rng))}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary

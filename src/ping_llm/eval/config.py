@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ping_llm.data.splits import CHOICE_SPLITS
 from ping_llm.errors import InputError
-from ping_llm.eval.queries import CHOICE_SPLITS, CONTEXTS, EVAL_SPLITS, MAX_QUERIES
+from ping_llm.eval.queries import CONTEXTS, EVAL_SPLITS, MAX_QUERIES
 from ping_llm.options import option
 
 # Engine refinement: the byte1 bins holding 99.9% of the mass get byte2 (the query default is
@@ -68,9 +69,11 @@ class EvalConfig:
     calibrated: bool = option(True, "score the raw model, not with the run's calibration.json",
                               flag="--no-calibration", action="store_false")
     readdress: bool = option(False, "ask about every source under a new random address, its "
-                             "context from its train measurements to other destinations: cold "
-                             "start on known probes (with --splits val, how cold-start defaults "
-                             "are chosen)", flag="--readdress-sources", action="store_true")
+                             "context from its train measurements to other destinations "
+                             "(test_probe and val_probe: their own): cold start on known probes "
+                             "(with --splits val, how cold-start defaults were chosen before "
+                             "val_probe)",
+                             flag="--readdress-sources", action="store_true")
     progress: bool = option(True, "no progress bars", flag="--no-progress", action="store_false")
     byte2_mass: float = BYTE2_MASS  # not a flag: what the report's numbers are computed with
 

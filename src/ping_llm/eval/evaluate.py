@@ -6,21 +6,21 @@ dataset it was trained on (or on external canonical Parquet, `test_paths`) and w
 
 1. Leak check (`ping_llm.eval.leakcheck.check_leak`): the run must have been trained on this
    dataset's train split (recorded fingerprint), no evaluated measurement may be in it, and the
-   split invariants (no test_probe probe, no test_pair (probe, dst) in train) hold on the data.
+   split invariants (no test_probe or val_probe probe, no test_pair (probe, dst) in train) hold
+   on the data.
 2. Queries. Each split is subsampled uniformly without replacement to `max_queries` rows with
    numpy default_rng([seed, crc32(split name)]) (kept in row order); failed pings stay in (they
    score P(failed)). RTT metrics use the successful rows.
 3. Context. For k in `contexts`, the k most recent measurements of the query's source strictly
-   before the query time, time-ordered, from train. test_probe probes have no train
-   measurements by construction (cold start), so their context is their own earlier test_probe
-   measurements to *other* destinations (what a new node knows about itself; never the query,
-   never the pair's own history, never anything the model trained on); `context_from="test"`
-   does the same for test_time / test_pair / an external set (a new campaign whose sources the
-   model has not seen). Fewer than k are used when fewer exist; contexts that would not fit the
-   model's window are cut to the most recent that fit. The mean context size actually used is
-   recorded per k. The baselines that can read a context (`predict_in_context`: Vivaldi updates
-   of the new node, MF fold-in, source offset, the context's own median, geo + residual,
-   per-source failure rate) get
+   before the query time, time-ordered, from train. test_probe and val_probe probes have no train
+   measurements by construction (cold start), so their context is their own earlier measurements in
+   that split to *other* destinations (what a new node knows about itself; never the query, never
+   the pair's own history, never anything the model trained on); `context_from="test"` does the same
+   for test_time / test_pair / an external set (a new campaign whose sources the model has not
+   seen). Fewer than k are used when fewer exist; contexts that would not fit the model's window are
+   cut to the most recent that fit. The mean context size actually used is recorded per k. The
+   baselines that can read a context (`predict_in_context`: Vivaldi updates of the new node, MF
+   fold-in, source offset, the context's own median, geo + residual, per-source failure rate) get
    exactly the same k measurements for cold-context sets, reported as "<baseline> k=K".
 4. Model. Per query, the engine's exact RTT distribution (`query.Engine.rtt_many`, with the query
    timestamp) gives P(failed) and the pmf over the 33,792 canonical RTT codes given a reply; the
@@ -389,20 +389,20 @@ def evaluate(data_dir, run_dir, out_dir=None, config: EvalConfig | None = None, 
              **options) -> EvalResults:
     """Evaluate the run in `run_dir` on the dataset in `data_dir` (its test splits, or the canonical
     Parquet `test_paths` instead) and, with `out_dir`, write the report there
-    (`report.write_report`). The settings are an `eval.config.EvalConfig`, or its fields as
-    keyword arguments (`options`): world, a synthetic world (synth.World or its .world.json
-    path), found from the dataset's provenance when None; context_from, where a query's k context
-    measurements come from for test_time / test_pair / an external set: "train" (the source's
-    most recent train measurements before the query) or "test" (its own earlier measurements in
-    the evaluated set, to other destinations: a new campaign whose sources are unknown);
-    test_probe always uses its own. geo_db: the MaxMind database of the geolocation baseline
-    (default: a synthetic world's own, else the packaged GeoLite2-City) and of a run that reads
-    address knowledge (default: the one the run recorded). splits: the dataset's splits to
-    score; ("val",) is how defaults are chosen without looking at the test splits. calibrated:
-    apply the run's calibration.json (if it has one) to the model's distributions, as queries
-    do. readdress: every evaluated source gets a new random address in its queries and contexts,
-    and its context skips the query's destination, so known probes are asked about as if never
-    seen (cold start on `val`, where choosing is allowed; the baselines see the same addresses).
+    (`report.write_report`). The settings are an `eval.config.EvalConfig`, or its fields as keyword
+    arguments (`options`): world, a synthetic world (synth.World or its .world.json path), found
+    from the dataset's provenance when None; context_from, where a query's k context measurements
+    come from for test_time / test_pair / an external set: "train" (the source's most recent train
+    measurements before the query) or "test" (its own earlier measurements in the evaluated set, to
+    other destinations: a new campaign whose sources are unknown); test_probe and val_probe always
+    use their own. geo_db: the MaxMind database of the geolocation baseline (default: a synthetic
+    world's own, else the packaged GeoLite2-City) and of a run that reads address knowledge
+    (default: the one the run recorded). splits: the dataset's splits to score; ("val",) and
+    ("val_probe",) are how defaults are chosen without looking at the test splits. calibrated: apply
+    the run's calibration.json (if it has one) to the model's distributions, as queries do.
+    readdress: every evaluated source gets a new random address in its queries and contexts, and its
+    context skips the query's destination, so known probes are asked about as if never seen (cold
+    start on `val`, where choosing is allowed; the baselines see the same addresses).
     test_since / test_until (epoch s): keep only that time window of the external set (the
     drift protocol).
     Returns the `eval.results.EvalResults` (`to_dict()`: every number, as metrics.json)."""

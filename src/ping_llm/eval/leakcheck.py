@@ -1,10 +1,10 @@
 """The leak check of the evaluation: a model may only be scored on data it never saw.
 
-Split invariants (`data.splits.split_invariants`, run by prepare on the splits it writes and by
-eval on the splits it reads): no test_probe probe in train (or val) under any address, and no
-test_probe source address there under another probe; no test_pair (probe, destination) pair in
-train or val; no test or val measurement in train. A probe is its prb_id where the table has
-one, else its source address (the key prepare splits on).
+Split invariants (`data.splits.split_invariants`, run by prepare on the splits it writes and by eval
+on the splits it reads): no test_probe or val_probe probe in train (or val, or the other cold-start
+split) under any address, and no such source address there under another probe; no test_pair (probe,
+destination) pair in train or val; no test or val measurement in train. A probe is its prb_id where
+the table has one, else its source address (the key prepare splits on).
 
 Rules for a run. The run must record the fingerprint of its train split (prepare's sha256 over
 the split's content); it must equal this dataset card's train fingerprint, and may not equal any
@@ -16,8 +16,8 @@ in the evaluated sets (checked on content). A run started from another (`train -
 records its lineage, a run trained on a mixture its other datasets, and every ancestor and
 dataset is held to the same rule: trained on this dataset's
 train split, or on data still on disk that shares nothing with the evaluated sets — no
-measurement, and no probe of test_probe nor (probe, destination) pair of test_pair (the split
-invariants, across datasets). Any failure raises InputError (CLI exit 2).
+measurement, and no probe of test_probe or val_probe nor (probe, destination) pair of
+test_pair (the split invariants, across datasets). Any failure raises InputError (CLI exit 2).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ping_llm.data.splits import split_invariants
+from ping_llm.data.splits import COLD_SPLITS, split_invariants
 from ping_llm.errors import InputError
 
 _KEYS = ("event_time", "src_addr", "dst_addr", "rtt")
@@ -137,8 +137,8 @@ def _check_parent(parent: dict, card_fp: str, test_fps: dict, test_sets: dict, i
             raise InputError(f"leak: {n} measurements of {name} are in the data of {where}, "
                              "which the run learnt from; refusing to evaluate")
     # Another dataset may hold the same probes (another campaign of the same platform): then
-    # test_probe's probes are not new to the model, nor test_pair's pairs unseen.
-    held = {n: t for n, t in test_sets.items() if n in ("test_probe", "test_pair")}
+    # test_probe's (val_probe's) probes are not new to the model, nor test_pair's pairs unseen.
+    held = {n: t for n, t in test_sets.items() if n in (*COLD_SPLITS, "test_pair")}
     bad = split_invariants({"train": train, **held})["violations"] if held else {}
     if bad:
         what = ", ".join(f"{n} {k.replace(' in train', '')}" for k, n in bad.items())

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from ping_llm import tokens as tk
+from ping_llm.data.splits import TEST_SPLITS
 
-EVAL_SPLITS = ("test_time", "test_pair", "test_probe")  # what `eval` scores by default
-CHOICE_SPLITS = ("val", "val_probe")  # what defaults are chosen on (known probes, new probes)
+EVAL_SPLITS = TEST_SPLITS  # what `eval` scores by default
 CONTEXTS = (0, 1, 4, 16, 64)  # 64 is cut to what fits the model's window (context_mean says)
 MAX_QUERIES = 500  # per evaluated set, by default
 
@@ -45,7 +45,7 @@ class ContextPool:
 
     other_destinations: a query's context skips the query's own destination, so the context is
     what a new node knows about itself (its pings elsewhere), never the pair's own history; used
-    for pools of the evaluated set itself (test_probe, `context_from="test"`)."""
+    for pools of the evaluated set itself (test_probe, val_probe, `context_from="test"`)."""
 
     def __init__(self, table: pa.Table, other_destinations: bool = False):
         a = table_arrays(table)

@@ -184,11 +184,14 @@ def _header_md(results: EvalResults) -> list[str]:
                      "random address, with its train measurements to other destinations as "
                      "context (cold start on known probes)")
     cal = run.calibration
+    cold = cal.get("val_probe") if cal else None  # None: fitted on val alone
     lines.append("- model distributions: raw (no calibration.json, or --no-calibration)"
                  if not cal else
                  f"- model distributions: calibrated on {cal.get('split')} "
-                 f"({cal.get('queries')} queries x k={cal.get('contexts')}, step "
-                 f"{cal.get('step')}); token NLL is the raw model's")
+                 f"({cal.get('queries')} queries"
+                 + (f", val_probe {cold['queries']} queries" if cold else "")
+                 + f" x k={cal.get('contexts')}, step {cal.get('step')}); token NLL is the raw "
+                 "model's")
     model = run.model or {}
     if model.get("prefix_buckets") or model.get("knowledge_dim"):
         know = run.knowledge or {}

@@ -27,8 +27,9 @@ hashes, base64, 11 bytes a pair).
 What it does not touch: token log-probabilities (`Engine.score`, eval's token NLL) and sampled
 measurements are the model's own; distributions (`rtt`, `rtt_many`, `rank`, partial addresses,
 the server) are calibrated. `ping-llm calibrate` fits the "new" maps on val asked about its
-probes re-addressed (`calibrate.calibrate`): val itself holds known probes only (its held-out
-pairs, a third of it on menog, are the "new_pair" population).
+probes re-addressed and on the val_probe split's new probes (`calibrate.calibrate`): val itself
+holds known probes only (its held-out pairs, a third of it on menog, are the "new_pair"
+population).
 """
 
 from __future__ import annotations
