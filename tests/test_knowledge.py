@@ -259,3 +259,32 @@ def test_train_with_memory_and_knowledge_then_query_through_the_cli(tmp_path, tr
     assert main(["train", "--data", str(trained_run.data_dir), "--out", str(run), "--steps", "4",
                  "--resume", "--geo-db", default_db_path()]) == 2
     assert "pass --geo-db with the run's database" in capsys.readouterr().err
+
+
+def test_readdressed_contexts_can_keep_the_knowledge_of_their_real_addresses(tmp_path,
+                                                                             trained_run):
+    """--readdress-knowledge: a re-addressed source reads its real address's features. With
+    nothing re-addressed the run is the plain knowledge run; with every source re-addressed it
+    is not (the features differ); without --knowledge the flag is refused."""
+    from ping_llm.config import TrainConfig
+    from ping_llm.train import train
+
+    base = dict(data_dir=str(trained_run.data_dir), model={"sequence_len": 256}, steps=2,
+                eval_every=0, knowledge=True, geo_db=str(synth.geo_db_path(trained_run.results)))
+
+    def weights(name, **kw):
+        train(TrainConfig(out_dir=str(tmp_path / name), **{**base, **kw}))
+        return checkpoint.load_model(tmp_path / name)[0].state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    plain = weights("plain", readdress_src=0.0)
+    assert same(plain, weights("kept0", readdress_src=0.0, readdress_knowledge=True))
+    moved = weights("moved", readdress_src=1.0)
+    kept = weights("kept", readdress_src=1.0, readdress_knowledge=True)
+    assert not same(moved, kept) and not same(plain, kept)
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["train"][
+        "readdress_knowledge"] is True
+    assert main(["train", "--data", str(trained_run.data_dir), "--out", str(tmp_path / "no"),
+                 "--steps", "1", "--readdress-knowledge"]) == 2

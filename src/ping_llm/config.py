@@ -81,6 +81,8 @@ class TrainConfig:
                              "from a MaxMind database")
     geo_db: str | None = option(None, "that database (default: the packaged GeoLite2-City of "
                                 "2019-12-24)", metavar="FILE")
+    readdress_knowledge: bool = option(False, "with --knowledge: a re-addressed source or "
+                                       "destination keeps its real address's knowledge")
     grad_clip: float = option(1.0, "max global gradient norm; 0 = no clipping, the norm still "
                               "logged")
     eval_every: int = option(100, "steps between held-out evals (and one at the end); 0 = none "
@@ -156,6 +158,12 @@ class TrainConfig:
             raise InputError(f"wandb must be off, online or offline, got {self.wandb!r}")
         if not isinstance(self.knowledge, bool):
             raise InputError(f"knowledge must be true or false, got {self.knowledge!r}")
+        if not isinstance(self.readdress_knowledge, bool):
+            raise InputError("readdress_knowledge must be true or false, got "
+                             f"{self.readdress_knowledge!r}")
+        if self.readdress_knowledge and not self.knowledge:
+            raise InputError("--readdress-knowledge needs --knowledge (it says which address's "
+                             "knowledge a re-addressed context reads)")
         if self.preset not in PRESETS:
             raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
         if not isinstance(self.model, dict):
@@ -196,6 +204,7 @@ RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac
 # What runs recorded before a field existed trained with (so they resume as they were).
 LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
                    "readdress_dst": 0.0, "prefix_buckets": 0, "knowledge": False, "geo_db": None,
+                   "readdress_knowledge": False,
                    "memory_lr": 0.2, "extra_data": [], "mix": None}
 
 

@@ -112,7 +112,8 @@ def _build_data_loaders(cfg: TrainConfig, seq_len: int, accum: int, warmup: int,
 
     def make_train(batch_size=cfg.device_batch_size, length=seq_len):
         sampler = SamplerConfig(seq_len=length, readdress_src=cfg.readdress_src,
-                                readdress_dst=cfg.readdress_dst)
+                                readdress_dst=cfg.readdress_dst,
+                                readdress_knowledge=cfg.readdress_knowledge)
         loaders = [make("train", batch_size, length, data=p, config=sampler) for p in sources]
         if len(loaders) == 1:
             return loaders[0]
@@ -484,10 +485,10 @@ def _step(r: _Run, flag: StopFlag, t_start: float, t0: float, budget_s: float) -
     loss_sum = torch.zeros((), device=d.device)
     for micro in range(r.accum):
         try:
-            x, y = next(r.loader)
+            x, y, *real = next(r.loader)  # real: the inputs under real addresses (knowledge)
         except StopIteration:
             raise RuntimeError("the training loader ran out of batches") from None
-        feats = address_features(r.raw, x)
+        feats = address_features(r.raw, real[0] if real else x)
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         sync = (model.no_sync() if d.world_size > 1 and micro < r.accum - 1
                 else contextlib.nullcontext())

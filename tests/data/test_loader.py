@@ -364,6 +364,23 @@ def test_readdressed_contexts_keep_everything_but_the_source_and_map_it_consiste
             assert not set(mapping.values()) & real_sources
 
 
+def test_readdress_knowledge_adds_the_same_rows_under_the_real_addresses(data):
+    pairs = np.array([[g, g % 7] for g in range(8)])
+    aug = contexts.SamplerConfig(seq_len=512, readdress_src=1.0, readdress_dst=0.5)
+    both = loader.BatchSampler(data["big"], "train", contexts.SamplerConfig(
+        seq_len=512, readdress_src=1.0, readdress_dst=0.5, readdress_knowledge=True), 3)(pairs)
+    plain = loader.BatchSampler(data["big"], "train", contexts.SamplerConfig(seq_len=512), 3)
+    assert both.shape == (8, 2, 512 + 1)
+    # the rows are the re-addressed ones, unchanged; the second copy is the plain batch
+    assert np.array_equal(both[:, 0], loader.BatchSampler(data["big"], "train", aug, 3)(pairs))
+    assert np.array_equal(both[:, 1], plain(pairs))
+    knows = contexts.SamplerConfig(seq_len=512, readdress_src=1.0, readdress_knowledge=True)
+    x, y, real = next(loader.build_loader(data["big"], "train", 2, 512, 0, 0, 1, config=knows))
+    assert x.shape == y.shape == real.shape == (2, 512) and not torch.equal(x, real)
+    roles = x < tokens.BYTE0  # role tokens (and padding) sit at the same places in both
+    assert torch.equal(roles, real < tokens.BYTE0) and torch.equal(x[roles], real[roles])
+
+
 def test_readdress_draws_global_unicast_addresses_some_inside_the_real_network():
     rng = np.random.default_rng(0)
     n = 4000

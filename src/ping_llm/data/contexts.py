@@ -53,6 +53,11 @@ class SamplerConfig:
     readdress_src: float = 0.0
     readdress_dst: float = 0.0
     readdress_keep: float = 0.5  # of the new addresses, the fraction inside the real network
+    # With address knowledge: a new address keeps its real address's features (the batch also
+    # carries the tokens of the real addresses, which the features are computed from), so the
+    # model learns that an unfamiliar address still sits where the database says -- as a new
+    # probe's real address does -- instead of that the database is wrong a quarter of the time.
+    readdress_knowledge: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.seq_len, int) and self.seq_len >= 64):
@@ -70,6 +75,9 @@ class SamplerConfig:
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
                 raise InputError(f"{name} must be a fraction in [0, 1], got {v!r}")
             setattr(self, name, float(v))
+        if not isinstance(self.readdress_knowledge, bool):
+            raise InputError(f"readdress_knowledge must be true or false, got "
+                             f"{self.readdress_knowledge!r}")
 
 
 @dataclass

@@ -162,7 +162,9 @@ class Plan:
 
 
 class BatchSampler:
-    """(B, 2) array of (global index, item) -> (B, T + 1) int16 token rows, -1 = padding."""
+    """(B, 2) array of (global index, item) -> (B, T + 1) int16 token rows, -1 = padding; with
+    `readdress_knowledge`, (B, 2, T + 1): the rows, then the same rows under the real addresses
+    (what address knowledge is computed from)."""
 
     def __init__(self, data_dir, split: str, cfg: SamplerConfig, seed: int,
                  cache_bytes: int = 256 << 20):
@@ -212,7 +214,8 @@ class BatchSampler:
         per_seq = [self.contexts(g, item) for g, item in pairs]
         # Gather every context's measurements (a few fancy-indexing calls per context), then
         # encode the whole batch at once; `reset` restarts the timestamp chain per context.
-        cols: dict[str, list] = {k: [] for k in ("src", "dst", "ver", "rtt", "t", "ht", "ord")}
+        cols: dict[str, list] = {k: [] for k in ("src", "dst", "ver", "rtt", "t", "ht", "ord",
+                                                 "src_real", "dst_real")}
         n_meas = []
         for (g, item), ctxs in zip(pairs, per_seq, strict=True):
             n_meas.append(sum(len(c.sel) for _, c in ctxs))
@@ -220,29 +223,36 @@ class BatchSampler:
                 s = row.src[c.sel]
                 cols["src"].append(src)
                 cols["dst"].append(dst)
+                cols["src_real"].append(row.addr[s])
+                cols["dst_real"].append(row.addr[row.dst[c.sel]])
                 cols["ver"].append(row.version[s])
                 rtt = tokens.code_to_rtt(row.code[c.sel])
                 cols["rtt"].append(np.where(row.failed[c.sel] != 0, -1.0, rtt))
                 cols["t"].append(row.t0 + row.toff[c.sel].astype(np.int64))
                 cols["ht"].append(c.has_time)
                 cols["ord"].append(c.order)
-        out = np.full((len(per_seq), budget), -1, np.int16)
+        real = self.cfg.readdress_knowledge
+        out = np.full((len(per_seq), 2, budget) if real else (len(per_seq), budget), -1, np.int16)
         if sum(n_meas) == 0:
             return out
         sizes = [len(c.sel) for ctxs in per_seq for _, c in ctxs]
         reset = np.zeros(sum(sizes), bool)
         reset[np.cumsum(sizes) - sizes] = True
         cat = {k: np.concatenate(v) for k, v in cols.items()}
-        toks, offs = tokens.encode(
-            cat["src"], cat["dst"], cat["ver"], cat["rtt"], cat["t"], cat["ht"], cat["ord"],
-            reset=reset,
-        )
+        rest = (cat["ver"], cat["rtt"], cat["t"], cat["ht"], cat["ord"])
+        toks, offs = tokens.encode(cat["src"], cat["dst"], *rest, reset=reset)
+        if real:  # the same measurements and field orders: the same token positions
+            toks_real, _ = tokens.encode(cat["src_real"], cat["dst_real"], *rest, reset=reset)
         bounds = np.concatenate([[0], np.cumsum(n_meas)])
         for i in range(len(per_seq)):
             lo, hi = offs[bounds[i]], offs[bounds[i + 1]]
             if hi - lo > budget:
                 raise AssertionError(f"sampler overfilled a sequence: {hi - lo} > {budget}")
-            out[i, : hi - lo] = toks[lo:hi]
+            if real:
+                out[i, 0, : hi - lo] = toks[lo:hi]
+                out[i, 1, : hi - lo] = toks_real[lo:hi]
+            else:
+                out[i, : hi - lo] = toks[lo:hi]
         return out
 
 
@@ -259,7 +269,9 @@ def _default_workers() -> int:
 
 
 class Loader:
-    """Iterator of (inputs, targets) int64 tensors (B, T); see build_loader."""
+    """Iterator of (inputs, targets) int64 tensors (B, T); see build_loader. With the sampler's
+    `readdress_knowledge`, (inputs, targets, real inputs): the inputs under the real addresses,
+    for the address-knowledge features."""
 
     def __init__(self, data_dir, split, batch_size, seq_len, seed, rank, world_size, *,
                  worker_count=None, num_epochs=None, config: SamplerConfig | None = None,
@@ -325,12 +337,15 @@ class Loader:
         seq = next(self._iterator())
         self.batches += 1
         seq = torch.from_numpy(np.asarray(seq, dtype=np.int64))
+        real = seq[:, 1, :-1].clamp(min=0) if seq.ndim == 3 else None  # readdress_knowledge
+        seq = seq[:, 0] if seq.ndim == 3 else seq
         inputs = seq[:, :-1].clamp(min=0)  # padding shows as MEASUREMENT_START; never a target
         targets = seq[:, 1:].contiguous()
-        return inputs, targets
+        return (inputs, targets) if real is None else (inputs, targets, real)
 
     def next_numpy(self) -> np.ndarray:
-        """The next batch as the raw int16 (B, T + 1) token rows (-1 = padding)."""
+        """The next batch as the raw int16 (B, T + 1) token rows (-1 = padding; with
+        `readdress_knowledge` (B, 2, T + 1): BatchSampler)."""
         seq = next(self._iterator())
         self.batches += 1
         return np.asarray(seq)
