@@ -214,8 +214,10 @@ class BatchSampler:
         per_seq = [self.contexts(g, item) for g, item in pairs]
         # Gather every context's measurements (a few fancy-indexing calls per context), then
         # encode the whole batch at once; `reset` restarts the timestamp chain per context.
-        cols: dict[str, list] = {k: [] for k in ("src", "dst", "ver", "rtt", "t", "ht", "ord",
-                                                 "src_real", "dst_real")}
+        real = self.cfg.readdress_knowledge
+        names = ("src", "dst", "ver", "rtt", "t", "ht", "ord") + (("src_real", "dst_real")
+                                                                  if real else ())
+        cols: dict[str, list] = {k: [] for k in names}
         n_meas = []
         for (g, item), ctxs in zip(pairs, per_seq, strict=True):
             n_meas.append(sum(len(c.sel) for _, c in ctxs))
@@ -223,15 +225,15 @@ class BatchSampler:
                 s = row.src[c.sel]
                 cols["src"].append(src)
                 cols["dst"].append(dst)
-                cols["src_real"].append(row.addr[s])
-                cols["dst_real"].append(row.addr[row.dst[c.sel]])
+                if real:  # the addresses as they are, for the knowledge features
+                    cols["src_real"].append(row.addr[s])
+                    cols["dst_real"].append(row.addr[row.dst[c.sel]])
                 cols["ver"].append(row.version[s])
                 rtt = tokens.code_to_rtt(row.code[c.sel])
                 cols["rtt"].append(np.where(row.failed[c.sel] != 0, -1.0, rtt))
                 cols["t"].append(row.t0 + row.toff[c.sel].astype(np.int64))
                 cols["ht"].append(c.has_time)
                 cols["ord"].append(c.order)
-        real = self.cfg.readdress_knowledge
         out = np.full((len(per_seq), 2, budget) if real else (len(per_seq), budget), -1, np.int16)
         if sum(n_meas) == 0:
             return out
