@@ -100,6 +100,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
                 save_every=0,
                 log_every=50,
                 device="cpu",
+                geo_db=str(synth.geo_db_path(results)),  # as the demo: the world's own database
             )
         )
     finally:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _train(run_dir, steps=3, **kw):
     cfg = TrainConfig(out_dir=str(run_dir), model=MODEL, steps=steps, device_batch_size=2,
-                      eval_every=0, log_every=1, save_every=0, **kw)
+                      eval_every=0, log_every=1, save_every=0, **{"knowledge": False, **kw})
     return train(cfg, loader=SyntheticLoader(2, 64))
 
 

@@ -55,8 +55,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out_dir, **kw) -> TrainConfig:
+    # The training loop's mechanics, on random tokens: no address knowledge (test_knowledge.py)
     base = dict(out_dir=str(out_dir), model=MODEL, steps=12, device_batch_size=B, eval_every=4,
-                eval_batches=4, log_every=1, save_every=5)
+                eval_batches=4, log_every=1, save_every=5, knowledge=False)
     return TrainConfig(**{**base, **kw})
 
 

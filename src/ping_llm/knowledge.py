@@ -27,6 +27,8 @@ with (`describe`), and `checkpoint.load_model` refuses a different one.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -69,12 +71,20 @@ def encode(info: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return dense.astype(np.float32), np.stack([country, continent, asn], axis=1)
 
 
+def _keys(addr: np.ndarray, version: np.ndarray, tail: bool = False) -> list[bytes]:
+    """Lookup keys (version byte + address bytes) of addresses as uint8 rows (N, 16): the
+    address is the rows' first bytes (`tokens.parse_addresses`), or their last with tail."""
+    return [bytes([v]) + (a[-tk.ADDRESS_BYTES[v]:] if tail else a[:tk.ADDRESS_BYTES[v]]).tobytes()
+            for v, a in zip(version, addr, strict=True)]
+
+
 class AddressKnowledge:
     """Knowledge features of token streams from one database (memoised per address)."""
 
     def __init__(self, db: GeoDB):
         self.db = db
         self._memo: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self._alias: dict[bytes, bytes] = {}
 
     @classmethod
     def open(cls, path=None) -> AddressKnowledge:
@@ -85,8 +95,23 @@ class AddressKnowledge:
         """What a run records: name, build date, sha256 (and the attribution)."""
         return self.db.describe()
 
+    @contextlib.contextmanager
+    def aliases(self, new, real):
+        """While open, each address of `new` (strings) reads the features of the address of `real`
+        at the same index: a re-addressed source keeps its real location, as training's
+        `readdress_knowledge` gives it and as a real new probe has one (`eval
+        --readdress-sources`, `calibrate`)."""
+        keys = [_keys(*tk.parse_addresses(a)) for a in (new, real)]
+        saved, self._alias = self._alias, {**self._alias, **dict(zip(*keys, strict=True))}
+        try:
+            yield self
+        finally:
+            self._alias = saved
+
     def lookup(self, keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         """Features of addresses given as version byte + address bytes -> (dense, ids)."""
+        if self._alias:
+            keys = [self._alias.get(k, k) for k in keys]
         new = [k for k in dict.fromkeys(keys) if k not in self._memo]
         if new:
             text = [tk.format_address(k[1:], k[0]) for k in new]
@@ -112,10 +137,7 @@ class AddressKnowledge:
         back = torch.arange(tk.ADDRESS_LOOKBACK - 1, -1, -1)  # (16,) offsets, oldest first
         window = idx[b[:, None], (t[:, None] - back).clamp(min=0)] - tk.BYTE0  # (N, 16)
         window = window.numpy().astype(np.uint8)
-        vers = version[b, t].numpy()
-        keys = [bytes([v]) + w[-tk.ADDRESS_BYTES[v]:].tobytes()
-                for v, w in zip(vers, window, strict=True)]
-        d, i = self.lookup(keys)
+        d, i = self.lookup(_keys(window, version[b, t].numpy(), tail=True))
         dense[b, t] = torch.from_numpy(d)
         ids[b, t] = torch.from_numpy(i)
         return dense, ids

@@ -32,6 +32,7 @@ from ping_llm.eval.queries import (
     ContextPool,
     Queries,
     new_sources,
+    real_knowledge,
     with_source,
 )
 from ping_llm.eval.scoring import GRID, dense_pmf, distribution_metrics
@@ -91,11 +92,12 @@ def raw_distributions(engine, q, pool, contexts, budget, rng, new_src, bar) -> d
         qs = [Query(str(src[i]), str(q.dst[i]), int(q.time[i]), context=c)
               for i, c in enumerate(ctxs)]
         pf, pmf = [], []
-        for s in range(0, len(qs), 64):
-            a, b = dense_pmf(engine.rtt_many(qs[s : s + 64]))
-            pf.append(a)
-            pmf.append(b)
-            bar.update(len(qs[s : s + 64]))
+        with real_knowledge(engine, src, q.src):
+            for s in range(0, len(qs), 64):
+                a, b = dense_pmf(engine.rtt_many(qs[s : s + 64]))
+                pf.append(a)
+                pmf.append(b)
+                bar.update(len(qs[s : s + 64]))
         dm = distribution_metrics(GRID, np.concatenate(pmf), q.obs, rng)
         out["pit"].append(dm["pit"])
         out["p_failed"].append(np.concatenate(pf))

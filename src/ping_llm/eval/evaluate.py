@@ -64,6 +64,7 @@ from ping_llm.eval.queries import (
     ContextPool,
     Queries,
     new_sources,
+    real_knowledge,
     with_source,
 )
 from ping_llm.eval.results import EvalResults, RunInfo, SetPlot, SetResult, Settings
@@ -285,6 +286,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
 
     budget = engine.config.sequence_len - 50  # room for the query (<= 47 tokens) + RTT bytes
     lo, p = pool.before(q.src, q.time)
+    real_src = q.src
     if readdress:
         q = Queries(new_sources(q.src, seed, name), q.dst, q.rtt, q.time, q.version)
     bar = tqdm(total=len(q) * len(contexts), desc=f"eval {name}", unit="q", file=sys.stderr,
@@ -302,7 +304,8 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
             out = prev[1]  # no query has more context than at the previous k: same answers
             bar.update(len(q))
         else:
-            out = _model_pass(engine, q, ctxs, truth, tix, rng, bar)
+            with real_knowledge(engine, q.src, real_src):  # a no-op unless re-addressed
+                out = _model_pass(engine, q, ctxs, truth, tix, rng, bar)
         prev = (n_ctx, out)
         label = f"model k={k}"
         s = summarize(obs, failed, out)

@@ -3,13 +3,14 @@
 `Queries.of(table, max_queries, seed, name)` is a set's seeded uniform subsample (without
 replacement, kept in row order); `ContextPool` gives a query its source's k most recent
 measurements before the query time (from train, or for a cold source its own earlier ones to
-other destinations); `new_sources` / `with_source` re-address sources for the cold-start
-protocol on known probes. `eval.evaluate` and `eval.calibrate` draw exactly the same queries and
-contexts from here, so calibration is fitted on what the report scores.
+other destinations); `new_sources` / `with_source` / `real_knowledge` re-address sources for
+the cold-start protocol on known probes. `eval.evaluate` and `eval.calibrate` draw exactly the
+same queries and contexts from here, so calibration is fitted on what the report scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -130,6 +131,15 @@ def new_sources(src: np.ndarray, seed: int, name: str) -> np.ndarray:
     names = np.array([tk.format_address(a, v) for a, v in zip(new, version, strict=True)],
                      dtype=object)
     return names[inv]
+
+
+def real_knowledge(engine, new, real):
+    """While open, the re-addressed sources `new` read the address knowledge of their real
+    addresses `real` (index by index): a probe never seen still has its true location, as in
+    training (`readdress_knowledge`) and as a real new probe has. Nothing for a model without
+    knowledge."""
+    known = engine.model.knowledge
+    return known.aliases(new, real) if known is not None else contextlib.nullcontext()
 
 
 def with_source(context: list, src: str) -> list:
