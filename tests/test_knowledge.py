@@ -127,6 +127,7 @@ def test_features_depend_only_on_the_address_not_on_its_context(geolite):
     pick = lambda d: d[0][d[0].abs().sum(-1) > 0]  # noqa: E731
     torch.testing.assert_close(pick(alone), pick(later)[2:])
 
+
 def test_a_re_addressed_source_can_read_its_real_address_s_knowledge_for_a_while(geolite):
     """`aliases` (eval --readdress-sources, calibrate): inside, the new addresses (IPv4 and
     IPv6) read their real addresses' features and every other address its own; outside, each
