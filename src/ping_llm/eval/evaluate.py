@@ -304,7 +304,7 @@ def _eval_set(name, table, *, engine, fitted, train_counts, pool, contexts, max_
             out = prev[1]  # no query has more context than at the previous k: same answers
             bar.update(len(q))
         else:
-            with real_knowledge(engine, q.src, real_src):  # a no-op unless re-addressed
+            with real_knowledge(engine, q.src, real_src):  # nothing unless re-addressed
                 out = _model_pass(engine, q, ctxs, truth, tix, rng, bar)
         prev = (n_ctx, out)
         label = f"model k={k}"

@@ -137,9 +137,11 @@ def real_knowledge(engine, new, real):
     """While open, the re-addressed sources `new` read the address knowledge of their real
     addresses `real` (index by index): a probe never seen still has its true location, as in
     training (`readdress_knowledge`) and as a real new probe has. Nothing for a model without
-    knowledge."""
+    knowledge, or when the sources are their real ones (the same array)."""
     known = engine.model.knowledge
-    return known.aliases(new, real) if known is not None else contextlib.nullcontext()
+    if known is None or new is real:
+        return contextlib.nullcontext()
+    return known.aliases(new, real)
 
 
 def with_source(context: list, src: str) -> list:
