@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-# The module fixture runs the whole demo (~2-4 min on 2 idle cores); allow for a busy machine.
+# The module fixture runs the whole demo (~3 min on 2 idle cores); allow for a busy machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
@@ -19,7 +19,7 @@ def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     argv = [sys.executable, "-m", "ping_llm.cli", "demo", "--out", str(out), "--minutes", "4",
             "--probes", "24", "--days", "1", "--steps", "120", "--seq-len", "256",
-            "--eval-queries", "80", "--json"]
+            "--eval-queries", "40", "--json"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=1100)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, json.loads(r.stdout), r.stderr
@@ -76,7 +76,7 @@ def test_rerun_skips_finished_stages(demo_dir):
     out, _, _ = demo_dir
     argv = [sys.executable, "-m", "ping_llm.cli", "demo", "--out", str(out), "--minutes", "4",
             "--probes", "24", "--days", "1", "--steps", "120", "--seq-len", "256",
-            "--eval-queries", "80"]
+            "--eval-queries", "40"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done already") == 7

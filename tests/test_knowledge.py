@@ -305,3 +305,47 @@ def test_readdressed_contexts_can_keep_the_knowledge_of_their_real_addresses(tmp
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["train"][
         "readdress_knowledge"] is True
     assert TrainConfig(**{**base, "knowledge": False}).readdress_knowledge is False
+
+
+def test_knowledge_dropout_reads_whole_contexts_as_unplaced_and_is_seeded():
+    """knowledge.drop: a dropped row has the features of an address the database does not place
+    (zeros, id row 0) at every position; kept rows are untouched; the rows depend on the seed."""
+    dense = torch.rand(64, 5, knowledge.DENSE_DIM) + 0.1
+    ids = torch.randint(1, knowledge.KNOWLEDGE_VOCAB, (64, 5, knowledge.N_IDS))
+    d1, i1 = knowledge.drop((dense, ids), 0.5, seed=7)
+    dropped = (d1 == 0).all(2).all(1)  # (B,)
+    assert ((i1 == 0).all(2).all(1) == dropped).all()
+    assert torch.equal(d1[~dropped], dense[~dropped]) and torch.equal(i1[~dropped], ids[~dropped])
+    assert 16 <= int(dropped.sum()) <= 48
+    assert torch.equal(knowledge.drop((dense, ids), 0.5, seed=7)[0], d1)
+    assert not torch.equal(knowledge.drop((dense, ids), 0.5, seed=8)[0], d1)
+    assert torch.equal(knowledge.drop((dense, ids), 0.0, seed=7)[1], ids)
+    assert not knowledge.drop((dense, ids), 1.0, seed=7)[0].any()
+
+
+def test_a_run_with_every_context_dropped_learns_nothing_from_the_database(tmp_path, trained_run):
+    """--knowledge-dropout 1: the knowledge weights get no gradient except the unknown id's row
+    (they start at zero and stay there); a fraction trains differently from none and resumes
+    exactly; without knowledge there is nothing to drop (recorded as 0)."""
+    from ping_llm.config import TrainConfig
+    from ping_llm.train import train
+
+    base = dict(data_dir=str(trained_run.data_dir), model={"sequence_len": 256}, steps=2,
+                eval_every=0, geo_db=str(synth.geo_db_path(trained_run.results)))
+
+    def weights(name, **kw):
+        train(TrainConfig(out_dir=str(tmp_path / name), **{**base, **kw}))
+        return checkpoint.load_model(tmp_path / name)[0].state_dict()
+
+    none = weights("none", knowledge_dropout=0.0)
+    every = weights("every", knowledge_dropout=1.0)
+    assert none["transformer.kproj.weight"].any() and none["transformer.kte.weight"][1:].any()
+    assert not every["transformer.kproj.weight"].any()
+    assert not every["transformer.kte.weight"][1:].any()
+    half = weights("half", knowledge_dropout=0.5)
+    assert not torch.equal(none["transformer.wte.weight"], half["transformer.wte.weight"])
+    train(TrainConfig(out_dir=str(tmp_path / "stop"), stop_at=1, knowledge_dropout=0.5, **base))
+    resumed = weights("stop", knowledge_dropout=0.5, resume=True)
+    assert all(torch.equal(half[k], resumed[k]) for k in half)
+    assert TrainConfig(**{**base, "knowledge": False, "knowledge_dropout": 0.5}
+                       ).knowledge_dropout == 0.0

@@ -85,6 +85,11 @@ class TrainConfig:
                                 "2019-12-24)", metavar="FILE")
     readdress_knowledge: bool = option(True, "with knowledge: a re-addressed source or "
                                        "destination keeps its real address's knowledge")
+    # Knowledge dropout (knowledge.drop): a context read as if the database placed none of its
+    # addresses, so that known addresses are memorised beside the database's coarse location of
+    # them. 0.5 lost on val and val_probe (session 13): off.
+    knowledge_dropout: float = option(0.0, "with knowledge: fraction of training contexts read "
+                                      "without it", metavar="FRAC")
     grad_clip: float = option(1.0, "max global gradient norm; 0 = no clipping, the norm still "
                               "logged")
     eval_every: int = option(100, "steps between held-out evals (and one at the end); 0 = none "
@@ -148,7 +153,7 @@ class TrainConfig:
         if not (isinstance(self.seq_warmup_frac, int | float) and 0 <= self.seq_warmup_frac < 1):
             raise InputError(f"seq_warmup_frac must be in [0, 1), got {self.seq_warmup_frac!r}")
         positive_int("seq_warmup_len")
-        for name in ("readdress_src", "readdress_dst"):
+        for name in ("readdress_src", "readdress_dst", "knowledge_dropout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
                 raise InputError(f"{name} must be a fraction in [0, 1], got {v!r}")
@@ -165,6 +170,7 @@ class TrainConfig:
                              f"{self.readdress_knowledge!r}")
         # It says which address's knowledge a re-addressed context reads: none without any.
         self.readdress_knowledge = self.readdress_knowledge and self.knowledge
+        self.knowledge_dropout = self.knowledge_dropout if self.knowledge else 0.0
         if self.preset not in PRESETS:
             raise InputError(f"preset must be tiny, small or full, got {self.preset!r}")
         if not isinstance(self.model, dict):
@@ -205,7 +211,7 @@ RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac
 # What runs recorded before a field existed trained with (so they resume as they were).
 LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
                    "readdress_dst": 0.0, "prefix_buckets": 0, "knowledge": False, "geo_db": None,
-                   "readdress_knowledge": False,
+                   "readdress_knowledge": False, "knowledge_dropout": 0.0,
                    "memory_lr": 0.2, "extra_data": [], "mix": None}
 
 

@@ -71,6 +71,18 @@ def encode(info: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return dense.astype(np.float32), np.stack([country, continent, asn], axis=1)
 
 
+def drop(feats: tuple[torch.Tensor, torch.Tensor], frac: float,
+         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training's knowledge dropout: each row (context) of a batch's features (dense (B, T, D),
+    ids (B, T, K)) is, with probability frac, read as if the database placed none of its
+    addresses (zeros, id row 0: what an unplaced address gets). The rows are drawn from `seed`
+    alone, so a batch's dropout is a pure function of its seed (exact resume, any world size)."""
+    dense, ids = feats
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(dense.shape[0], generator=gen) >= frac).to(dense.device)  # (B,)
+    return dense * keep[:, None, None], ids * keep[:, None, None]
+
+
 def _keys(addr: np.ndarray, version: np.ndarray, tail: bool = False) -> list[bytes]:
     """Lookup keys (version byte + address bytes) of addresses as uint8 rows (N, 16): the
     address is the rows' first bytes (`tokens.parse_addresses`), or their last with tail."""

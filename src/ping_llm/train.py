@@ -489,6 +489,11 @@ def _step(r: _Run, flag: StopFlag, t_start: float, t0: float, budget_s: float) -
         except StopIteration:
             raise RuntimeError("the training loader ran out of batches") from None
         feats = address_features(r.raw, real[0] if real else x)
+        if feats is not None and cfg.knowledge_dropout:  # seeded by the global micro-batch
+            from ping_llm.knowledge import drop
+
+            g = (r.step * r.accum + micro) * d.world_size + d.rank
+            feats = drop(feats, cfg.knowledge_dropout, mix_seed(cfg.seed, "kdrop", g))
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         sync = (model.no_sync() if d.world_size > 1 and micro < r.accum - 1
                 else contextlib.nullcontext())
