@@ -370,6 +370,37 @@ def test_address_progress_counts_the_bytes_of_each_address_and_nothing_else():
     assert cut[:1] == [0]
 
 
+@given(context())
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_result_targets_are_exactly_each_measurements_result_block(ctx):
+    """The targets result_targets marks, in order, are the measurements' Result blocks (FAILED,
+    or RTT_START and the code's two bytes), whatever the field order; nothing else is marked."""
+    import torch
+
+    ms, orders = ctx
+    toks = torch.tensor([T.encode_reference(ms, orders)])
+    x, y = toks[:, :-1], toks[:, 1:]
+    marked = y[T.result_targets(x, y)].tolist()
+    want = []
+    for m in ms:
+        if m.rtt_ms < 0:
+            want.append(T.FAILED)
+        else:
+            code = int(T.rtt_to_code(m.rtt_ms))
+            want += [T.RTT_START, T.BYTE0 + (code >> 8), T.BYTE0 + (code & 0xFF)]
+    assert marked == want
+
+
+def test_result_targets_do_not_mark_an_rtt_byte_whose_start_is_cut_off():
+    import torch
+
+    toks = T.encode_reference([T.Measurement("192.0.2.1", "198.51.100.7", 12.0)])  # QUERY_ORDER
+    start = toks.index(T.RTT_START)
+    cut = torch.tensor([toks[start + 1:]])  # begins at byte1: its RTT_START is out of view
+    x, y = cut[:, :-1], cut[:, 1:]
+    assert not T.result_targets(x, y).any()  # byte2 is the only target left, and unmarked
+
+
 def test_time_blocks_follow_the_token_language_delta_rules():
     t = 1_700_000_000
     assert T.time_tokens(t, None)[0] == T.TIMESTAMP_ABS

@@ -95,7 +95,8 @@ def test_config_rejects_bad_values_with_input_errors():
     for bad in (dict(steps=0), dict(device_batch_size=-1), dict(matrix_lr=float("nan")),
                 dict(warmdown_frac=1.5), dict(dtype="float16"), dict(wandb="yes"),
                 dict(preset="huge"), dict(eval_every=-1), dict(total_batch_tokens=0),
-                dict(readdress_src=1.5), dict(readdress_dst=-0.1)):
+                dict(readdress_src=1.5), dict(readdress_dst=-0.1), dict(result_loss_weight=0),
+                dict(result_loss_weight=float("inf"))):
         with pytest.raises(InputError):
             TrainConfig(**bad)
     with pytest.raises(InputError, match="unknown GPTConfig field"):
@@ -435,6 +436,45 @@ def test_readdressed_training_resumes_exactly_and_differs_from_plain(prepared, t
     train(TrainConfig(out_dir=str(tmp_path / "plain"), **plain))
     with pytest.raises(AssertionError):
         _assert_same_weights(tmp_path / "straight", tmp_path / "plain", exact=True)
+
+
+def test_result_loss_weight_counts_each_result_target_that_many_times():
+    """training_loss: at weight 1 the model's own mean; at w, the mean with every RTT_START /
+    FAILED / RTT byte target counted w times (float64); ignored targets count for nothing."""
+    from ping_llm import tokens
+    from ping_llm.train import training_loss
+
+    ms = [tokens.Measurement("192.0.2.1", f"198.51.100.{i}", 3.0 * i - 3.0, 1_700_000_000 + i)
+          for i in range(4)]  # the first failed
+    toks = torch.tensor([tokens.encode_reference(ms)])
+    x, y = toks[:, :-1], toks[:, 1:].clone()
+    y[0, -2:] = -1
+    torch.manual_seed(0)
+    model = GPT(_cfg("unused", model={**MODEL, "sequence_len": 128}).gpt_config()).double()
+    with torch.no_grad():
+        _, mean = model(x, y)
+        _, per = model(x, y, loss_reduction="none")
+        assert torch.equal(training_loss(model, x, y, None), mean)
+        res = tokens.result_targets(x, y) & (y >= 0)
+        other = ~tokens.result_targets(x, y) & (y >= 0)
+        assert int(res.sum()) == 3 * 3 + 1 - 2  # the last RTT's two bytes are ignored
+        for w in (0.5, 4.0):
+            want = (per[other].sum() + w * per[res].sum()) / (other.sum() + w * res.sum())
+            torch.testing.assert_close(training_loss(model, x, y, None, w), want,
+                                       rtol=1e-12, atol=0)
+        assert abs(training_loss(model, x, y, None, 1e9) - per[res].mean()) < 1e-6
+
+
+def test_a_result_loss_weight_trains_differently_and_is_recorded(prepared, tmp_path):
+    model = dict(n_layer=2, n_embd=64, n_head=2, sequence_len=128)
+    base = dict(data_dir=str(prepared), model=model, steps=2, device_batch_size=2,
+                eval_every=0, seq_warmup_frac=0.0, knowledge=False)
+    train(TrainConfig(out_dir=str(tmp_path / "plain"), **base))
+    train(TrainConfig(out_dir=str(tmp_path / "w4"), result_loss_weight=4, **base))
+    cfg = json.loads((tmp_path / "w4" / "config.json").read_text())["train"]
+    assert cfg["result_loss_weight"] == 4
+    with pytest.raises(AssertionError):
+        _assert_same_weights(tmp_path / "plain", tmp_path / "w4", exact=True)
 
 
 def test_runs_recorded_before_seq_warmup_existed_resume_without_it(tmp_path):

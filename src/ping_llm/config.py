@@ -90,6 +90,11 @@ class TrainConfig:
     # them. 0.5 lost on val and val_probe (session 13): off.
     knowledge_dropout: float = option(0.0, "with knowledge: fraction of training contexts read "
                                       "without it", metavar="FRAC")
+    # The training loss's weight on the result tokens (RTT_START or FAILED and the two RTT bytes,
+    # tokens.result_targets) relative to every other token, whose loss is mostly the address
+    # bytes: how much of a small model's budget goes to the latency the queries ask for.
+    result_loss_weight: float = option(1.0, "training-loss weight of the result tokens (RTT "
+                                       "and failure) against the other tokens'", metavar="W")
     grad_clip: float = option(1.0, "max global gradient norm; 0 = no clipping, the norm still "
                               "logged")
     eval_every: int = option(100, "steps between held-out evals (and one at the end); 0 = none "
@@ -150,6 +155,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
+        w = self.result_loss_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and w > 0):
+            raise InputError(f"result_loss_weight must be a finite number > 0, got {w!r}")
         if not (isinstance(self.seq_warmup_frac, int | float) and 0 <= self.seq_warmup_frac < 1):
             raise InputError(f"seq_warmup_frac must be in [0, 1), got {self.seq_warmup_frac!r}")
         positive_int("seq_warmup_len")
@@ -212,6 +220,7 @@ RESUME_FIXED = ("preset", "model", "device_batch_size", "seed", "seq_warmup_frac
 LEGACY_DEFAULTS = {"seq_warmup_frac": 0.0, "seq_warmup_len": 256, "readdress_src": 0.0,
                    "readdress_dst": 0.0, "prefix_buckets": 0, "knowledge": False, "geo_db": None,
                    "readdress_knowledge": False, "knowledge_dropout": 0.0,
+                   "result_loss_weight": 1.0,
                    "memory_lr": 0.2, "extra_data": [], "mix": None}
 
 

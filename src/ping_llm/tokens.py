@@ -499,6 +499,18 @@ def address_progress(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return version, torch.where(ok, n, 0)
 
 
+def result_targets(idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Which next-token targets (B, T) of inputs idx (B, T) are a Result field: RTT_START or
+    FAILED, or one of the two RTT bytes after RTT_START -> (B, T) bool. Role ids never appear as
+    bytes, so this is local too; an RTT's second byte at position 0 (its RTT_START cut off) is
+    not marked."""
+    import torch
+
+    after_start = torch.zeros_like(idx, dtype=torch.bool)
+    after_start[:, 1:] = idx[:, :-1] == RTT_START
+    return (targets == RTT_START) | (targets == FAILED) | (idx == RTT_START) | after_start
+
+
 def address_complete(version: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """Where `address_progress` says an address's last byte is: (B, T) bool."""
     return ((version == 4) & (n == ADDRESS_BYTES[4])) | ((version == 6) & (n == ADDRESS_BYTES[6]))

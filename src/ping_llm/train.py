@@ -67,6 +67,7 @@ from ping_llm.data.markov import mix_seed
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, GPTConfig
 from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
+from ping_llm.tokens import result_targets
 from ping_llm.runtime import (
     Dist,
     StopFlag,
@@ -477,6 +478,17 @@ def _start_wandb(r: _Run) -> None:
 # the step, its log line, eval, checkpoint
 
 
+def training_loss(model, x: torch.Tensor, y: torch.Tensor, feats, result_weight: float = 1.0):
+    """The loss a step minimises: the mean next-token cross-entropy over targets y (B, T) (-1:
+    none), each Result-field target (tokens.result_targets) counted result_weight times. At 1
+    this is the model's own mean, computed as before (old runs train bit-identically)."""
+    if result_weight == 1:
+        return model(x, y, feats=feats)[1]
+    _, losses = model(x, y, feats=feats, loss_reduction="none")  # (B, T), 0 where ignored
+    w = (1 + (result_weight - 1) * result_targets(x, y).to(losses.dtype)) * (y >= 0)
+    return (losses * w).sum() / w.sum()
+
+
 def _step(r: _Run, flag: StopFlag, t_start: float, t0: float, budget_s: float) -> dict:
     """One optimiser step: `accum` micro-batches (gradients all-reduced on the last), clipping,
     the lr of the schedule, the update. Returns the ranks' agreed loss, grad norm, share of the
@@ -499,7 +511,7 @@ def _step(r: _Run, flag: StopFlag, t_start: float, t0: float, budget_s: float) -
                 else contextlib.nullcontext())
         with sync:
             with r.autocast():
-                _, loss = model(x, y, feats=feats)
+                loss = training_loss(model, x, y, feats, cfg.result_loss_weight)
             (loss / r.accum).backward()
         loss_sum += loss.detach()
     params = [p for p in r.raw.parameters() if p.grad is not None]
