@@ -156,7 +156,7 @@ class TrainConfig:
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
         w = self.result_loss_weight
-        if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and w > 0):
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0:
             raise InputError(f"result_loss_weight must be a finite number > 0, got {w!r}")
         if not (isinstance(self.seq_warmup_frac, int | float) and 0 <= self.seq_warmup_frac < 1):
             raise InputError(f"seq_warmup_frac must be in [0, 1), got {self.seq_warmup_frac!r}")

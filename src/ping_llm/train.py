@@ -67,7 +67,6 @@ from ping_llm.data.markov import mix_seed
 from ping_llm.errors import InputError
 from ping_llm.model import GPT, GPTConfig
 from ping_llm.optim import Muon, build_optimizers, lr_multiplier, muon_momentum
-from ping_llm.tokens import result_targets
 from ping_llm.runtime import (
     Dist,
     StopFlag,
@@ -79,6 +78,7 @@ from ping_llm.runtime import (
     progress_bar,
     setup,
 )
+from ping_llm.tokens import result_targets
 
 # ------------------------------------------------------------------------------------------------
 # errors
